@@ -1,0 +1,7 @@
+//! cellswarm's integration tests: one binary, one module per topic.
+
+/// Helpers: running the CLI, temporary sites.
+mod util;
+
+/// The command line: keygen, init, and the files they leave behind.
+mod cli;
