@@ -345,6 +345,19 @@ impl StrategyKind {
             Self::Median | Self::TrimmedMean | Self::Krum | Self::MultiKrum
         )
     }
+    /// Every strategy, in documentation order.
+    pub const ALL: [StrategyKind; 9] = [
+        Self::FedAvg,
+        Self::FedAvgUnweighted,
+        Self::FedAdam,
+        Self::FedYogi,
+        Self::FedAdagrad,
+        Self::Median,
+        Self::TrimmedMean,
+        Self::Krum,
+        Self::MultiKrum,
+    ];
+
     /// The name used in config files.
     #[must_use]
     pub fn name(self) -> &'static str {
@@ -359,6 +372,22 @@ impl StrategyKind {
             Self::Krum => "krum",
             Self::MultiKrum => "multi-krum",
         }
+    }
+}
+
+impl FromStr for StrategyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "unknown strategy {s:?}; expected one of {}",
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -695,6 +724,16 @@ impl ConsortiumConfig {
             );
         }
         if let Some(dp) = a.central_dp {
+            if a.strategy.needs_individual_updates() {
+                return bad(
+                    "central_dp",
+                    format!(
+                        "central DP needs a strategy whose sensitivity is a known weight (fedavg, \
+                         fedavg-unweighted, fedadam, fedyogi, fedadagrad); {} is not",
+                        a.strategy.name()
+                    ),
+                );
+            }
             if a.clip_norm.is_none() {
                 return bad(
                     "central_dp",
@@ -1295,6 +1334,22 @@ movies = ["data/01"]
     }
 
     #[test]
+    fn strategy_names_parse_like_config_files() {
+        for k in StrategyKind::ALL {
+            assert_eq!(k.name().parse::<StrategyKind>(), Ok(k));
+            let text = format!("strategy = \"{}\"", k.name());
+            let a: AggregationConfig = toml::from_str(&text).unwrap();
+            assert_eq!(a.strategy, k);
+        }
+        assert!(
+            "fedmagic"
+                .parse::<StrategyKind>()
+                .unwrap_err()
+                .contains("trimmed-mean")
+        );
+    }
+
+    #[test]
     fn quorum_larger_than_consortium() {
         expect_err(
             SITE,
@@ -1419,6 +1474,20 @@ movies = ["data/01"]
             "consortium.toml",
             "aggregation.central_dp",
             "clip_norm",
+        );
+    }
+
+    #[test]
+    fn central_dp_with_robust_strategy() {
+        let c = consortium_toml(
+            "[aggregation]\nstrategy = \"median\"\nclip_norm = 1.0\n[aggregation.central_dp]\nnoise_multiplier = 1.0\ndelta = 1e-5",
+        );
+        expect_err(
+            SITE,
+            &c,
+            "consortium.toml",
+            "aggregation.central_dp",
+            "median is not",
         );
     }
 

@@ -221,6 +221,27 @@ impl std::fmt::Debug for Delta {
     }
 }
 
+/// Sum of squares in f64 with a fixed summation order, so every machine gets the same
+/// bits: value `i` goes to lane `i mod 8`, each lane sums in index order, and the lanes
+/// are added in order 0..8. The independent lanes let the compiler vectorise the loop.
+#[must_use]
+pub fn sum_squares(values: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(c) {
+            let v = f64::from(v);
+            *lane += v * v;
+        }
+    }
+    for (lane, &v) in lanes.iter_mut().zip(rest) {
+        let v = f64::from(v);
+        *lane += v * v;
+    }
+    lanes.iter().fold(0.0, |acc, l| acc + l)
+}
+
 fn name_at(layout: &Layout, i: usize) -> (String, usize) {
     layout.entry_at(i).map_or((String::new(), i), |e| {
         (e.name().to_owned(), i - e.offset())
@@ -280,14 +301,10 @@ impl Delta {
         self.values
     }
 
-    /// Euclidean norm, accumulated in f64 in index order (deterministic).
+    /// Euclidean norm, `sqrt(sum_squares(values))` (deterministic).
     #[must_use]
     pub fn l2_norm(&self) -> f64 {
-        self.values
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            .sqrt()
+        sum_squares(&self.values).sqrt()
     }
 
     /// `base + self`.

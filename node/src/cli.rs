@@ -12,6 +12,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+use cellswarm_common::config::{AggregationConfig, StrategyKind};
+
 use crate::site;
 
 /// Swarm learning for cell dynamics: train one model across institutions without
@@ -56,6 +58,62 @@ pub enum Command {
         #[arg(long, default_value_t = 7070)]
         port: u16,
     },
+    /// Measure this machine (merge throughput), to size hardware.
+    Bench {
+        /// What to measure.
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+/// Things `cellswarm bench` measures.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Merge throughput on random updates, next to a parallel copy of the same bytes with
+    /// the same threads, measured in the same run. The last line is
+    /// `merge_gbps=X copy_gbps=Y traffic_ratio=Z`.
+    Merge {
+        /// Number of updates K.
+        #[arg(long, default_value_t = 8)]
+        updates: usize,
+        /// Parameters P per update; accepts suffixes K and M (binary: 8M = 8 x 2^20).
+        #[arg(long, default_value = "8M", value_parser = parse_count)]
+        params: usize,
+        /// Merge strategy, as in the consortium file.
+        #[arg(long, default_value = "fedavg")]
+        strategy: StrategyKind,
+        /// Byzantine members tolerated (krum, multi-krum).
+        #[arg(long, default_value_t = 1)]
+        byzantine: u32,
+        /// Timed repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        /// Also time a naive FedAvg (a weighted copy per update, then a sum).
+        #[arg(long)]
+        naive: bool,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+/// Parses a count with an optional binary suffix: `1000`, `64K`, `8M`.
+///
+/// # Errors
+/// A message for anything else.
+pub fn parse_count(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1usize << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("expected a positive count such as 1000, 64K or 8M, got {s:?}"))
 }
 
 /// Sets up tracing on stderr; `RUST_LOG` overrides the default filter.
@@ -110,5 +168,78 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", created.summary());
             Ok(())
         }
+        Command::Bench { what } => match what {
+            BenchCommand::Merge {
+                updates,
+                params,
+                strategy,
+                byzantine,
+                reps,
+                naive,
+                threads,
+            } => bench_merge(updates, params, strategy, byzantine, reps, naive, threads),
+        },
     }
+}
+
+fn bench_merge(
+    k: usize,
+    p: usize,
+    strategy: StrategyKind,
+    byzantine: u32,
+    reps: usize,
+    naive: bool,
+    threads: Option<usize>,
+) -> anyhow::Result<()> {
+    use cellswarm_aggregator::{Merger, bench};
+    let cfg = AggregationConfig {
+        strategy,
+        byzantine,
+        ..AggregationConfig::default()
+    };
+    let mut merger = Merger::from_config(&cfg).context("configuring the merge")?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build()
+        .context("starting worker threads")?;
+    let gib = |b: f64, t: std::time::Duration| b / t.as_secs_f64() / f64::from(1u32 << 30);
+    pool.install(|| {
+        eprintln!(
+            "generating {k} random updates of {p} parameters ({:.2} GiB)...",
+            (k * p * 4) as f64 / f64::from(1u32 << 30)
+        );
+        let inputs = bench::random_inputs(k, p, 1);
+        println!(
+            "merge {k} updates x {p} parameters, strategy {}, {} threads, median of {reps}",
+            merger.name(),
+            rayon::current_num_threads()
+        );
+        let r =
+            bench::measure(&mut merger, &inputs, reps, naive).context("merging random updates")?;
+        let bytes = r.input_bytes();
+        println!(
+            "  merge {:>10.2} ms  {:>6.2} GiB/s input read",
+            r.merge.as_secs_f64() * 1e3,
+            gib(bytes, r.merge)
+        );
+        println!(
+            "  copy  {:>10.2} ms  {:>6.2} GiB/s read (and as many written)",
+            r.copy.as_secs_f64() * 1e3,
+            gib(bytes, r.copy)
+        );
+        if let (Some(t), Some(x)) = (r.naive, r.speedup_over_naive()) {
+            println!(
+                "  naive {:>10.2} ms  {:>6.2} GiB/s input read ({x:.1}x slower than the merge)",
+                t.as_secs_f64() * 1e3,
+                gib(bytes, t)
+            );
+        }
+        println!(
+            "merge_gbps={:.2} copy_gbps={:.2} traffic_ratio={:.3}",
+            r.merge_gbps(),
+            r.copy_gbps(),
+            r.traffic_ratio()
+        );
+        Ok(())
+    })
 }

@@ -77,3 +77,37 @@ fn a_world_readable_key_is_refused_with_the_fix() {
         assert!(err.contains("chmod 600"), "{err}");
     }
 }
+
+#[test]
+fn bench_merge_ends_with_the_machine_readable_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = ok_stdout(&cellswarm(
+        tmp.path(),
+        &[
+            "bench",
+            "merge",
+            "--updates",
+            "3",
+            "--params",
+            "64K",
+            "--reps",
+            "2",
+            "--strategy",
+            "median",
+        ],
+    ));
+    let last = out.lines().last().unwrap_or_default();
+    let fields: Vec<(&str, f64)> = last
+        .split(' ')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k, v.parse().unwrap())
+        })
+        .collect();
+    let keys: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+    assert_eq!(keys, ["merge_gbps", "copy_gbps", "traffic_ratio"], "{last}");
+    assert!(fields.iter().all(|(_, v)| *v > 0.0), "{last}");
+    let bad = cellswarm(tmp.path(), &["bench", "merge", "--strategy", "fedmagic"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("trimmed-mean"));
+}
