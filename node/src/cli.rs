@@ -16,6 +16,8 @@ use cellswarm_common::config::{AggregationConfig, StrategyKind};
 
 use crate::site;
 
+pub mod learn;
+
 /// Swarm learning for cell dynamics: train one model across institutions without
 /// sharing a pixel.
 #[derive(Debug, Parser)]
@@ -58,6 +60,14 @@ pub enum Command {
         #[arg(long, default_value_t = 7070)]
         port: u16,
     },
+    /// Generate a synthetic movie with exact ground truth in CTC layout.
+    Synth(learn::SynthArgs),
+    /// Train a segmentation model on CTC movies (one site, no network).
+    Train(learn::TrainArgs),
+    /// Segment a movie with a trained model; writes CTC maskTTT.tif files.
+    Segment(learn::SegmentArgs),
+    /// Score predicted masks against ground truth (F1, AP, mean IoU, SEG).
+    Eval(learn::EvalArgs),
     /// Measure this machine (merge throughput), to size hardware.
     Bench {
         /// What to measure.
@@ -168,6 +178,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", created.summary());
             Ok(())
         }
+        Command::Synth(a) => learn::synth(&a),
+        Command::Train(a) => learn::train(&a),
+        Command::Segment(a) => learn::segment_cmd(&a),
+        Command::Eval(a) => learn::eval(&a),
         Command::Bench { what } => match what {
             BenchCommand::Merge {
                 updates,

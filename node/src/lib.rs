@@ -2,6 +2,14 @@
 //!
 //! - [`cli`]: the `cellswarm` command line (thin commands over the modules below).
 //! - [`site`]: creating a site folder (key, config, consortium file, data folder).
+//! - [`data`]: movies in CTC layout, TIFF files, normalisation, training patches.
+//! - [`synth`]: synthetic movies with exact ground truth.
+//! - [`model`]: the burn U-Net and model folders (safetensors).
+//! - [`train`]: local training, and [`train::params`] for the model's [`Weights`].
+//! - [`infer`]: tiled inference and instance extraction.
+//! - [`metrics`]: instance matching and the CTC SEG measure.
+//!
+//! [`Weights`]: cellswarm_common::weights::Weights
 //!
 //! ```no_run
 //! // The binary is exactly this:
@@ -14,4 +22,10 @@
 #![deny(missing_docs, rustdoc::broken_intra_doc_links)]
 
 pub mod cli;
+pub mod data;
+pub mod infer;
+pub mod metrics;
+pub mod model;
 pub mod site;
+pub mod synth;
+pub mod train;

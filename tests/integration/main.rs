@@ -5,3 +5,6 @@ mod util;
 
 /// The command line: keygen, init, and the files they leave behind.
 mod cli;
+
+/// Learning on one site: synth, train, segment, eval; the real movies.
+mod learn;

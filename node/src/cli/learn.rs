@@ -1,0 +1,527 @@
+//! `cellswarm synth | train | segment | eval`: learning on one site, no network.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cellswarm_common::config::FrameRange;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::data::ctc::Movie;
+use crate::data::dataset::{Annotated, load_annotated, train_planes};
+use crate::data::patches::SamplerConfig;
+use crate::data::tiff_io::{read_labels, write_labels};
+use crate::infer::{InferOptions, border_objects, segment};
+use crate::metrics::{MatchCounts, Overlaps, SegMeasure, match_counts};
+use burn::prelude::Device;
+
+use crate::model::{UNet, UNetConfig, device_from_name, load_model, save_model};
+use crate::synth::{Profile, generate};
+use crate::train::{Budget, TrainOptions, Trainer};
+
+/// Arguments of `cellswarm train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// CTC sequence folders (e.g. `.../02`); masks are found beside them
+    /// (`02_GT/SEG`, else `02_ERR_SEG`).
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// The model folder to write (weights.safetensors and config.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Frames to train on, e.g. `0-14` (default: all annotated frames).
+    #[arg(long)]
+    pub frames: Option<FrameRange>,
+    /// Held-out frames scored after training, e.g. `15-19`.
+    #[arg(long)]
+    pub val_frames: Option<FrameRange>,
+    /// Train for this many minutes.
+    #[arg(long, conflicts_with = "steps")]
+    pub minutes: Option<f64>,
+    /// Train for this many optimiser steps (default 500).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Seed for initialisation, sampling and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Patches per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Patch side in pixels.
+    #[arg(long, default_value_t = 128)]
+    pub patch: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// U-Net levels.
+    #[arg(long, default_value_t = 3)]
+    pub depth: usize,
+    /// Channels of the first level.
+    #[arg(long, default_value_t = 16)]
+    pub width: usize,
+    /// Weight of the soft Dice loss term (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub dice: f32,
+    /// Smallest object kept when scoring, in pixels.
+    #[arg(long, default_value_t = 10)]
+    pub min_size: usize,
+    /// Constant learning rate (default: cosine decay over the budget).
+    #[arg(long)]
+    pub constant_lr: bool,
+    /// The annotations leave cells cut by the frame border unlabelled (as the CTC
+    /// reference segmentations do): segmentations from this model will leave them out too.
+    #[arg(long)]
+    pub exclude_border: bool,
+    /// Compute device: cpu, cuda[:N] or wgpu[:N] (GPU backends need the matching
+    /// cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Post-processing learned from the training annotations, saved beside the model.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Postprocess {
+    /// Drop objects touching the frame border (the annotations leave them out).
+    pub exclude_border: bool,
+    /// Smallest object kept, in pixels.
+    pub min_size: usize,
+}
+
+/// File beside the weights holding [`Postprocess`].
+pub const POSTPROCESS_FILE: &str = "postprocess.json";
+
+fn load_postprocess(dir: &Path) -> anyhow::Result<Option<Postprocess>> {
+    let p = dir.join(POSTPROCESS_FILE);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?,
+    ))
+}
+
+/// Arguments of `cellswarm segment`.
+#[derive(Debug, clap::Args)]
+pub struct SegmentArgs {
+    /// A model folder written by `cellswarm train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A CTC sequence folder.
+    #[arg(long)]
+    pub movie: PathBuf,
+    /// Where to write `maskTTT.tif` (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Frames to segment (default: all).
+    #[arg(long)]
+    pub frames: Option<FrameRange>,
+    /// Tile side.
+    #[arg(long, default_value_t = 256)]
+    pub tile: usize,
+    /// Smallest object kept, in pixels (default: the model folder's postprocess.json, else 10).
+    #[arg(long)]
+    pub min_size: Option<usize>,
+    /// Drop objects touching the frame border (default: as learned from the training
+    /// annotations, in postprocess.json).
+    #[arg(long)]
+    pub exclude_border: Option<bool>,
+    /// Compute device: cpu, cuda[:N] or wgpu[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Interior probability needed to seed a cell (higher splits touching cells more).
+    #[arg(long)]
+    pub seed_threshold: Option<f32>,
+}
+
+/// Arguments of `cellswarm eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Folder of predicted masks (`maskTTT.tif`).
+    #[arg(long)]
+    pub pred: PathBuf,
+    /// Folder of ground truth: `NN_GT/SEG` (`man_segTTT.tif`), `NN_GT`, or `NN_ERR_SEG`.
+    #[arg(long)]
+    pub gt: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `cellswarm synth`.
+#[derive(Debug, clap::Args)]
+pub struct SynthArgs {
+    /// Output folder (a CTC dataset: `01/`, `01_GT/`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Site profile: balanced, dense, sparse, noisy or fast.
+    #[arg(long, default_value = "balanced")]
+    pub profile: String,
+    /// Number of frames.
+    #[arg(long, default_value_t = 20)]
+    pub frames: usize,
+    /// Generator seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Frame side in pixels.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Sequence name.
+    #[arg(long, default_value = "01")]
+    pub sequence: String,
+}
+
+fn bar(len: u64, unit: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    let template =
+        format!("{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit} {{msg}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        pb.set_style(style);
+    }
+    pb
+}
+
+/// `cellswarm synth`.
+///
+/// # Errors
+/// An unknown profile or write errors.
+pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
+    let Some(mut p) = Profile::named(&a.profile) else {
+        bail!(
+            "unknown profile {:?}; choose one of {}",
+            a.profile,
+            Profile::NAMES.join(", ")
+        );
+    };
+    if a.size < 32 {
+        bail!("--size must be at least 32 pixels");
+    }
+    p.size = a.size;
+    let movie = generate(&p, a.frames.max(1), a.seed);
+    movie
+        .write_ctc(&a.out, &a.sequence)
+        .with_context(|| format!("writing the movie to {}", a.out.display()))?;
+    let divisions = movie.tracks.iter().filter(|t| t.parent != 0).count();
+    println!(
+        "wrote {} frames of {}x{} ({} profile, seed {}) to {}: {} tracks, {} division daughters",
+        a.frames,
+        p.size,
+        p.size,
+        p.name,
+        a.seed,
+        a.out.join(&a.sequence).display(),
+        movie.tracks.len(),
+        divisions
+    );
+    Ok(())
+}
+
+fn load_frames(dirs: &[PathBuf], frames: Option<FrameRange>) -> anyhow::Result<Vec<Annotated>> {
+    let mut all = Vec::new();
+    for d in dirs {
+        let movie = Movie::open(d).with_context(|| format!("opening movie {}", d.display()))?;
+        all.extend(load_annotated(&movie, frames)?);
+    }
+    Ok(all)
+}
+
+/// Scores segmentations of annotated frames.
+fn score(
+    model: &UNet,
+    config: &UNetConfig,
+    device: &Device,
+    frames: &[Annotated],
+    post: Postprocess,
+) -> (MatchCounts, SegMeasure) {
+    let opts = InferOptions {
+        min_size: post.min_size,
+        exclude_border: post.exclude_border,
+        ..InferOptions::default()
+    };
+    let mut counts = MatchCounts::default();
+    let mut seg = SegMeasure::default();
+    for a in frames {
+        // The images are already normalised; segment() normalises again, which is a no-op
+        // up to the percentile positions (0 and 1 map to themselves).
+        let pred = segment(model, config, device, &a.image, &opts);
+        let o = Overlaps::new(&a.labels, &pred);
+        counts += match_counts(&o, 0.5);
+        seg.add(&o);
+    }
+    (counts, seg)
+}
+
+/// `cellswarm train`.
+///
+/// # Errors
+/// Unreadable data, bad settings, or a diverging run.
+pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
+    let frames = load_frames(&a.data, a.frames)?;
+    let val = match a.val_frames {
+        Some(r) => load_frames(&a.data, Some(r))?,
+        None => Vec::new(),
+    };
+    let config = UNetConfig::new()
+        .with_depth(a.depth)
+        .with_base_channels(a.width);
+    let options = TrainOptions {
+        batch: a.batch,
+        learning_rate: a.lr,
+        dice_weight: a.dice,
+        seed: a.seed,
+        sampler: SamplerConfig {
+            patch: a.patch,
+            ..SamplerConfig::default()
+        },
+        cosine_decay: !a.constant_lr,
+        ..TrainOptions::default()
+    };
+    let post = Postprocess {
+        exclude_border: a.exclude_border,
+        min_size: a.min_size,
+    };
+    let (touching, objects) = border_objects(&frames.iter().map(|f| &f.labels).collect::<Vec<_>>());
+    if !a.exclude_border && objects >= 100 && touching * 50 < objects {
+        eprintln!(
+            "note: only {touching} of {objects} annotated objects touch the frame border; if the annotations \
+             leave cells cut by the border unlabelled, pass --exclude-border"
+        );
+    }
+    let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
+    let mut trainer = Trainer::new(&config, &device, train_planes(&frames), options, None)?;
+    let budget = match (a.minutes, a.steps) {
+        (Some(m), _) => Budget::Time(Duration::from_secs_f64(m * 60.0)),
+        (None, s) => Budget::Steps(s.unwrap_or(500)),
+    };
+    eprintln!(
+        "training on {} annotated frames from {} movie(s); class weights {:?}",
+        frames.len(),
+        a.data.len(),
+        trainer.class_weight_values()
+    );
+    let pb = match budget {
+        Budget::Steps(s) => bar(s, "steps"),
+        Budget::Time(d) => bar(d.as_secs(), "s"),
+    };
+    let mut recent = Vec::new();
+    let report = trainer.train(budget, &AtomicBool::new(false), |step, loss| {
+        recent.push(loss);
+        if recent.len() > 20 {
+            recent.remove(0);
+        }
+        match budget {
+            Budget::Steps(_) => pb.set_position(step),
+            Budget::Time(_) => pb.set_position(pb.elapsed().as_secs()),
+        }
+        pb.set_message(format!(
+            "loss {:.4}",
+            recent.iter().sum::<f32>() / recent.len() as f32
+        ));
+    })?;
+    pb.finish_and_clear();
+    let model = trainer.model();
+    save_model(&a.out, &model, &config)?;
+    let pp = a.out.join(POSTPROCESS_FILE);
+    std::fs::write(&pp, serde_json::to_string_pretty(&post)?)
+        .with_context(|| format!("writing {}", pp.display()))?;
+    println!(
+        "trained {} steps ({} patches) in {:.1} s: mean loss {:.4}, last {:.4}; model saved to {}",
+        report.steps,
+        report.samples,
+        report.elapsed.as_secs_f64(),
+        report.mean_loss,
+        report.last_loss,
+        a.out.display()
+    );
+    if !val.is_empty() {
+        let (counts, seg) = score(&model, &config, &device, &val, post);
+        let s = counts.scores(0.5);
+        println!(
+            "held-out frames {}: F1@0.5 {:.4}  precision {:.4}  recall {:.4}  AP@0.5 {:.4}  mean IoU {:.4}  SEG {:.4}",
+            a.val_frames.map(|r| r.to_string()).unwrap_or_default(),
+            s.f1,
+            s.precision,
+            s.recall,
+            s.ap,
+            s.mean_matched_iou,
+            seg.value()
+        );
+    }
+    Ok(())
+}
+
+/// `cellswarm segment`.
+///
+/// # Errors
+/// An unreadable model or movie, or write errors.
+pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
+    let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
+    let (model, config) = load_model(&a.model, &device)?;
+    let movie =
+        Movie::open(&a.movie).with_context(|| format!("opening movie {}", a.movie.display()))?;
+    let frames: Vec<u32> = movie
+        .frames()
+        .filter(|t| a.frames.is_none_or(|r| r.contains(*t)))
+        .collect();
+    if frames.is_empty() {
+        bail!("no frames of {} in the requested range", a.movie.display());
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let width = if movie.len() > 1000 { 4 } else { 3 };
+    let post = load_postprocess(&a.model)?;
+    let opts = InferOptions {
+        tile: a.tile,
+        min_size: a.min_size.or(post.map(|p| p.min_size)).unwrap_or(10),
+        exclude_border: a
+            .exclude_border
+            .or(post.map(|p| p.exclude_border))
+            .unwrap_or(false),
+        seed_threshold: a
+            .seed_threshold
+            .unwrap_or(InferOptions::default().seed_threshold),
+        ..InferOptions::default()
+    };
+    let pb = bar(frames.len() as u64, "frames");
+    for t in &frames {
+        let img = movie.frame(*t)?;
+        let labels = segment(&model, &config, &device, &img, &opts);
+        write_labels(&a.out.join(format!("mask{t:0width$}.tif")), &labels)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    println!("wrote {} masks to {}", frames.len(), a.out.display());
+    Ok(())
+}
+
+/// Numbered `prefix`TTT.tif files in a folder.
+fn masks(dir: &Path, prefix: &str) -> anyhow::Result<Vec<(u32, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(t) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(".tif"))
+            .and_then(|d| d.parse::<u32>().ok())
+        {
+            out.push((t, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The result of `cellswarm eval`.
+#[derive(Debug, Serialize)]
+pub struct EvalReport {
+    /// Frames scored.
+    pub frames: Vec<u32>,
+    /// Ground-truth objects.
+    pub gt_objects: u64,
+    /// Instance matching at IoU 0.5, 0.75 and 0.9.
+    pub matching: Vec<crate::metrics::MatchScores>,
+    /// CTC SEG.
+    pub seg: f64,
+}
+
+/// Scores predicted masks against ground truth.
+///
+/// # Errors
+/// Unreadable folders or files, no common frames, or masks of different sizes.
+pub fn evaluate(pred: &Path, gt: &Path) -> anyhow::Result<EvalReport> {
+    let gt_dir = if gt.join("SEG").is_dir() {
+        gt.join("SEG")
+    } else {
+        gt.to_owned()
+    };
+    let mut gts = masks(&gt_dir, "man_seg")?;
+    if gts.is_empty() {
+        gts = masks(&gt_dir, "mask")?;
+    }
+    if gts.is_empty() {
+        bail!(
+            "{}: no man_segTTT.tif or maskTTT.tif ground-truth masks",
+            gt_dir.display()
+        );
+    }
+    let preds = masks(pred, "mask")?;
+    let thresholds = [0.5, 0.75, 0.9];
+    let mut counts = [MatchCounts::default(); 3];
+    let mut seg = SegMeasure::default();
+    let mut frames = Vec::new();
+    for (t, gp) in &gts {
+        let Some((_, pp)) = preds.iter().find(|(u, _)| u == t) else {
+            continue;
+        };
+        let g = read_labels(gp)?;
+        let p = read_labels(pp)?;
+        if !g.same_shape(&p) {
+            bail!(
+                "{}: size {:?} differs from the ground truth's {:?}",
+                pp.display(),
+                p.shape(),
+                g.shape()
+            );
+        }
+        let o = Overlaps::new(&g, &p);
+        for (c, th) in counts.iter_mut().zip(thresholds) {
+            *c += match_counts(&o, th);
+        }
+        seg.add(&o);
+        frames.push(*t);
+    }
+    if frames.is_empty() {
+        bail!(
+            "no frame of {} has a prediction in {} (expected maskTTT.tif with the same frame numbers)",
+            gt_dir.display(),
+            pred.display()
+        );
+    }
+    Ok(EvalReport {
+        frames,
+        gt_objects: seg.objects,
+        matching: counts
+            .iter()
+            .zip(thresholds)
+            .map(|(c, t)| c.scores(t))
+            .collect(),
+        seg: seg.value(),
+    })
+}
+
+/// `cellswarm eval`.
+///
+/// # Errors
+/// As [`evaluate`].
+pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
+    let r = evaluate(&a.pred, &a.gt)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} frames, {} ground-truth objects",
+        r.frames.len(),
+        r.gt_objects
+    );
+    println!("IoU   precision  recall     F1         AP         mean IoU   TP/FP/FN");
+    for s in &r.matching {
+        println!(
+            "{:<5} {:<10.4} {:<10.4} {:<10.4} {:<10.4} {:<10.4} {}/{}/{}",
+            s.threshold,
+            s.precision,
+            s.recall,
+            s.f1,
+            s.ap,
+            s.mean_matched_iou,
+            s.counts.tp,
+            s.counts.fp,
+            s.counts.fn_
+        );
+    }
+    println!("SEG {:.4}", r.seg);
+    Ok(())
+}

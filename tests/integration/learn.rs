@@ -1,0 +1,138 @@
+//! Learning on one site through the real CLI: synth -> train -> segment -> eval, and
+//! reading the real movies in ../shared/data when they are there.
+
+use std::path::{Path, PathBuf};
+
+use cellswarm_node::data::ctc::{Movie, SegSource};
+use cellswarm_node::metrics::match_instances;
+
+use crate::util::{cellswarm, ok_stdout};
+
+#[test]
+fn synth_train_segment_eval_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "synth",
+            "--out",
+            "movie",
+            "--profile",
+            "dense",
+            "--frames",
+            "6",
+            "--seed",
+            "3",
+            "--size",
+            "64",
+        ],
+    ));
+    assert!(out.contains("wrote 6 frames"), "{out}");
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "train",
+            "--data",
+            "movie/01",
+            "--out",
+            "model",
+            "--frames",
+            "0-3",
+            "--val-frames",
+            "4-5",
+            "--steps",
+            "30",
+            "--patch",
+            "32",
+            "--batch",
+            "4",
+            "--depth",
+            "2",
+            "--width",
+            "8",
+            "--seed",
+            "1",
+        ],
+    ));
+    assert!(out.contains("trained 30 steps"), "{out}");
+    assert!(out.contains("held-out frames 4-5: F1@0.5"), "{out}");
+    for f in ["weights.safetensors", "config.json", "postprocess.json"] {
+        assert!(d.join("model").join(f).is_file(), "{f} missing");
+    }
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &[
+            "segment", "--model", "model", "--movie", "movie/01", "--out", "seg", "--frames", "4-5",
+        ],
+    ));
+    assert!(d.join("seg/mask004.tif").is_file() && d.join("seg/mask005.tif").is_file());
+    assert!(
+        !d.join("seg/mask003.tif").exists(),
+        "frames outside --frames are not segmented"
+    );
+    let json = ok_stdout(&cellswarm(
+        d,
+        &["eval", "--pred", "seg", "--gt", "movie/01_GT", "--json"],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["frames"], serde_json::json!([4, 5]));
+    let f1 = v["matching"][0]["f1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&f1), "{json}");
+    assert!(v["gt_objects"].as_u64().unwrap() >= 4, "{json}");
+}
+
+#[test]
+fn cli_errors_name_what_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let err = |args: &[&str]| {
+        let o = cellswarm(d, args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    assert!(err(&["synth", "--out", "x", "--profile", "crowded"]).contains("balanced"));
+    std::fs::create_dir_all(d.join("empty/01")).unwrap();
+    let e = err(&["train", "--data", "empty/01", "--out", "m", "--steps", "1"]);
+    assert!(e.contains("empty/01") && e.contains("no frames"), "{e}");
+    let e = err(&[
+        "segment", "--model", "nope", "--movie", "empty/01", "--out", "s",
+    ]);
+    assert!(e.contains("config.json"), "{e}");
+    let e = err(&["eval", "--pred", "empty", "--gt", "empty/01"]);
+    assert!(e.contains("ground-truth"), "{e}");
+}
+
+/// `../shared/data` beside the checkout, if present.
+fn shared_data() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
+    if root.is_dir() {
+        Some(root)
+    } else {
+        eprintln!(
+            "skipping: ../shared/data is not beside this checkout (real-movie tests need it)"
+        );
+        None
+    }
+}
+
+#[test]
+fn reads_the_real_hela_and_bacteria_movies() {
+    let Some(root) = shared_data() else { return };
+    let hela = Movie::open(&root.join("Fluo-N2DL-HeLa/02")).unwrap();
+    assert_eq!(hela.len(), 20);
+    assert_eq!(hela.seg_source(), Some(SegSource::Reference));
+    let f = hela.frame(0).unwrap();
+    assert_eq!(f.shape(), (1, 700, 1100));
+    let m = hela.seg_mask(0, &f).unwrap().unwrap();
+    let n = m.ids().len();
+    assert!((120..=200).contains(&n), "{n} nuclei in frame 0");
+    assert_eq!(match_instances(&m, &m, 0.5).f1, 1.0);
+
+    let bact = Movie::open(&root.join("bacteria-trpL/01")).unwrap();
+    assert_eq!(bact.seg_source(), Some(SegSource::GroundTruth));
+    let f = bact.frame(19).unwrap();
+    assert_eq!(f.shape(), (1, 727, 1026));
+    let m = bact.seg_mask(19, &f).unwrap().unwrap();
+    assert!((10..=25).contains(&m.ids().len()));
+}
