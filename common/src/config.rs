@@ -263,6 +263,8 @@ pub struct ModelSpec {
     pub in_channels: u32,
     /// Cell-state classes of the classification head (0 disables it).
     pub cell_states: u32,
+    /// Size of the `test-vector` model (a protocol-test model of this many parameters).
+    pub params: u32,
 }
 
 impl Default for ModelSpec {
@@ -273,6 +275,7 @@ impl Default for ModelSpec {
             base_channels: 16,
             in_channels: 1,
             cell_states: 3,
+            params: 1000,
         }
     }
 }
@@ -612,13 +615,19 @@ impl ConsortiumConfig {
             );
         }
         let m = &self.model;
-        if m.architecture != "unet" {
+        if !matches!(m.architecture.as_str(), "unet" | "test-vector") {
             return bad(
                 "model.architecture",
                 format!(
-                    "unknown architecture {:?}; supported: \"unet\"",
+                    "unknown architecture {:?}; supported: \"unet\", and \"test-vector\" for protocol tests",
                     m.architecture
                 ),
+            );
+        }
+        if m.architecture == "test-vector" && !(1..=256 << 20).contains(&m.params) {
+            return bad(
+                "model.params",
+                format!("must be between 1 and {}, got {}", 256 << 20, m.params),
             );
         }
         if !(1..=6).contains(&m.depth) {
@@ -980,6 +989,19 @@ impl Default for StatusConfig {
     }
 }
 
+/// Settings for protocol tests and benchmarks; never needed in production.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// Time the `test-vector` model's training takes per round (stands in for real
+    /// training, so that rounds last long enough to interrupt).
+    #[serde(with = "humantime_serde")]
+    pub training_delay: Duration,
+    /// Extra time this node takes to merge (to interrupt a merger while it merges).
+    #[serde(with = "humantime_serde")]
+    pub merge_delay: Duration,
+}
+
 /// The site file of one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1008,6 +1030,9 @@ pub struct NodeConfig {
     /// The status endpoint.
     #[serde(default)]
     pub status: StatusConfig,
+    /// Test and benchmark settings.
+    #[serde(default)]
+    pub testing: TestingConfig,
 }
 
 fn default_consortium_file() -> PathBuf {
@@ -1089,12 +1114,6 @@ impl NodeConfig {
             );
         }
         let d = &self.data;
-        if d.movies.is_empty() && d.synthetic.is_none() {
-            return bad(
-                "data.movies",
-                "no movies: list CTC sequence folders, or set [data.synthetic]".into(),
-            );
-        }
         if !d.movies.is_empty() && d.synthetic.is_some() {
             return bad(
                 "data.synthetic",
@@ -1214,6 +1233,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.node.validate(&self.node_file)?;
         self.consortium.validate(&self.node.consortium)?;
+        let d = &self.node.data;
+        // The `test-vector` protocol-test model trains on nothing.
+        if self.consortium.model.architecture != "test-vector"
+            && d.movies.is_empty()
+            && d.synthetic.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                file: self.node_file.clone(),
+                field: "data.movies".into(),
+                problem: "no movies: list CTC sequence folders, or set [data.synthetic]".into(),
+            });
+        }
         let granule = 1u32 << self.consortium.model.depth;
         if !self.node.training.patch_size.is_multiple_of(granule) {
             return Err(ConfigError::Invalid {

@@ -227,6 +227,9 @@ pub struct MergeRecord {
     pub contributions: Vec<Contribution>,
     /// Hash of M(r).
     pub model: ModelHash,
+    /// SHA-256 of the aggregator state after the merge (optimiser moments, DP
+    /// accountant), so a rejoining member can fetch and check it.
+    pub state: [u8; 32],
     /// Which merger candidate (0 = first choice) produced the record.
     pub attempt: u32,
 }
@@ -242,6 +245,10 @@ pub enum Request {
     Record(RoundId),
     /// The newest merge record the peer holds.
     Latest,
+    /// Aggregator state bytes by hash.
+    State([u8; 32]),
+    /// The deltas the peer holds for a round (signer and hash of each).
+    Deltas(RoundId),
 }
 
 /// Header of a response frame; the body carries the bytes named.
@@ -253,6 +260,10 @@ pub enum ResponseHeader {
     Model,
     /// Body: a merge-record envelope.
     Record,
+    /// Body: aggregator state bytes.
+    State,
+    /// No body: the deltas held for the round asked about.
+    DeltaList(Vec<(SignerKey, DeltaHash)>),
     /// The peer does not have it.
     NotFound,
     /// The peer refuses (the reason is for logs).
@@ -277,6 +288,7 @@ mod tests {
                 sample_count: 64,
             }],
             model: ModelHash::of(b"m3"),
+            state: [5; 32],
             attempt: 0,
         }
     }

@@ -68,6 +68,19 @@ pub enum Command {
     Segment(learn::SegmentArgs),
     /// Score predicted masks against ground truth (F1, AP, mean IoU, SEG).
     Eval(learn::EvalArgs),
+    /// Run this site's node until SIGTERM or SIGINT (the daemon).
+    Run {
+        /// The site file (it names the consortium file).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create the consortium's starting model in this site's store and print its hash
+    /// (put it in the consortium file as `genesis = "..."`).
+    Genesis {
+        /// The site file (it names the consortium file).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Measure this machine (merge throughput), to size hardware.
     Bench {
         /// What to measure.
@@ -178,6 +191,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", created.summary());
             Ok(())
         }
+        Command::Run { config } => {
+            let config = load_config(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(crate::daemon::run_until_signal(config))?;
+            Ok(())
+        }
+        Command::Genesis { config } => {
+            let config = load_config(&config)?;
+            let hash = crate::daemon::create_genesis(&config)?;
+            println!("{hash}");
+            Ok(())
+        }
         Command::Synth(a) => learn::synth(&a),
         Command::Train(a) => learn::train(&a),
         Command::Segment(a) => learn::segment_cmd(&a),
@@ -194,6 +222,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } => bench_merge(updates, params, strategy, byzantine, reps, naive, threads),
         },
     }
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<cellswarm_common::config::Config> {
+    Ok(cellswarm_common::config::Config::load(path)?)
 }
 
 fn bench_merge(

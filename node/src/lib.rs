@@ -8,6 +8,9 @@
 //! - [`train`]: local training, and [`train::params`] for the model's [`Weights`].
 //! - [`infer`]: tiled inference and instance extraction.
 //! - [`metrics`]: instance matching and the CTC SEG measure.
+//! - [`store`]: durable state (sled metadata, content-addressed files).
+//! - [`swarm`]: the libp2p network and the round protocol.
+//! - [`daemon`]: the node as a long-running process (`cellswarm run`).
 //!
 //! [`Weights`]: cellswarm_common::weights::Weights
 //!
@@ -22,10 +25,13 @@
 #![deny(missing_docs, rustdoc::broken_intra_doc_links)]
 
 pub mod cli;
+pub mod daemon;
 pub mod data;
 pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod site;
+pub mod store;
+pub mod swarm;
 pub mod synth;
 pub mod train;

@@ -8,3 +8,12 @@ mod cli;
 
 /// Learning on one site: synth, train, segment, eval; the real movies.
 mod learn;
+
+/// Swarm test harness: consortium files, in-process nodes, node processes, log events.
+mod swarm_util;
+
+/// The swarm in process: convergence, bad members, robust merging, damaged stores.
+mod swarm;
+
+/// The swarm as processes: killed members and mergers, graceful stops.
+mod swarm_process;

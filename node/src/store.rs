@@ -1,0 +1,642 @@
+//! A node's durable state, behind the narrow [`Store`] trait.
+//!
+//! [`DiskStore`] keeps metadata in sled (the head of the chain, every round's merge
+//! record, the audit log of who contributed which delta to which round, peer records)
+//! and bulk data as content-addressed files beside it:
+//!
+//! ```text
+//! STORE/meta.sled/            sled database
+//! STORE/blobs/models/<hash>   canonical model bytes (hash = ModelHash)
+//! STORE/blobs/deltas/<hash>   delta envelopes (hash = SHA-256 of the payload = DeltaHash)
+//! STORE/blobs/states/<hash>   aggregator state after a merge (hash = SHA-256 of the bytes)
+//! STORE/quarantine/           blobs whose content did not match their name
+//! ```
+//!
+//! Blobs are written to a temporary file, fsynced, renamed into place and the folder
+//! fsynced, so a blob either exists whole or not at all. A round is committed in one sled
+//! transaction (record, audit entries, head) followed by a flush; only then is it
+//! acknowledged to the rest of the node. Every read of a blob checks its hash, and
+//! [`DiskStore::check`] verifies what the head points to when the node starts.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use cellswarm_common::envelope::{PayloadKind, UnverifiedEnvelope};
+use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+
+/// What went wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The sled database could not be opened.
+    #[error(
+        "cannot open the store's database at {}: {message}. If the disk was damaged, restore the \
+         store from a backup, or move it away to start afresh and resync from the consortium",
+        path.display()
+    )]
+    Open {
+        /// The database folder.
+        path: PathBuf,
+        /// sled's message.
+        message: String,
+    },
+    /// A file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A database operation failed.
+    #[error("store database: {0}")]
+    Db(String),
+    /// Stored metadata could not be decoded.
+    #[error("corrupt store metadata ({what}): {message}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// The decoder's message.
+        message: String,
+    },
+    /// Bytes offered under a hash do not have that hash.
+    #[error("{kind} blob offered as {expected} hashes to {actual}")]
+    HashMismatch {
+        /// Blob kind.
+        kind: &'static str,
+        /// The hash it was offered as.
+        expected: String,
+        /// Its actual hash.
+        actual: String,
+    },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        Self::Db(e.to_string())
+    }
+}
+
+/// The newest accepted round: the head of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// The last merged round (0: only the genesis model).
+    pub round: RoundId,
+    /// Its merge record (none for round 0).
+    pub record: Option<RecordHash>,
+    /// The model M(round).
+    pub model: ModelHash,
+    /// The aggregator state after that merge.
+    pub state: [u8; 32],
+}
+
+/// One line of the audit log: `signer` contributed `delta` to `round`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// The round.
+    pub round: RoundId,
+    /// The contributing member.
+    pub signer: SignerKey,
+    /// Its delta.
+    pub delta: DeltaHash,
+    /// Its sample count.
+    pub sample_count: u64,
+}
+
+/// Everything committed when a round is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundCommit {
+    /// The new head.
+    pub head: Head,
+    /// The merge record envelope.
+    pub record_envelope: Vec<u8>,
+    /// The audit entries of the round.
+    pub audit: Vec<AuditEntry>,
+}
+
+/// What [`DiskStore::check`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Blobs that did not match their names, moved to `quarantine/`.
+    pub quarantined: Vec<PathBuf>,
+    /// Whether the head's model is present and intact.
+    pub head_model_ok: bool,
+    /// Whether the head's aggregator state is present and intact.
+    pub head_state_ok: bool,
+}
+
+/// Kinds of content-addressed blobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobKind {
+    /// Canonical model bytes.
+    Model,
+    /// Delta envelopes.
+    Delta,
+    /// Aggregator state.
+    State,
+}
+
+impl BlobKind {
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Model => "models",
+            Self::Delta => "deltas",
+            Self::State => "states",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::Delta => "delta",
+            Self::State => "state",
+        }
+    }
+
+    /// The content hash of a blob of this kind.
+    fn hash(self, bytes: &[u8]) -> Option<[u8; 32]> {
+        match self {
+            Self::Model | Self::State => Some(*ModelHash::of(bytes).as_bytes()),
+            Self::Delta => {
+                // Envelopes are named by their payload's hash; parse without verifying
+                // (verification against members happens where they are used).
+                let env = UnverifiedEnvelope::parse(bytes.to_vec(), u64::MAX).ok()?;
+                if env.kind() != PayloadKind::Delta {
+                    return None;
+                }
+                let len = bytes.len() - cellswarm_common::envelope::ENVELOPE_HEADER_LEN;
+                Some(*ModelHash::of(&bytes[bytes.len() - len..]).as_bytes())
+            }
+        }
+    }
+}
+
+/// The operations a node needs from durable storage.
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Stores a blob under its content hash (idempotent). Durable on return.
+    ///
+    /// # Errors
+    /// I/O errors, or bytes that do not hash to `hash`.
+    fn put_blob(&self, kind: BlobKind, hash: &[u8; 32], bytes: &[u8]) -> Result<(), StoreError>;
+
+    /// Reads a blob, checking its hash; a mismatch quarantines the file and returns `None`.
+    ///
+    /// # Errors
+    /// I/O errors other than absence.
+    fn blob(&self, kind: BlobKind, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Whether a blob file exists (without checking it).
+    fn has_blob(&self, kind: BlobKind, hash: &[u8; 32]) -> bool;
+
+    /// The head of the chain, if any.
+    ///
+    /// # Errors
+    /// Database errors or corrupt metadata.
+    fn head(&self) -> Result<Option<Head>, StoreError>;
+
+    /// Sets the head to the genesis model (round 0), if there is no head yet.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn init_genesis(&self, model: ModelHash, state: [u8; 32]) -> Result<Head, StoreError>;
+
+    /// Commits an accepted round atomically and flushes it to disk.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn commit_round(&self, commit: &RoundCommit) -> Result<(), StoreError>;
+
+    /// The merge record envelope of a round.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn record(&self, round: RoundId) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The audit entries of a round.
+    ///
+    /// # Errors
+    /// Database errors or corrupt entries.
+    fn audit(&self, round: RoundId) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Remembers a peer's last known addresses.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_peer(&self, peer: &str, addresses: &[String]) -> Result<(), StoreError>;
+
+    /// Known peers and their addresses.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn peers(&self) -> Result<Vec<(String, Vec<String>)>, StoreError>;
+
+    /// Flushes everything to disk.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The sled + files implementation of [`Store`].
+pub struct DiskStore {
+    root: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    records: sled::Tree,
+    audit: sled::Tree,
+    peers: sled::Tree,
+}
+
+impl fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskStore")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+const HEAD_KEY: &[u8] = b"head";
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap_or_default()
+}
+
+fn dec<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, StoreError> {
+    let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+    bincode::serde::decode_from_slice(b, cfg)
+        .map(|(v, _)| v)
+        .map_err(|e| StoreError::Corrupt {
+            what,
+            message: e.to_string(),
+        })
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl DiskStore {
+    /// Opens (or creates) a store at `root` with a sled cache of `cache_bytes`.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the database cannot be opened (damaged disk), with what
+    /// to do; I/O errors creating the folders.
+    pub fn open(root: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        for d in [
+            "blobs/models",
+            "blobs/deltas",
+            "blobs/states",
+            "tmp",
+            "quarantine",
+        ] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io(&p))?;
+        }
+        let db_path = root.join("meta.sled");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: db_path.clone(),
+                message: e.to_string(),
+            })?;
+        let tree = |name: &str| {
+            db.open_tree(name).map_err(|e| StoreError::Open {
+                path: db_path.clone(),
+                message: e.to_string(),
+            })
+        };
+        Ok(Self {
+            meta: tree("meta")?,
+            records: tree("records")?,
+            audit: tree("audit")?,
+            peers: tree("peers")?,
+            root: root.to_owned(),
+            db,
+        })
+    }
+
+    /// The store folder.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blob_path(&self, kind: BlobKind, hash: &[u8; 32]) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(kind.dir())
+            .join(hex::encode(hash))
+    }
+
+    fn quarantine(&self, path: &Path) -> Result<PathBuf, StoreError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        let to = self.root.join("quarantine").join(name);
+        fs::rename(path, &to).map_err(io(path))?;
+        Ok(to)
+    }
+
+    /// Verifies what the head points to, quarantining blobs whose content does not match
+    /// their name (they will be fetched again from peers).
+    ///
+    /// # Errors
+    /// Database errors or corrupt metadata (the store must then be restored or removed).
+    pub fn check(&self) -> Result<CheckReport, StoreError> {
+        let mut report = CheckReport::default();
+        let Some(head) = self.head()? else {
+            return Ok(report);
+        };
+        for (kind, hash, ok) in [
+            (
+                BlobKind::Model,
+                *head.model.as_bytes(),
+                &mut report.head_model_ok,
+            ),
+            (BlobKind::State, head.state, &mut report.head_state_ok),
+        ] {
+            let path = self.blob_path(kind, &hash);
+            match fs::read(&path) {
+                Ok(bytes) if kind.hash(&bytes) == Some(hash) => *ok = true,
+                Ok(_) => report.quarantined.push(self.quarantine(&path)?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        if let Some(rec) = head.record {
+            let bytes = self.record(head.round)?.ok_or(StoreError::Corrupt {
+                what: "head record",
+                message: format!(
+                    "the head names round {} but its record is missing",
+                    head.round
+                ),
+            })?;
+            let len = bytes
+                .len()
+                .saturating_sub(cellswarm_common::envelope::ENVELOPE_HEADER_LEN);
+            if RecordHash::of(&bytes[bytes.len() - len..]) != rec {
+                return Err(StoreError::Corrupt {
+                    what: "head record",
+                    message: format!(
+                        "the record of round {} does not hash to the head's record hash",
+                        head.round
+                    ),
+                });
+            }
+        }
+        Ok(report)
+    }
+}
+
+impl Store for DiskStore {
+    fn put_blob(&self, kind: BlobKind, hash: &[u8; 32], bytes: &[u8]) -> Result<(), StoreError> {
+        let actual = kind.hash(bytes);
+        if actual != Some(*hash) {
+            return Err(StoreError::HashMismatch {
+                kind: kind.name(),
+                expected: hex::encode(hash),
+                actual: actual.map_or_else(|| "(not a valid blob)".into(), hex::encode),
+            });
+        }
+        let path = self.blob_path(kind, hash);
+        if path.is_file() {
+            return Ok(());
+        }
+        let tmp = self.root.join("tmp").join(format!(
+            "{}.{}.partial",
+            hex::encode(&hash[..8]),
+            std::process::id()
+        ));
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))
+    }
+
+    fn blob(&self, kind: BlobKind, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.blob_path(kind, hash);
+        match fs::read(&path) {
+            Ok(bytes) if kind.hash(&bytes) == Some(*hash) => Ok(Some(bytes)),
+            Ok(_) => {
+                let to = self.quarantine(&path)?;
+                tracing::error!(blob = %hex::encode(hash), moved_to = %to.display(), "stored {} does not match its hash; quarantined", kind.name());
+                Ok(None)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    fn has_blob(&self, kind: BlobKind, hash: &[u8; 32]) -> bool {
+        self.blob_path(kind, hash).is_file()
+    }
+
+    fn head(&self) -> Result<Option<Head>, StoreError> {
+        self.meta
+            .get(HEAD_KEY)?
+            .map(|b| dec("head", &b))
+            .transpose()
+    }
+
+    fn init_genesis(&self, model: ModelHash, state: [u8; 32]) -> Result<Head, StoreError> {
+        if let Some(h) = self.head()? {
+            return Ok(h);
+        }
+        let head = Head {
+            round: RoundId(0),
+            record: None,
+            model,
+            state,
+        };
+        self.meta.insert(HEAD_KEY, enc(&head))?;
+        self.db.flush()?;
+        Ok(head)
+    }
+
+    fn commit_round(&self, c: &RoundCommit) -> Result<(), StoreError> {
+        let round_key = c.head.round.0.to_be_bytes();
+        let head = enc(&c.head);
+        (&self.meta, &self.records, &self.audit)
+            .transaction(|(meta, records, audit)| {
+                records.insert(&round_key[..], c.record_envelope.as_slice())?;
+                for a in &c.audit {
+                    let mut key = round_key.to_vec();
+                    key.extend_from_slice(a.signer.as_bytes());
+                    audit.insert(key, enc(a))?;
+                }
+                meta.insert(HEAD_KEY, head.as_slice())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| StoreError::Db(format!("{e:?}")))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn record(&self, round: RoundId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.records.get(round.0.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    fn audit(&self, round: RoundId) -> Result<Vec<AuditEntry>, StoreError> {
+        self.audit
+            .scan_prefix(round.0.to_be_bytes())
+            .map(|kv| {
+                let (_, v) = kv?;
+                dec("audit entry", &v)
+            })
+            .collect()
+    }
+
+    fn put_peer(&self, peer: &str, addresses: &[String]) -> Result<(), StoreError> {
+        self.peers
+            .insert(peer.as_bytes(), enc(&addresses.to_vec()))?;
+        Ok(())
+    }
+
+    fn peers(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        self.peers
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), dec("peer", &v)?))
+            })
+            .collect()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellswarm_common::envelope::seal;
+    use cellswarm_common::identity::Identity;
+
+    fn store() -> (tempfile::TempDir, DiskStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn blobs_are_content_addressed_and_checked() {
+        let (_d, s) = store();
+        let bytes = b"model bytes".to_vec();
+        let h = *ModelHash::of(&bytes).as_bytes();
+        assert!(matches!(
+            s.put_blob(BlobKind::Model, &[0; 32], &bytes),
+            Err(StoreError::HashMismatch { .. })
+        ));
+        s.put_blob(BlobKind::Model, &h, &bytes).unwrap();
+        s.put_blob(BlobKind::Model, &h, &bytes).unwrap();
+        assert_eq!(s.blob(BlobKind::Model, &h).unwrap().unwrap(), bytes);
+        assert!(s.has_blob(BlobKind::Model, &h));
+        // A corrupted file is quarantined, not served.
+        fs::write(s.blob_path(BlobKind::Model, &h), b"bit rot").unwrap();
+        assert_eq!(s.blob(BlobKind::Model, &h).unwrap(), None);
+        assert!(!s.has_blob(BlobKind::Model, &h));
+        assert_eq!(
+            fs::read_dir(s.root().join("quarantine")).unwrap().count(),
+            1
+        );
+        // Deltas are named by their envelope payload's hash.
+        let id = Identity::from_seed([1; 32]).unwrap();
+        let env = seal(&id, PayloadKind::Delta, b"delta payload");
+        let dh = *DeltaHash::of(b"delta payload").as_bytes();
+        s.put_blob(BlobKind::Delta, &dh, &env).unwrap();
+        assert_eq!(s.blob(BlobKind::Delta, &dh).unwrap().unwrap(), env);
+        assert!(
+            s.put_blob(BlobKind::Delta, &dh, b"not an envelope")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn rounds_commit_atomically_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::from_seed([2; 32]).unwrap();
+        let record = seal(&id, PayloadKind::MergeRecord, b"record 1");
+        let rec_hash = RecordHash::of(b"record 1");
+        let model = b"model 1".to_vec();
+        let mh = ModelHash::of(&model);
+        {
+            let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(s.head().unwrap(), None);
+            let g = s.init_genesis(ModelHash::of(b"genesis"), [3; 32]).unwrap();
+            assert_eq!(g.round, RoundId(0));
+            s.put_blob(BlobKind::Model, mh.as_bytes(), &model).unwrap();
+            s.put_blob(
+                BlobKind::State,
+                ModelHash::of(b"state").as_bytes(),
+                b"state",
+            )
+            .unwrap();
+            let head = Head {
+                round: RoundId(1),
+                record: Some(rec_hash),
+                model: mh,
+                state: *ModelHash::of(b"state").as_bytes(),
+            };
+            let audit = vec![AuditEntry {
+                round: RoundId(1),
+                signer: id.signer_key(),
+                delta: DeltaHash::of(b"d"),
+                sample_count: 5,
+            }];
+            s.commit_round(&RoundCommit {
+                head,
+                record_envelope: record.clone(),
+                audit: audit.clone(),
+            })
+            .unwrap();
+            s.put_peer("peer-a", &["/ip4/127.0.0.1/tcp/1".into()])
+                .unwrap();
+        }
+        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        let head = s.head().unwrap().unwrap();
+        assert_eq!(
+            (head.round, head.record, head.model),
+            (RoundId(1), Some(rec_hash), mh)
+        );
+        assert_eq!(s.record(RoundId(1)).unwrap().unwrap(), record);
+        assert_eq!(s.audit(RoundId(1)).unwrap().len(), 1);
+        assert!(s.audit(RoundId(2)).unwrap().is_empty());
+        assert_eq!(s.peers().unwrap()[0].0, "peer-a");
+        let report = s.check().unwrap();
+        assert!(report.head_model_ok && report.head_state_ok && report.quarantined.is_empty());
+        // Damage the head's model: the check quarantines it for a refetch.
+        fs::write(s.blob_path(BlobKind::Model, mh.as_bytes()), b"damaged").unwrap();
+        let report = s.check().unwrap();
+        assert!(!report.head_model_ok);
+        assert_eq!(report.quarantined.len(), 1);
+    }
+
+    #[test]
+    fn an_unopenable_database_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path()).unwrap();
+        // A file where the database folder should be.
+        fs::write(dir.path().join("meta.sled"), b"garbage").unwrap();
+        let err = DiskStore::open(dir.path(), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("restore the store from a backup"), "{err}");
+    }
+}

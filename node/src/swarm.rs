@@ -1,0 +1,14 @@
+//! The swarm: libp2p networking and the round protocol.
+//!
+//! - [`codec`]: the length-prefixed request-response codec with limits.
+//! - [`network`]: the composed behaviour, the event loop that owns the swarm, and the
+//!   [`network::NetClient`] handle.
+//! - [`local`]: local training as the swarm sees it ([`local::LocalTrainer`]).
+//! - [`engine`]: the round state machine.
+//! - [`status`]: status snapshots and metrics.
+
+pub mod codec;
+pub mod engine;
+pub mod local;
+pub mod network;
+pub mod status;

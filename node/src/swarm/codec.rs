@@ -1,0 +1,224 @@
+//! The `/cellswarm/sync/1` request-response codec.
+//!
+//! ```text
+//! request   len u32 LE (<= 64 KiB)              | control message (wire::Request)
+//! response  len u64 LE (<= net.max_message_bytes) | frame (ResponseHeader + body)
+//! ```
+//!
+//! Lengths are checked against the limits before anything is allocated, and a stream
+//! that ends early is an error. Bytes read and written are counted for the metrics.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cellswarm_common::wire::{
+    Request, ResponseHeader, decode_control, decode_frame, encode_control, encode_frame,
+};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use libp2p::request_response;
+
+/// Largest request accepted.
+pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
+/// A response: a control header and raw bytes (an envelope or a model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncResponse {
+    /// What the body holds.
+    pub header: ResponseHeader,
+    /// The bytes.
+    pub body: Vec<u8>,
+}
+
+impl SyncResponse {
+    /// A response without a body.
+    #[must_use]
+    pub fn empty(header: ResponseHeader) -> Self {
+        Self {
+            header,
+            body: Vec::new(),
+        }
+    }
+}
+
+/// Bytes moved through the codec.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Bytes received.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent.
+    pub bytes_out: AtomicU64,
+    /// Messages refused for being over a limit.
+    pub oversize: AtomicU64,
+}
+
+/// The codec, with its limits and traffic counters.
+#[derive(Debug, Clone)]
+pub struct SyncCodec {
+    max_response: u64,
+    traffic: Arc<Traffic>,
+}
+
+impl SyncCodec {
+    /// A codec accepting responses up to `max_response` bytes.
+    #[must_use]
+    pub fn new(max_response: u64, traffic: Arc<Traffic>) -> Self {
+        Self {
+            max_response,
+            traffic,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+async fn read_exact_counted<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    len: usize,
+    traffic: &Traffic,
+) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    traffic.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+    Ok(buf)
+}
+
+impl request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = Request;
+    type Response = SyncResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Request>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut len = [0u8; 4];
+        io.read_exact(&mut len).await?;
+        let len = u64::from(u32::from_le_bytes(len));
+        if len > MAX_REQUEST_BYTES {
+            self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
+            return Err(invalid(format!(
+                "request of {len} bytes exceeds the limit of {MAX_REQUEST_BYTES}"
+            )));
+        }
+        let bytes = read_exact_counted(io, len as usize, &self.traffic).await?;
+        decode_control(&bytes).map_err(|e| invalid(e.to_string()))
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut len = [0u8; 8];
+        io.read_exact(&mut len).await?;
+        let len = u64::from_le_bytes(len);
+        if len > self.max_response {
+            self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
+            return Err(invalid(format!(
+                "response of {len} bytes exceeds net.max_message_bytes = {}",
+                self.max_response
+            )));
+        }
+        let bytes = read_exact_counted(io, len as usize, &self.traffic).await?;
+        let (header, body): (ResponseHeader, &[u8]) =
+            decode_frame(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let body = body.to_vec();
+        Ok(SyncResponse { header, body })
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Request,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let bytes = encode_control(&req).map_err(|e| invalid(e.to_string()))?;
+        io.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
+        io.write_all(&bytes).await?;
+        self.traffic
+            .bytes_out
+            .fetch_add(4 + bytes.len() as u64, Ordering::Relaxed);
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: SyncResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let frame = encode_frame(&res.header, &res.body).map_err(|e| invalid(e.to_string()))?;
+        io.write_all(&(frame.len() as u64).to_le_bytes()).await?;
+        io.write_all(&frame).await?;
+        self.traffic
+            .bytes_out
+            .fetch_add(8 + frame.len() as u64, Ordering::Relaxed);
+        io.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellswarm_common::ids::RoundId;
+    use futures::io::Cursor;
+    use libp2p::request_response::Codec;
+
+    fn proto() -> StreamProtocol {
+        StreamProtocol::new(cellswarm_common::protocol::SYNC_PROTOCOL)
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let mut c = SyncCodec::new(1 << 20, Arc::default());
+        let mut buf = Cursor::new(Vec::new());
+        block_on(c.write_request(&proto(), &mut buf, Request::Record(RoundId(4)))).unwrap();
+        let mut rd = Cursor::new(buf.into_inner());
+        assert_eq!(
+            block_on(c.read_request(&proto(), &mut rd)).unwrap(),
+            Request::Record(RoundId(4))
+        );
+        let resp = SyncResponse {
+            header: ResponseHeader::Model,
+            body: vec![7; 1000],
+        };
+        let mut buf = Cursor::new(Vec::new());
+        block_on(c.write_response(&proto(), &mut buf, resp.clone())).unwrap();
+        let mut rd = Cursor::new(buf.into_inner());
+        assert_eq!(block_on(c.read_response(&proto(), &mut rd)).unwrap(), resp);
+    }
+
+    #[test]
+    fn oversize_and_truncated_frames_are_refused_before_allocating() {
+        let traffic = Arc::new(Traffic::default());
+        let mut c = SyncCodec::new(1000, traffic.clone());
+        // A response header declaring 2^60 bytes.
+        let mut rd = Cursor::new((1u64 << 60).to_le_bytes().to_vec());
+        let err = block_on(c.read_response(&proto(), &mut rd)).unwrap_err();
+        assert!(err.to_string().contains("exceeds"), "{err}");
+        let mut rd = Cursor::new(u32::MAX.to_le_bytes().to_vec());
+        assert!(block_on(c.read_request(&proto(), &mut rd)).is_err());
+        assert_eq!(traffic.oversize.load(Ordering::Relaxed), 2);
+        // Declares 100 bytes, delivers 3.
+        let mut short = 100u64.to_le_bytes().to_vec();
+        short.extend_from_slice(&[1, 2, 3]);
+        assert!(block_on(c.read_response(&proto(), &mut Cursor::new(short))).is_err());
+        // Garbage of the declared length.
+        let mut junk = 5u32.to_le_bytes().to_vec();
+        junk.extend_from_slice(&[9; 5]);
+        assert!(block_on(c.read_request(&proto(), &mut Cursor::new(junk))).is_err());
+    }
+}

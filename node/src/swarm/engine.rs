@@ -1,0 +1,2070 @@
+//! The round state machine (see `docs/protocol.md`).
+//!
+//! One task owns a node's protocol state. Everything that can block (training, merging,
+//! store reads for peers) runs elsewhere and reports back through a channel; the engine
+//! reacts to network events, to those reports, and to a periodic tick that checks the
+//! deadlines.
+//!
+//! Round r, from a member's point of view:
+//! 1. **Train** from M(r-1) on a blocking thread (cancellable).
+//! 2. **Propose**: frame `{consortium, r, H(r-1), samples, metrics}` with the encoded
+//!    delta, sign it, store it and record it as our delta for r (so a restart re-announces
+//!    the same delta instead of training a different one), then announce its hash.
+//! 3. **Collect** every member's delta: fetch announced ones over request-response and
+//!    verify them (member, signature, hash, consortium, round, base, layout, finite
+//!    values, norm bound, not a replay, one delta per member).
+//! 4. **Merge**: collection is complete when every connected member has a delta in, or
+//!    `collect_timeout` after the round started, once the quorum is met. Candidates are
+//!    the contributors ordered by SHA-256(signer ‖ r); candidate `a` merges
+//!    `a × merge_timeout` after completion unless a record arrived. The merger publishes
+//!    its signed record, then commits.
+//! 5. **Verify**: every member recomputes the record's merge from the same deltas
+//!    (fetching those it lacks) and commits M(r) only if its hash matches.
+//!
+//! A member that is behind (peers' heartbeats show a later round) fetches the chain of
+//! records, checks it, fetches the newest model and aggregator state, and rejoins.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cellswarm_aggregator::{AggregateError, Merged, Merger, MergerState, Update};
+use cellswarm_common::config::{Config, EncodingKind};
+use cellswarm_common::delta::{Delta, DeltaEncoding, DeltaLimits};
+use cellswarm_common::envelope::{MemberKeys, PayloadKind, UnverifiedEnvelope, seal};
+use cellswarm_common::identity::{Identity, peer_id_from_signer_key, signer_key_from_peer_id};
+use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
+use cellswarm_common::weights::{Layout, Limits, Weights};
+use cellswarm_common::wire::{
+    Announcement, Contribution, DeltaHeader, MergeRecord, Request, ResponseHeader, decode_control,
+    decode_frame, encode_control, encode_frame,
+};
+use libp2p::PeerId;
+use libp2p::gossipsub::MessageAcceptance;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::codec::SyncResponse;
+use super::local::{LocalTrainer, TrainedRound};
+use super::network::{NetClient, NetError, NetEvent};
+use super::status::{Metrics, RejectReason, Status};
+use crate::store::{AuditEntry, BlobKind, Head, RoundCommit, Store, StoreError};
+
+/// What stops a node.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The consortium names no genesis model.
+    #[error(
+        "the consortium file names no genesis model: run `cellswarm genesis --config FILE` at one member, \
+         put the printed hash in consortium.toml as `genesis = \"...\"`, and share the file"
+    )]
+    NoGenesis,
+    /// A stored model does not fit this node's model.
+    #[error("the stored model does not fit the configured model: {0}")]
+    Layout(String),
+    /// The aggregator could not be configured or restored.
+    #[error("aggregator: {0}")]
+    Aggregator(#[from] AggregateError),
+}
+
+/// Where a node is in its round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the starting model (genesis or catching up).
+    Syncing,
+    /// Training locally.
+    Training,
+    /// Collecting deltas.
+    Collecting,
+    /// Merging (as the round's merger) or verifying a merge record.
+    Merging,
+    /// Finished `rounds.max_rounds`.
+    Done,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Syncing => "syncing",
+            Self::Training => "training",
+            Self::Collecting => "collecting",
+            Self::Merging => "merging",
+            Self::Done => "done",
+        }
+    }
+}
+
+/// A verified delta in a round's pool.
+#[derive(Debug, Clone)]
+struct Pooled {
+    hash: DeltaHash,
+    update: Update,
+}
+
+/// The state of the round being worked on.
+#[derive(Debug)]
+struct RoundState {
+    id: RoundId,
+    started: Instant,
+    pool: BTreeMap<SignerKey, Pooled>,
+    fetching: HashSet<DeltaHash>,
+    bad: HashSet<DeltaHash>,
+    ready_at: Option<Instant>,
+    merging: bool,
+    verifying: Option<RecordHash>,
+    seen_records: HashSet<RecordHash>,
+    last_list_request: HashMap<PeerId, Instant>,
+}
+
+impl RoundState {
+    fn new(id: RoundId) -> Self {
+        Self {
+            id,
+            started: Instant::now(),
+            pool: BTreeMap::new(),
+            fetching: HashSet::new(),
+            bad: HashSet::new(),
+            ready_at: None,
+            merging: false,
+            verifying: None,
+            seen_records: HashSet::new(),
+            last_list_request: HashMap::new(),
+        }
+    }
+}
+
+/// A verified merge record: the record, its hash, its signer and the envelope bytes.
+type CheckedRecord = (MergeRecord, RecordHash, SignerKey, Vec<u8>);
+
+/// The outcome of catching up with a peer.
+#[derive(Debug)]
+struct SyncOutcome {
+    records: Vec<(MergeRecord, RecordHash, Vec<u8>)>,
+    model: Weights,
+    model_bytes: Vec<u8>,
+    state: Vec<u8>,
+}
+
+enum Internal {
+    Trained {
+        round: RoundId,
+        trainer: Box<dyn LocalTrainer>,
+        result: Result<TrainedRound, String>,
+    },
+    Fetched {
+        round: RoundId,
+        hash: DeltaHash,
+        peer: PeerId,
+        result: Result<SyncResponse, NetError>,
+    },
+    RecordFetched {
+        round: RoundId,
+        expected: Option<RecordHash>,
+        peer: PeerId,
+        result: Result<SyncResponse, NetError>,
+    },
+    List {
+        round: RoundId,
+        peer: PeerId,
+        result: Result<SyncResponse, NetError>,
+    },
+    Merged {
+        round: RoundId,
+        record: Box<MergeRecord>,
+        result: Result<Merged, AggregateError>,
+    },
+    Verified {
+        round: RoundId,
+        hash: RecordHash,
+        envelope: Vec<u8>,
+        record: Box<MergeRecord>,
+        result: Result<Merged, AggregateError>,
+    },
+    Synced(Result<SyncOutcome, String>),
+    GenesisFetched(Result<(Weights, Option<Vec<u8>>), String>),
+    Evaluated(Option<f32>),
+}
+
+/// Merger candidates of round `r` among `signers`: ordered by SHA-256(signer ‖ r).
+#[must_use]
+pub fn merger_order(
+    round: RoundId,
+    signers: impl IntoIterator<Item = SignerKey>,
+) -> Vec<SignerKey> {
+    let mut v: Vec<(ModelHash, SignerKey)> = signers
+        .into_iter()
+        .map(|s| {
+            let mut b = s.0.to_vec();
+            b.extend_from_slice(&round.0.to_le_bytes());
+            (ModelHash::of(&b), s)
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, s)| s).collect()
+}
+
+/// Everything the engine needs to start.
+pub struct EngineParts {
+    /// Site and consortium configuration.
+    pub config: Config,
+    /// This node's key.
+    pub identity: Arc<Identity>,
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// The network.
+    pub net: NetClient,
+    /// Network events.
+    pub events: mpsc::Receiver<NetEvent>,
+    /// Local training.
+    pub trainer: Box<dyn LocalTrainer>,
+    /// The model's layout.
+    pub layout: Arc<Layout>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Where status snapshots go.
+    pub status: watch::Sender<Status>,
+    /// Stops the engine.
+    pub cancel: CancellationToken,
+    /// Tracks the engine's helper tasks (fetches, merges, training), so that a stopping
+    /// node waits for them.
+    pub tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for EngineParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineParts").finish_non_exhaustive()
+    }
+}
+
+/// The round state machine of one node.
+pub struct Engine {
+    config: Config,
+    digest: [u8; 32],
+    identity: Arc<Identity>,
+    me: SignerKey,
+    members: MemberKeys,
+    peer_of: BTreeMap<SignerKey, PeerId>,
+    signer_of: HashMap<PeerId, SignerKey>,
+    store: Arc<dyn Store>,
+    net: NetClient,
+    events: mpsc::Receiver<NetEvent>,
+    /// In a mutex only so that the engine is `Sync` (its futures hold `&self`); only
+    /// the engine task touches it, through `get_mut`.
+    trainer: std::sync::Mutex<Option<Box<dyn LocalTrainer>>>,
+    train_cancel: Arc<AtomicBool>,
+    merger: Merger,
+    layout: Arc<Layout>,
+    head: Option<Head>,
+    model: Option<Arc<Weights>>,
+    round: Option<RoundState>,
+    phase: Phase,
+    connected: HashSet<PeerId>,
+    peer_rounds: HashMap<PeerId, (RoundId, ModelHash)>,
+    syncing: bool,
+    last_record: Option<MergeRecord>,
+    metrics: Arc<Metrics>,
+    status: watch::Sender<Status>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: mpsc::Receiver<Internal>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    last_heartbeat: Instant,
+    heartbeat: Duration,
+    limits: DeltaLimits,
+    rounds_completed: u64,
+    merged_hashes: HashSet<DeltaHash>,
+    pending_records: Vec<(Vec<u8>, Option<RecordHash>, PeerId)>,
+    fetching_genesis: bool,
+    restart_when_trainer_returns: bool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("phase", &self.phase)
+            .field("round", &self.round.as_ref().map(|r| r.id))
+            .finish_non_exhaustive()
+    }
+}
+
+fn sha(bytes: &[u8]) -> [u8; 32] {
+    *ModelHash::of(bytes).as_bytes()
+}
+
+impl Engine {
+    /// Builds the engine.
+    ///
+    /// # Errors
+    /// An aggregator configuration the consortium file should have refused.
+    pub fn new(p: EngineParts) -> Result<Self, EngineError> {
+        let merger = Merger::from_config(&p.config.consortium.aggregation)?;
+        let mut peer_of = BTreeMap::new();
+        let mut signer_of = HashMap::new();
+        for m in &p.config.consortium.members {
+            if let Ok(k) = signer_key_from_peer_id(&m.peer_id) {
+                peer_of.insert(k, m.peer_id);
+                signer_of.insert(m.peer_id, k);
+            }
+        }
+        let members = MemberKeys::new(peer_of.keys().copied());
+        let (internal_tx, internal_rx) = mpsc::channel(256);
+        let merge_timeout = p.config.consortium.rounds.merge_timeout;
+        let max = p.config.node.net.max_message_bytes;
+        Ok(Self {
+            digest: p.config.consortium.agreement_digest(),
+            me: p.identity.signer_key(),
+            config: p.config,
+            identity: p.identity,
+            members,
+            peer_of,
+            signer_of,
+            store: p.store,
+            net: p.net,
+            events: p.events,
+            trainer: std::sync::Mutex::new(Some(p.trainer)),
+            train_cancel: Arc::new(AtomicBool::new(false)),
+            merger,
+            limits: DeltaLimits {
+                max_bytes: max,
+                layout: Limits {
+                    max_tensors: 4096,
+                    max_params: p.layout.total() as u64,
+                },
+            },
+            layout: p.layout,
+            head: None,
+            model: None,
+            round: None,
+            phase: Phase::Syncing,
+            connected: HashSet::new(),
+            peer_rounds: HashMap::new(),
+            syncing: false,
+            last_record: None,
+            metrics: p.metrics,
+            status: p.status,
+            internal_tx,
+            internal_rx,
+            cancel: p.cancel,
+            tracker: p.tracker,
+            last_heartbeat: Instant::now(),
+            heartbeat: (merge_timeout / 4)
+                .clamp(Duration::from_millis(250), Duration::from_secs(5)),
+            rounds_completed: 0,
+            merged_hashes: HashSet::new(),
+            pending_records: Vec::new(),
+            fetching_genesis: false,
+            restart_when_trainer_returns: false,
+        })
+    }
+
+    /// Runs until cancelled; on cancellation abandons the round, flushes the store and
+    /// returns.
+    ///
+    /// # Errors
+    /// A store that fails, or a missing genesis model.
+    pub async fn run(mut self) -> Result<(), EngineError> {
+        self.bootstrap().await?;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                ev = self.events.recv() => match ev {
+                    Some(ev) => self.on_net(ev).await,
+                    None => break,
+                },
+                Some(msg) = self.internal_rx.recv() => self.on_internal(msg).await?,
+                _ = tick.tick() => self.on_tick().await?,
+            }
+        }
+        self.train_cancel.store(true, Ordering::Relaxed);
+        self.store.flush()?;
+        self.publish_status(true);
+        tracing::info!("engine stopped; store flushed");
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Start-up
+    // ---------------------------------------------------------------------------------
+
+    async fn bootstrap(&mut self) -> Result<(), EngineError> {
+        if let Some(head) = self.store.head()? {
+            self.restore_merged_hashes(head.round)?;
+            let model = self.load_model(&head.model)?;
+            let state = self.store.blob(BlobKind::State, &head.state)?;
+            match (model, state) {
+                (Some(m), Some(s)) => {
+                    self.merger.load_state(&s, &self.layout)?;
+                    self.adopt_head(head, m);
+                    self.last_record = self.load_record(head.round)?;
+                    tracing::info!(round = %head.round, model = %head.model.short(), "resumed from the store");
+                    self.start_round().await;
+                }
+                _ => {
+                    tracing::warn!(round = %head.round, "the store's head model or state is missing or damaged; fetching it from peers");
+                    self.head = Some(head);
+                    self.phase = Phase::Syncing;
+                }
+            }
+            return Ok(());
+        }
+        let Some(genesis) = self.config.consortium.genesis else {
+            return Err(EngineError::NoGenesis);
+        };
+        if let Some(m) = self.load_model(&genesis)? {
+            self.commit_genesis(m)?;
+            self.start_round().await;
+            return Ok(());
+        }
+        // Many models (the test-vector model, a seeded U-Net) can be rebuilt locally.
+        if let Some(t) = self.trainer_slot().as_mut() {
+            let w = t.genesis(0);
+            if w.hash() == genesis {
+                self.store
+                    .put_blob(BlobKind::Model, genesis.as_bytes(), &w.to_bytes())?;
+                self.commit_genesis(w)?;
+                self.start_round().await;
+                return Ok(());
+            }
+        }
+        tracing::info!(model = %genesis.short(), "waiting for a peer to send the genesis model");
+        self.phase = Phase::Syncing;
+        self.publish_status(false);
+        Ok(())
+    }
+
+    fn trainer_slot(&mut self) -> &mut Option<Box<dyn LocalTrainer>> {
+        self.trainer
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn commit_genesis(&mut self, model: Weights) -> Result<(), EngineError> {
+        let state = self.merger.save_state(&self.layout);
+        let state_hash = sha(&state);
+        self.store.put_blob(BlobKind::State, &state_hash, &state)?;
+        let head = self.store.init_genesis(model.hash(), state_hash)?;
+        self.adopt_head(head, model);
+        Ok(())
+    }
+
+    fn restore_merged_hashes(&mut self, up_to: RoundId) -> Result<(), EngineError> {
+        for r in 1..=up_to.0 {
+            for a in self.store.audit(RoundId(r))? {
+                self.merged_hashes.insert(a.delta);
+            }
+        }
+        Ok(())
+    }
+
+    fn load_model(&self, hash: &ModelHash) -> Result<Option<Weights>, EngineError> {
+        let Some(bytes) = self.store.blob(BlobKind::Model, hash.as_bytes())? else {
+            return Ok(None);
+        };
+        let w = Weights::from_bytes(&bytes, &self.limits.layout)
+            .map_err(|e| EngineError::Layout(e.to_string()))?;
+        self.layout
+            .ensure_same(w.layout())
+            .map_err(|e| EngineError::Layout(e.to_string()))?;
+        // Share the layout so merges take the pointer-equality fast path.
+        Ok(Some(
+            Weights::from_flat(Arc::clone(&self.layout), w.into_values())
+                .map_err(|e| EngineError::Layout(e.to_string()))?,
+        ))
+    }
+
+    fn load_record(&self, round: RoundId) -> Result<Option<MergeRecord>, EngineError> {
+        Ok(self.store.record(round)?.and_then(|env| {
+            let u = UnverifiedEnvelope::parse(env, 1 << 20).ok()?;
+            let v = u.verify(PayloadKind::MergeRecord, &self.members).ok()?;
+            decode_control(v.payload()).ok()
+        }))
+    }
+
+    fn adopt_head(&mut self, head: Head, model: Weights) {
+        self.head = Some(head);
+        self.model = Some(Arc::new(model));
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Rounds
+    // ---------------------------------------------------------------------------------
+
+    fn current(&self) -> RoundId {
+        self.head.map_or(RoundId(1), |h| h.round.next())
+    }
+
+    async fn start_round(&mut self) {
+        let r = self.current();
+        if let Some(max) = self.config.consortium.rounds.max_rounds
+            && r.0 > max
+        {
+            {
+                self.phase = Phase::Done;
+                self.round = None;
+                tracing::info!(rounds = max, "finished the configured number of rounds");
+                self.publish_status(false);
+                return;
+            }
+        }
+        self.round = Some(RoundState::new(r));
+        // A delta this node already proposed for r (before a restart) is re-announced
+        // rather than trained again: one delta per member per round.
+        if let Ok(Some(own)) = self.own_delta(r) {
+            tracing::info!(round = %r, delta = %own.short(), "re-announcing the delta proposed before the restart");
+            self.phase = Phase::Collecting;
+            if let Ok(Some(env)) = self.store.blob(BlobKind::Delta, own.as_bytes()) {
+                self.accept_envelope(r, own, env, None);
+                self.announce_delta(r, own).await;
+            }
+            self.publish_status(false);
+            self.heartbeat_now().await;
+            return;
+        }
+        self.phase = Phase::Training;
+        self.publish_status(false);
+        self.heartbeat_now().await;
+        let Some(mut trainer) = self.trainer_slot().take() else {
+            return;
+        };
+        let Some(model) = self.model.clone() else {
+            return;
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.train_cancel = Arc::clone(&cancel);
+        let tx = self.internal_tx.clone();
+        tracing::info!(round = %r, model = %model.hash().short(), "training");
+        self.tracker.spawn_blocking(move || {
+            let result = trainer.train_round(&model, r, &cancel);
+            let _ = tx.blocking_send(Internal::Trained {
+                round: r,
+                trainer,
+                result,
+            });
+        });
+    }
+
+    fn own_delta_key(round: RoundId) -> String {
+        format!("own-delta-{}", round.0)
+    }
+
+    fn own_delta(&self, round: RoundId) -> Result<Option<DeltaHash>, StoreError> {
+        let peers = self.store.peers()?;
+        Ok(peers
+            .into_iter()
+            .find(|(k, _)| *k == Self::own_delta_key(round))
+            .and_then(|(_, v)| v.first().and_then(|h| h.parse().ok())))
+    }
+
+    fn encoding(&self) -> DeltaEncoding {
+        match self.config.consortium.aggregation.encoding {
+            EncodingKind::F32 => DeltaEncoding::F32,
+            EncodingKind::F16 => DeltaEncoding::F16,
+            EncodingKind::Int8 => DeltaEncoding::Int8,
+            EncodingKind::TopK => DeltaEncoding::top_k_fraction(
+                self.config.consortium.aggregation.topk_fraction,
+                self.layout.total(),
+            ),
+        }
+    }
+
+    async fn on_trained(&mut self, round: RoundId, result: Result<TrainedRound, String>) {
+        let Some(rs) = self.round.as_ref() else {
+            return;
+        };
+        if rs.id != round {
+            return;
+        }
+        let trained = match result {
+            Ok(t) => t,
+            Err(e) => {
+                if !self.cancel.is_cancelled() {
+                    tracing::error!(round = %round, error = %e, "local training failed; this round goes on without our delta");
+                }
+                self.phase = Phase::Collecting;
+                return;
+            }
+        };
+        self.metrics
+            .set_last(Some(trained.metrics.train_loss), None, None);
+        let Some(base) = self.model.clone() else {
+            return;
+        };
+        let built = (|| -> Result<(DeltaHash, Vec<u8>), String> {
+            let delta = Delta::between(&base, &trained.weights).map_err(|e| e.to_string())?;
+            let header = DeltaHeader {
+                consortium: self.digest,
+                round,
+                base: base.hash(),
+                sample_count: trained.samples,
+                metrics: trained.metrics,
+                masked: false,
+            };
+            let body = delta.encode(self.encoding()).map_err(|e| e.to_string())?;
+            let payload = encode_frame(&header, &body).map_err(|e| e.to_string())?;
+            let hash = DeltaHash::of(&payload);
+            Ok((hash, seal(&self.identity, PayloadKind::Delta, &payload)))
+        })();
+        let (hash, env) = match built {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(round = %round, error = %e, "could not encode our delta");
+                self.phase = Phase::Collecting;
+                return;
+            }
+        };
+        // Durable before announced.
+        if let Err(e) = self
+            .store
+            .put_blob(BlobKind::Delta, hash.as_bytes(), &env)
+            .and_then(|()| {
+                self.store
+                    .put_peer(&Self::own_delta_key(round), &[hash.to_hex()])
+            })
+            .and_then(|()| self.store.flush())
+        {
+            tracing::error!(round = %round, error = %e, "could not store our delta");
+            return;
+        }
+        tracing::info!(round = %round, delta = %hash.short(), bytes = env.len(), loss = trained.metrics.train_loss, "proposing our delta");
+        self.phase = Phase::Collecting;
+        self.accept_envelope(round, hash, env, None);
+        self.announce_delta(round, hash).await;
+        self.publish_status(false);
+    }
+
+    async fn announce(&self, a: &Announcement) {
+        let Ok(payload) = encode_control(a) else {
+            return;
+        };
+        let env = seal(&self.identity, PayloadKind::Announcement, &payload);
+        if let Err(e) = self.net.publish(env).await {
+            tracing::debug!(error = %e, "announcement not published (no peers yet?)");
+        }
+    }
+
+    async fn announce_delta(&self, round: RoundId, delta: DeltaHash) {
+        let Some(base) = self.head.map(|h| h.model) else {
+            return;
+        };
+        let bytes = self
+            .store
+            .blob(BlobKind::Delta, delta.as_bytes())
+            .ok()
+            .flatten()
+            .map_or(0, |b| b.len() as u64);
+        self.announce(&Announcement::DeltaReady {
+            round,
+            base,
+            delta,
+            bytes,
+        })
+        .await;
+    }
+
+    async fn heartbeat_now(&mut self) {
+        self.last_heartbeat = Instant::now();
+        if let Some(h) = self.head {
+            self.announce(&Announcement::Heartbeat {
+                round: h.round.next(),
+                model: h.model,
+            })
+            .await;
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Validation of deltas
+    // ---------------------------------------------------------------------------------
+
+    fn reject(
+        &self,
+        reason: RejectReason,
+        round: RoundId,
+        peer: Option<PeerId>,
+        hash: &str,
+        detail: &str,
+    ) {
+        self.metrics.reject(reason);
+        tracing::warn!(
+            round = %round,
+            peer = %peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            hash,
+            reason = reason.as_str(),
+            detail,
+            "rejected"
+        );
+    }
+
+    /// Verifies a delta envelope for `round` expected to have payload hash `hash`, and
+    /// adds it to the pool. Returns whether it was accepted.
+    fn accept_envelope(
+        &mut self,
+        round: RoundId,
+        hash: DeltaHash,
+        env: Vec<u8>,
+        from: Option<PeerId>,
+    ) -> bool {
+        match self.check_delta(round, hash, env) {
+            Ok((signer, update, env)) => {
+                let Some(rs) = self.round.as_mut() else {
+                    return false;
+                };
+                if let Some(existing) = rs.pool.get(&signer) {
+                    if existing.hash != hash {
+                        let (r, p) = (rs.id, from);
+                        self.reject(
+                            RejectReason::Equivocation,
+                            r,
+                            p,
+                            &hash.short(),
+                            "a second, different delta from the same member this round",
+                        );
+                    }
+                    return false;
+                }
+                if let Err(e) = self.store.put_blob(BlobKind::Delta, hash.as_bytes(), &env) {
+                    tracing::error!(error = %e, "could not store a delta");
+                    return false;
+                }
+                rs.pool.insert(signer, Pooled { hash, update });
+                self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(round = %round, peer = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), delta = %hash.short(), pool = self.round.as_ref().map_or(0, |r| r.pool.len()), "accepted a delta");
+                true
+            }
+            Err((reason, detail)) => {
+                if let Some(rs) = self.round.as_mut() {
+                    rs.bad.insert(hash);
+                }
+                self.reject(reason, round, from, &hash.short(), &detail);
+                false
+            }
+        }
+    }
+
+    fn check_delta(
+        &self,
+        round: RoundId,
+        hash: DeltaHash,
+        env: Vec<u8>,
+    ) -> Result<(SignerKey, Update, Vec<u8>), (RejectReason, String)> {
+        use cellswarm_common::envelope::EnvelopeError as E;
+        let env = UnverifiedEnvelope::parse(env, self.limits.max_bytes).map_err(|e| match e {
+            E::Oversized { .. } => (RejectReason::Oversize, e.to_string()),
+            _ => (RejectReason::Malformed, e.to_string()),
+        })?;
+        let v = env
+            .verify(PayloadKind::Delta, &self.members)
+            .map_err(|e| match e {
+                E::NotAMember(_) => (RejectReason::NotMember, e.to_string()),
+                E::BadSignature(_) => (RejectReason::BadSignature, e.to_string()),
+                _ => (RejectReason::Malformed, e.to_string()),
+            })?;
+        if DeltaHash(v.payload_digest()) != hash {
+            return Err((
+                RejectReason::HashMismatch,
+                "payload does not hash to the announced hash".into(),
+            ));
+        }
+        if self.merged_hashes.contains(&hash) {
+            return Err((
+                RejectReason::Replayed,
+                "this delta was merged in an earlier round".into(),
+            ));
+        }
+        let (header, body): (DeltaHeader, &[u8]) =
+            decode_frame(v.payload()).map_err(|e| (RejectReason::Malformed, e.to_string()))?;
+        if header.consortium != self.digest {
+            return Err((
+                RejectReason::WrongConsortium,
+                "sent by a member with another consortium file".into(),
+            ));
+        }
+        if header.round != round {
+            return Err((
+                RejectReason::WrongRound,
+                format!("delta for round {}, this round is {round}", header.round),
+            ));
+        }
+        let base = self.head.map(|h| h.model).unwrap_or_default();
+        if header.base != base {
+            return Err((
+                RejectReason::WrongBase,
+                format!(
+                    "trained from {}, this round starts from {}",
+                    header.base.short(),
+                    base.short()
+                ),
+            ));
+        }
+        if header.masked {
+            return Err((
+                RejectReason::Malformed,
+                "masked delta but secure aggregation is off".into(),
+            ));
+        }
+        let delta = Delta::decode(body, &self.layout, &self.limits).map_err(|e| {
+            use cellswarm_common::delta::DeltaError as D;
+            match e {
+                D::NonFinite { .. } => (RejectReason::NonFinite, e.to_string()),
+                D::Layout(_) => (RejectReason::WrongShape, e.to_string()),
+                D::TooLarge { .. } => (RejectReason::Oversize, e.to_string()),
+                _ => (RejectReason::Malformed, e.to_string()),
+            }
+        })?;
+        let signer = v.signer();
+        let update = Update::new(signer, hash, base, header.sample_count.max(1), delta);
+        let bound = self.config.consortium.aggregation.max_update_norm;
+        if update.norm() > bound {
+            return Err((
+                RejectReason::NormTooLarge,
+                format!(
+                    "L2 norm {:.4} exceeds max_update_norm {bound}",
+                    update.norm()
+                ),
+            ));
+        }
+        Ok((signer, update, v.into_bytes()))
+    }
+
+    fn fetch_delta(&mut self, hash: DeltaHash, primary: PeerId) {
+        let Some(rs) = self.round.as_mut() else {
+            return;
+        };
+        if rs.fetching.contains(&hash)
+            || rs.bad.contains(&hash)
+            || rs.pool.values().any(|p| p.hash == hash)
+        {
+            return;
+        }
+        rs.fetching.insert(hash);
+        let round = rs.id;
+        let mut peers = vec![primary];
+        peers.extend(self.connected.iter().copied().filter(|p| *p != primary));
+        let net = self.net.clone();
+        let tx = self.internal_tx.clone();
+        self.tracker.spawn(async move {
+            let mut last = Err(NetError::Closed);
+            for peer in peers {
+                last = net.request(peer, Request::Delta(hash)).await;
+                if matches!(&last, Ok(r) if r.header == ResponseHeader::Delta) {
+                    let _ = tx
+                        .send(Internal::Fetched {
+                            round,
+                            hash,
+                            peer,
+                            result: last,
+                        })
+                        .await;
+                    return;
+                }
+            }
+            let _ = tx
+                .send(Internal::Fetched {
+                    round,
+                    hash,
+                    peer: primary,
+                    result: last,
+                })
+                .await;
+        });
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Merging
+    // ---------------------------------------------------------------------------------
+
+    fn quorum(&self) -> usize {
+        self.config.consortium.rounds.min_peers as usize
+    }
+
+    async fn check_merge(&mut self) {
+        let quorum = self.quorum();
+        let collect = self.config.consortium.rounds.collect_timeout;
+        let merge_timeout = self.config.consortium.rounds.merge_timeout;
+        let connected_members: HashSet<SignerKey> = self
+            .connected
+            .iter()
+            .filter_map(|p| self.signer_of.get(p))
+            .copied()
+            .collect();
+        let Some(rs) = self.round.as_mut() else {
+            return;
+        };
+        if rs.merging || rs.verifying.is_some() || self.phase == Phase::Syncing {
+            return;
+        }
+        if rs.ready_at.is_none() && rs.pool.len() >= quorum {
+            let everyone_in = rs.pool.contains_key(&self.me)
+                && connected_members.iter().all(|s| rs.pool.contains_key(s));
+            if everyone_in || rs.started.elapsed() >= collect {
+                rs.ready_at = Some(Instant::now());
+                tracing::info!(round = %rs.id, deltas = rs.pool.len(), "collection complete");
+            }
+        }
+        let Some(ready) = rs.ready_at else { return };
+        let order = merger_order(rs.id, rs.pool.keys().copied());
+        let attempt =
+            (ready.elapsed().as_secs_f64() / merge_timeout.as_secs_f64().max(1e-3)) as usize;
+        let Some(position) = order.iter().position(|s| *s == self.me) else {
+            return;
+        };
+        // After every candidate had its turn, the turns start again (never stall).
+        if position != attempt % order.len() {
+            return;
+        }
+        rs.merging = true;
+        let round = rs.id;
+        let updates: Vec<Update> = rs.pool.values().map(|p| p.update.clone()).collect();
+        let mut contributions: Vec<Contribution> = rs
+            .pool
+            .iter()
+            .map(|(s, p)| Contribution {
+                signer: *s,
+                delta: p.hash,
+                sample_count: p.update.sample_count,
+            })
+            .collect();
+        contributions.sort();
+        self.phase = Phase::Merging;
+        self.publish_status(false);
+        tracing::info!(round = %round, attempt, deltas = updates.len(), "merging as the round's merger");
+        let Some(base) = self.model.clone() else {
+            return;
+        };
+        let Some(head) = self.head else { return };
+        let record = MergeRecord {
+            consortium: self.digest,
+            round,
+            base: head.model,
+            prev: head.record,
+            strategy: self.merger.name().to_owned(),
+            contributions,
+            model: ModelHash::default(),
+            state: [0; 32],
+            attempt: attempt as u32,
+        };
+        let delay = self.config.node.testing.merge_delay;
+        self.spawn_merge(base, updates, round, record, delay, None);
+    }
+
+    /// Runs a merge on a blocking thread and reports it: as our own merge (`verify` is
+    /// None) or as the verification of a received record.
+    fn spawn_merge(
+        &self,
+        base: Arc<Weights>,
+        updates: Vec<Update>,
+        round: RoundId,
+        record: MergeRecord,
+        delay: Duration,
+        verify: Option<(RecordHash, Vec<u8>)>,
+    ) {
+        // The merger is rebuilt from its saved state on the blocking thread: the
+        // engine keeps its own and commits only when the result is accepted.
+        let state = self.merger.save_state(&self.layout);
+        let cfg = self.config.consortium.aggregation.clone();
+        let layout = Arc::clone(&self.layout);
+        let tx = self.internal_tx.clone();
+        let head_hash = self.head.map(|h| h.model).unwrap_or_default();
+        let cancel = self.cancel.clone();
+        self.tracker.spawn_blocking(move || {
+            let start = Instant::now();
+            while start.elapsed() < delay && !cancel.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let result = (|| {
+                let mut m = Merger::from_config(&cfg)?;
+                m.load_state(&state, &layout)?;
+                m.merge(&base, head_hash, &updates, round)
+            })();
+            let msg = match verify {
+                None => Internal::Merged {
+                    round,
+                    record: Box::new(record),
+                    result,
+                },
+                Some((hash, envelope)) => Internal::Verified {
+                    round,
+                    hash,
+                    envelope,
+                    record: Box::new(record),
+                    result,
+                },
+            };
+            let _ = tx.blocking_send(msg);
+        });
+    }
+
+    async fn on_merged(
+        &mut self,
+        round: RoundId,
+        mut record: MergeRecord,
+        result: Result<Merged, AggregateError>,
+    ) -> Result<(), EngineError> {
+        let Some(rs) = self.round.as_mut() else {
+            return Ok(());
+        };
+        if rs.id != round {
+            return Ok(());
+        }
+        rs.merging = false;
+        let merged = match result {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(round = %round, error = %e, "merge failed");
+                self.phase = Phase::Collecting;
+                return Ok(());
+            }
+        };
+        if self.cancel.is_cancelled() {
+            return Ok(());
+        }
+        let state = self.merger_state_bytes(&merged.outcome.next_state);
+        record.model = merged.hash;
+        record.state = sha(&state);
+        let payload = match encode_control(&record) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode the merge record");
+                return Ok(());
+            }
+        };
+        let hash = RecordHash::of(&payload);
+        let envelope = seal(&self.identity, PayloadKind::MergeRecord, &payload);
+        // Publish before committing: a merger that dies here leaves no record behind,
+        // and the next candidate takes over.
+        self.store.put_blob(
+            BlobKind::Model,
+            merged.hash.as_bytes(),
+            &merged.weights.to_bytes(),
+        )?;
+        self.store
+            .put_blob(BlobKind::State, &record.state, &state)?;
+        self.announce(&Announcement::MergeReady {
+            round,
+            record: hash,
+            model: merged.hash,
+        })
+        .await;
+        tracing::info!(round = %round, model = %merged.hash.short(), record = %hash.short(), "published the merge record");
+        self.commit(record, hash, envelope, merged)?;
+        Ok(())
+    }
+
+    fn merger_state_bytes(&self, next: &MergerState) -> Vec<u8> {
+        let mut m = Merger::from_config(&self.config.consortium.aggregation)
+            .unwrap_or_else(|_| unreachable!("validated at start"));
+        m.commit(next.clone());
+        m.save_state(&self.layout)
+    }
+
+    /// Commits an accepted round (ours or verified) and starts the next.
+    fn commit(
+        &mut self,
+        record: MergeRecord,
+        hash: RecordHash,
+        envelope: Vec<u8>,
+        merged: Merged,
+    ) -> Result<(), EngineError> {
+        let round = record.round;
+        let state = self.merger_state_bytes(&merged.outcome.next_state);
+        self.store.put_blob(
+            BlobKind::Model,
+            merged.hash.as_bytes(),
+            &merged.weights.to_bytes(),
+        )?;
+        self.store
+            .put_blob(BlobKind::State, &record.state, &state)?;
+        let head = Head {
+            round,
+            record: Some(hash),
+            model: merged.hash,
+            state: record.state,
+        };
+        let audit = record
+            .contributions
+            .iter()
+            .map(|c| AuditEntry {
+                round,
+                signer: c.signer,
+                delta: c.delta,
+                sample_count: c.sample_count,
+            })
+            .collect();
+        self.store.commit_round(&RoundCommit {
+            head,
+            record_envelope: envelope,
+            audit,
+        })?;
+        self.merger.commit(merged.outcome.next_state.clone());
+        for c in &record.contributions {
+            self.merged_hashes.insert(c.delta);
+        }
+        let seconds = self
+            .round
+            .as_ref()
+            .map_or(0.0, |r| r.started.elapsed().as_secs_f64());
+        self.metrics.observe_round(seconds);
+        self.metrics
+            .rounds_completed
+            .fetch_add(1, Ordering::Relaxed);
+        self.rounds_completed += 1;
+        tracing::info!(
+            round = %round,
+            model = %merged.hash,
+            record = %hash.short(),
+            deltas = record.contributions.len(),
+            seconds,
+            "round committed"
+        );
+        self.last_record = Some(record);
+        self.adopt_head(head, merged.weights);
+        self.round = None;
+        // Score the new model on held-out frames, off the event loop.
+        if let (Some(mut t), Some(m)) = (self.trainer_slot().take(), self.model.clone()) {
+            let tx = self.internal_tx.clone();
+            self.tracker.spawn_blocking(move || {
+                let f1 = t.evaluate(&m);
+                let _ = tx.blocking_send(Internal::Evaluated(f1));
+                let _ = tx.blocking_send(Internal::Trained {
+                    round: RoundId(0),
+                    trainer: t,
+                    result: Err("returned".into()),
+                });
+            });
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Records from other mergers
+    // ---------------------------------------------------------------------------------
+
+    fn fetch_record(&self, round: RoundId, expected: Option<RecordHash>, peer: PeerId) {
+        let net = self.net.clone();
+        let tx = self.internal_tx.clone();
+        self.tracker.spawn(async move {
+            let result = net.request(peer, Request::Record(round)).await;
+            let _ = tx
+                .send(Internal::RecordFetched {
+                    round,
+                    expected,
+                    peer,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn check_record(&self, envelope: Vec<u8>) -> Result<CheckedRecord, (RejectReason, String)> {
+        let env = UnverifiedEnvelope::parse(envelope, 1 << 20)
+            .map_err(|e| (RejectReason::Malformed, e.to_string()))?;
+        let v = env
+            .verify(PayloadKind::MergeRecord, &self.members)
+            .map_err(|e| {
+                use cellswarm_common::envelope::EnvelopeError as E;
+                match e {
+                    E::NotAMember(_) => (RejectReason::NotMember, e.to_string()),
+                    E::BadSignature(_) => (RejectReason::BadSignature, e.to_string()),
+                    _ => (RejectReason::Malformed, e.to_string()),
+                }
+            })?;
+        let record: MergeRecord =
+            decode_control(v.payload()).map_err(|e| (RejectReason::Malformed, e.to_string()))?;
+        if record.consortium != self.digest {
+            return Err((
+                RejectReason::WrongConsortium,
+                "record from another consortium configuration".into(),
+            ));
+        }
+        Ok((
+            record,
+            RecordHash(v.payload_digest()),
+            v.signer(),
+            v.into_bytes(),
+        ))
+    }
+
+    /// Rules every record of the current round must satisfy before it is recomputed.
+    fn check_round_rules(&self, record: &MergeRecord, signer: SignerKey) -> Result<(), String> {
+        let head = self.head.ok_or("no head")?;
+        if record.base != head.model {
+            return Err(format!(
+                "base {} is not our model {}",
+                record.base.short(),
+                head.model.short()
+            ));
+        }
+        if record.prev != head.record && record.prev.is_some() && head.record.is_some() {
+            tracing::warn!(round = %record.round, "the record's previous-record hash differs from ours (same base model)");
+        }
+        if record.strategy != self.merger.name() {
+            return Err(format!(
+                "strategy {} is not ours ({})",
+                record.strategy,
+                self.merger.name()
+            ));
+        }
+        if record.contributions.len() < self.quorum() {
+            return Err(format!(
+                "{} contributions, quorum is {}",
+                record.contributions.len(),
+                self.quorum()
+            ));
+        }
+        if !record
+            .contributions
+            .windows(2)
+            .all(|w| w[0].signer < w[1].signer)
+        {
+            return Err("contributions not sorted by signer, or a signer twice".into());
+        }
+        if record
+            .contributions
+            .iter()
+            .any(|c| !self.peer_of.contains_key(&c.signer))
+        {
+            return Err("a contribution from a non-member".into());
+        }
+        if record
+            .contributions
+            .iter()
+            .any(|c| self.merged_hashes.contains(&c.delta))
+        {
+            return Err("a delta already merged in an earlier round".into());
+        }
+        let order = merger_order(record.round, record.contributions.iter().map(|c| c.signer));
+        if order.get(record.attempt as usize) != Some(&signer) {
+            return Err(format!(
+                "signed by a member that is not merger candidate {} of this round",
+                record.attempt
+            ));
+        }
+        Ok(())
+    }
+
+    async fn on_record(&mut self, envelope: Vec<u8>, expected: Option<RecordHash>, peer: PeerId) {
+        let (record, hash, signer, envelope) = match self.check_record(envelope) {
+            Ok(x) => x,
+            Err((reason, detail)) => {
+                self.reject(reason, self.current(), Some(peer), "-", &detail);
+                return;
+            }
+        };
+        if expected.is_some_and(|e| e != hash) {
+            self.reject(
+                RejectReason::HashMismatch,
+                record.round,
+                Some(peer),
+                &hash.short(),
+                "record does not hash to the announcement",
+            );
+            return;
+        }
+        let current = self.current();
+        if record.round > current && self.phase != Phase::Done {
+            self.begin_sync(peer);
+            return;
+        }
+        if record.round != current {
+            return;
+        }
+        {
+            let Some(rs) = self.round.as_mut() else {
+                return;
+            };
+            if !rs.seen_records.insert(hash) || rs.verifying.is_some() {
+                return;
+            }
+        }
+        if let Err(detail) = self.check_round_rules(&record, signer) {
+            self.reject(
+                RejectReason::BadRecord,
+                record.round,
+                Some(peer),
+                &hash.short(),
+                &detail,
+            );
+            return;
+        }
+        // Every contributed delta must be in our pool (fetch what is missing first).
+        let missing: Vec<DeltaHash> = {
+            let Some(rs) = self.round.as_ref() else {
+                return;
+            };
+            record
+                .contributions
+                .iter()
+                .filter(|c| rs.pool.get(&c.signer).is_none_or(|p| p.hash != c.delta))
+                .map(|c| c.delta)
+                .collect()
+        };
+        if !missing.is_empty() {
+            for c in record
+                .contributions
+                .iter()
+                .filter(|c| missing.contains(&c.delta))
+            {
+                let from = self.peer_of.get(&c.signer).copied().unwrap_or(peer);
+                let primary = if self.connected.contains(&from) {
+                    from
+                } else {
+                    peer
+                };
+                self.fetch_delta(c.delta, primary);
+            }
+            if let Some(rs) = self.round.as_mut() {
+                rs.seen_records.remove(&hash);
+            }
+            // Retried when the deltas arrive (the announcement is re-requested on tick).
+            self.pending_records.push((envelope, Some(hash), peer));
+            return;
+        }
+        let Some(rs) = self.round.as_mut() else {
+            return;
+        };
+        rs.verifying = Some(hash);
+        let updates: Vec<Update> = record
+            .contributions
+            .iter()
+            .filter_map(|c| rs.pool.get(&c.signer).map(|p| p.update.clone()))
+            .collect();
+        self.phase = Phase::Merging;
+        tracing::info!(round = %record.round, record = %hash.short(), merger = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), "verifying a merge record");
+        let Some(base) = self.model.clone() else {
+            return;
+        };
+        let round = record.round;
+        self.spawn_merge(
+            base,
+            updates,
+            round,
+            record,
+            Duration::ZERO,
+            Some((hash, envelope)),
+        );
+    }
+
+    async fn on_verified(
+        &mut self,
+        round: RoundId,
+        hash: RecordHash,
+        envelope: Vec<u8>,
+        record: MergeRecord,
+        result: Result<Merged, AggregateError>,
+    ) -> Result<(), EngineError> {
+        let Some(rs) = self.round.as_mut() else {
+            return Ok(());
+        };
+        if rs.id != round || rs.verifying != Some(hash) {
+            return Ok(());
+        }
+        rs.verifying = None;
+        self.phase = Phase::Collecting;
+        let merged = match result {
+            Ok(m) => m,
+            Err(e) => {
+                self.reject(
+                    RejectReason::BadRecord,
+                    round,
+                    None,
+                    &hash.short(),
+                    &e.to_string(),
+                );
+                return Ok(());
+            }
+        };
+        let state = self.merger_state_bytes(&merged.outcome.next_state);
+        if merged.hash != record.model || sha(&state) != record.state {
+            self.reject(
+                RejectReason::MergeMismatch,
+                round,
+                None,
+                &hash.short(),
+                &format!(
+                    "recomputed model {} but the record says {}",
+                    merged.hash.short(),
+                    record.model.short()
+                ),
+            );
+            return Ok(());
+        }
+        // If we were about to merge, stand down.
+        if let Some(rs) = self.round.as_mut() {
+            rs.merging = false;
+        }
+        self.commit(record, hash, envelope, merged)?;
+        self.publish_status(false);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Catching up
+    // ---------------------------------------------------------------------------------
+
+    fn begin_sync(&mut self, peer: PeerId) {
+        if self.syncing {
+            return;
+        }
+        self.syncing = true;
+        self.train_cancel.store(true, Ordering::Relaxed);
+        let net = self.net.clone();
+        let tx = self.internal_tx.clone();
+        let members = self.members.clone();
+        let digest = self.digest;
+        let head = self.head;
+        let layout = Arc::clone(&self.layout);
+        let max = self.config.node.net.max_message_bytes;
+        tracing::info!(peer = %peer, "catching up with a peer that is ahead");
+        self.tracker.spawn(async move {
+            let r = sync_from(&net, peer, &members, digest, head, &layout, max).await;
+            let _ = tx.send(Internal::Synced(r)).await;
+        });
+    }
+
+    async fn on_synced(&mut self, outcome: Result<SyncOutcome, String>) -> Result<(), EngineError> {
+        self.syncing = false;
+        let o = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "catching up failed; will retry");
+                return Ok(());
+            }
+        };
+        let Some((last, last_hash, _)) = o.records.last().cloned() else {
+            return Ok(());
+        };
+        self.store
+            .put_blob(BlobKind::Model, last.model.as_bytes(), &o.model_bytes)?;
+        self.store
+            .put_blob(BlobKind::State, &last.state, &o.state)?;
+        for (record, hash, envelope) in &o.records {
+            let head = Head {
+                round: record.round,
+                record: Some(*hash),
+                model: record.model,
+                state: record.state,
+            };
+            let audit = record
+                .contributions
+                .iter()
+                .map(|c| AuditEntry {
+                    round: record.round,
+                    signer: c.signer,
+                    delta: c.delta,
+                    sample_count: c.sample_count,
+                })
+                .collect();
+            self.store.commit_round(&RoundCommit {
+                head,
+                record_envelope: envelope.clone(),
+                audit,
+            })?;
+            for c in &record.contributions {
+                self.merged_hashes.insert(c.delta);
+            }
+        }
+        self.merger.load_state(&o.state, &self.layout)?;
+        let head = Head {
+            round: last.round,
+            record: Some(last_hash),
+            model: last.model,
+            state: last.state,
+        };
+        tracing::info!(round = %last.round, model = %last.model.short(), records = o.records.len(), "caught up");
+        self.last_record = Some(last);
+        self.adopt_head(
+            head,
+            Weights::from_flat(Arc::clone(&self.layout), o.model.into_values())
+                .map_err(|e| EngineError::Layout(e.to_string()))?,
+        );
+        self.round = None;
+        if self.trainer_slot().is_some() {
+            self.start_round().await;
+        } else {
+            self.restart_when_trainer_returns = true;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Events
+    // ---------------------------------------------------------------------------------
+
+    async fn on_internal(&mut self, msg: Internal) -> Result<(), EngineError> {
+        match msg {
+            Internal::Trained {
+                round,
+                trainer,
+                result,
+            } => {
+                *self.trainer_slot() = Some(trainer);
+                if round == RoundId(0) || self.restart_when_trainer_returns {
+                    // The trainer came back from an evaluation or a cancelled round.
+                    if self.restart_when_trainer_returns || self.round.is_none() {
+                        self.restart_when_trainer_returns = false;
+                        if self.phase != Phase::Syncing || self.model.is_some() {
+                            self.start_round().await;
+                        }
+                    }
+                    return Ok(());
+                }
+                self.on_trained(round, result).await;
+            }
+            Internal::Fetched {
+                round,
+                hash,
+                peer,
+                result,
+            } => {
+                if let Some(rs) = self.round.as_mut() {
+                    rs.fetching.remove(&hash);
+                }
+                if self.round.as_ref().is_none_or(|r| r.id != round) {
+                    return Ok(());
+                }
+                match result {
+                    Ok(r) if r.header == ResponseHeader::Delta => {
+                        self.accept_envelope(round, hash, r.body, Some(peer));
+                        self.retry_pending_records().await;
+                    }
+                    Ok(r) => {
+                        tracing::debug!(peer = %peer, delta = %hash.short(), answer = ?r.header, "delta not available")
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, delta = %hash.short(), error = %e, "fetching a delta failed")
+                    }
+                }
+            }
+            Internal::RecordFetched {
+                round,
+                expected,
+                peer,
+                result,
+            } => match result {
+                Ok(r) if r.header == ResponseHeader::Record => {
+                    self.on_record(r.body, expected, peer).await
+                }
+                Ok(_) => tracing::debug!(round = %round, peer = %peer, "record not available"),
+                Err(e) => {
+                    tracing::debug!(round = %round, peer = %peer, error = %e, "fetching a record failed")
+                }
+            },
+            Internal::List {
+                round,
+                peer,
+                result,
+            } => {
+                if let Ok(SyncResponse {
+                    header: ResponseHeader::DeltaList(list),
+                    ..
+                }) = result
+                    && self.round.as_ref().is_some_and(|r| r.id == round)
+                {
+                    {
+                        for (signer, hash) in list {
+                            if self.members.iter().any(|m| *m == signer) {
+                                let from = self
+                                    .peer_of
+                                    .get(&signer)
+                                    .copied()
+                                    .filter(|p| self.connected.contains(p))
+                                    .unwrap_or(peer);
+                                self.fetch_delta(hash, from);
+                            }
+                        }
+                    }
+                }
+            }
+            Internal::Merged {
+                round,
+                record,
+                result,
+            } => self.on_merged(round, *record, result).await?,
+            Internal::Verified {
+                round,
+                hash,
+                envelope,
+                record,
+                result,
+            } => {
+                self.on_verified(round, hash, envelope, *record, result)
+                    .await?
+            }
+            Internal::Synced(r) => self.on_synced(r).await?,
+            Internal::GenesisFetched(r) => match r {
+                Ok((w, state)) => {
+                    let genesis = w.hash();
+                    self.store
+                        .put_blob(BlobKind::Model, genesis.as_bytes(), &w.to_bytes())?;
+                    if let (Some(st), Some(h)) = (state, self.head) {
+                        self.store.put_blob(BlobKind::State, &h.state, &st)?;
+                    }
+                    self.fetching_genesis = false;
+                    if self.head.is_none() {
+                        self.commit_genesis(
+                            Weights::from_flat(Arc::clone(&self.layout), w.into_values())
+                                .map_err(|e| EngineError::Layout(e.to_string()))?,
+                        )?;
+                    } else if let Some(h) = self.head {
+                        // The head's model was missing from the store: restored now.
+                        let m = self
+                            .load_model(&h.model)?
+                            .ok_or(EngineError::Layout("refetched model vanished".into()))?;
+                        if let Some(s) = self.store.blob(BlobKind::State, &h.state)? {
+                            self.merger.load_state(&s, &self.layout)?;
+                        }
+                        self.adopt_head(h, m);
+                    }
+                    tracing::info!(model = %genesis.short(), "received the starting model");
+                    self.start_round().await;
+                }
+                Err(e) => {
+                    self.fetching_genesis = false;
+                    tracing::debug!(error = %e, "fetching the starting model failed; will retry");
+                }
+            },
+            Internal::Evaluated(f1) => {
+                if let Some(f) = f1 {
+                    tracing::info!(round = %self.head.map(|h| h.round).unwrap_or_default(), f1 = f, "held-out F1 of the merged model");
+                }
+                self.metrics.set_last(None, f1, None);
+            }
+        }
+        self.publish_status(false);
+        Ok(())
+    }
+
+    async fn retry_pending_records(&mut self) {
+        let pending = std::mem::take(&mut self.pending_records);
+        for (env, expected, peer) in pending {
+            self.on_record(env, expected, peer).await;
+        }
+    }
+
+    async fn on_net(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Connected(p) => {
+                self.connected.insert(p);
+                self.heartbeat_now().await;
+                self.ask_for_deltas(p);
+            }
+            NetEvent::Disconnected(p) => {
+                self.connected.remove(&p);
+            }
+            NetEvent::Listening(_) => {}
+            NetEvent::Gossip { source, id, data } => {
+                let accept = self.on_gossip(source, data).await;
+                self.net.validate(id, source, accept).await;
+            }
+            NetEvent::Inbound {
+                peer,
+                request,
+                channel,
+            } => self.serve(peer, request, channel),
+        }
+        self.publish_status(false);
+    }
+
+    fn ask_for_deltas(&mut self, peer: PeerId) {
+        let Some(rs) = self.round.as_mut() else {
+            return;
+        };
+        if rs.pool.len() >= self.peer_of.len() {
+            return;
+        }
+        let now = Instant::now();
+        if rs
+            .last_list_request
+            .get(&peer)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(2))
+        {
+            return;
+        }
+        rs.last_list_request.insert(peer, now);
+        let round = rs.id;
+        let net = self.net.clone();
+        let tx = self.internal_tx.clone();
+        self.tracker.spawn(async move {
+            let result = net.request(peer, Request::Deltas(round)).await;
+            let _ = tx
+                .send(Internal::List {
+                    round,
+                    peer,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    async fn on_gossip(&mut self, source: PeerId, data: Vec<u8>) -> MessageAcceptance {
+        let current = self.current();
+        let env = match UnverifiedEnvelope::parse(data, super::network::MAX_GOSSIP_BYTES as u64) {
+            Ok(e) => e,
+            Err(e) => {
+                self.reject(
+                    RejectReason::Malformed,
+                    current,
+                    Some(source),
+                    "-",
+                    &e.to_string(),
+                );
+                return MessageAcceptance::Reject;
+            }
+        };
+        let v = match env.verify(PayloadKind::Announcement, &self.members) {
+            Ok(v) => v,
+            Err(e) => {
+                let reason = match e {
+                    cellswarm_common::envelope::EnvelopeError::NotAMember(_) => {
+                        RejectReason::NotMember
+                    }
+                    cellswarm_common::envelope::EnvelopeError::BadSignature(_) => {
+                        RejectReason::BadSignature
+                    }
+                    _ => RejectReason::Malformed,
+                };
+                self.reject(reason, current, Some(source), "-", &e.to_string());
+                return MessageAcceptance::Reject;
+            }
+        };
+        let Ok(a) = decode_control::<Announcement>(v.payload()) else {
+            self.reject(
+                RejectReason::Malformed,
+                current,
+                Some(source),
+                "-",
+                "undecodable announcement",
+            );
+            return MessageAcceptance::Reject;
+        };
+        let signer = v.signer();
+        let signer_peer = self.peer_of.get(&signer).copied().unwrap_or(source);
+        let from = if self.connected.contains(&signer_peer) {
+            signer_peer
+        } else {
+            source
+        };
+        match a {
+            Announcement::DeltaReady { round, delta, .. } => {
+                if round == current && self.round.is_some() {
+                    self.fetch_delta(delta, from);
+                } else if round > current {
+                    self.begin_sync(from);
+                }
+            }
+            Announcement::MergeReady { round, record, .. } => {
+                if round == current {
+                    self.fetch_record(round, Some(record), from);
+                } else if round > current {
+                    self.begin_sync(from);
+                }
+            }
+            Announcement::Heartbeat { round, model } => {
+                self.peer_rounds.insert(signer_peer, (round, model));
+                if round > current && self.phase != Phase::Done {
+                    self.begin_sync(from);
+                } else if round == current && self.head.is_some_and(|h| h.model != model) {
+                    tracing::error!(round = %round, peer = %signer_peer, theirs = %model.short(), ours = %self.head.map(|h| h.model.short()).unwrap_or_default(), "a member started this round from another model (the chain has forked)");
+                } else if round == current {
+                    self.ask_for_deltas(from);
+                }
+            }
+        }
+        MessageAcceptance::Accept
+    }
+
+    /// Answers a peer's request from the store, off the event loop.
+    fn serve(
+        &self,
+        peer: PeerId,
+        request: Request,
+        channel: libp2p::request_response::ResponseChannel<SyncResponse>,
+    ) {
+        let net = self.net.clone();
+        if !self.signer_of.contains_key(&peer) {
+            tracing::warn!(peer = %peer, "refusing to serve a non-member");
+            self.tracker.spawn(async move {
+                net.respond(
+                    channel,
+                    SyncResponse::empty(ResponseHeader::Refused("not a member".into())),
+                )
+                .await;
+            });
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let head = self.head;
+        let list: Option<(RoundId, Vec<(SignerKey, DeltaHash)>)> = self
+            .round
+            .as_ref()
+            .map(|r| (r.id, r.pool.iter().map(|(s, p)| (*s, p.hash)).collect()));
+        self.tracker.spawn(async move {
+            let response =
+                tokio::task::spawn_blocking(move || -> Result<SyncResponse, StoreError> {
+                    let blob = |kind,
+                                h: &[u8; 32],
+                                header: ResponseHeader|
+                     -> Result<SyncResponse, StoreError> {
+                        Ok(match store.blob(kind, h)? {
+                            Some(body) => SyncResponse { header, body },
+                            None => SyncResponse::empty(ResponseHeader::NotFound),
+                        })
+                    };
+                    let record = |round: RoundId| -> Result<SyncResponse, StoreError> {
+                        Ok(match store.record(round)? {
+                            Some(body) => SyncResponse {
+                                header: ResponseHeader::Record,
+                                body,
+                            },
+                            None => SyncResponse::empty(ResponseHeader::NotFound),
+                        })
+                    };
+                    match request {
+                        Request::Delta(h) => {
+                            blob(BlobKind::Delta, h.as_bytes(), ResponseHeader::Delta)
+                        }
+                        Request::Model(h) => {
+                            blob(BlobKind::Model, h.as_bytes(), ResponseHeader::Model)
+                        }
+                        Request::State(h) => blob(BlobKind::State, &h, ResponseHeader::State),
+                        Request::Record(r) => record(r),
+                        Request::Latest => match head.filter(|h| h.record.is_some()) {
+                            Some(h) => record(h.round),
+                            None => Ok(SyncResponse::empty(ResponseHeader::NotFound)),
+                        },
+                        Request::Deltas(r) => Ok(match list {
+                            Some((round, l)) if round == r => {
+                                SyncResponse::empty(ResponseHeader::DeltaList(l))
+                            }
+                            _ => SyncResponse::empty(ResponseHeader::DeltaList(Vec::new())),
+                        }),
+                    }
+                })
+                .await;
+            let response = match response {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "store error while serving a peer");
+                    SyncResponse::empty(ResponseHeader::NotFound)
+                }
+                Err(_) => SyncResponse::empty(ResponseHeader::NotFound),
+            };
+            net.respond(channel, response).await;
+        });
+    }
+
+    async fn on_tick(&mut self) -> Result<(), EngineError> {
+        if self.last_heartbeat.elapsed() >= self.heartbeat {
+            self.heartbeat_now().await;
+            // Re-announce our delta and ask peers for theirs: gossip is only the fast path.
+            if let Some(rs) = &self.round {
+                let own = rs.pool.get(&self.me).map(|p| p.hash);
+                let round = rs.id;
+                if let Some(h) = own {
+                    self.announce_delta(round, h).await;
+                }
+                let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+                for p in peers {
+                    self.ask_for_deltas(p);
+                }
+            }
+            if (self.model.is_none()
+                || self
+                    .head
+                    .is_some_and(|h| self.model.as_ref().is_none_or(|m| m.hash() != h.model)))
+                && !self.fetching_genesis
+            {
+                self.fetch_missing_model();
+            }
+        }
+        self.check_merge().await;
+        Ok(())
+    }
+
+    fn fetch_missing_model(&mut self) {
+        let wanted = match self.head {
+            Some(h) => h.model,
+            None => match self.config.consortium.genesis {
+                Some(g) => g,
+                None => return,
+            },
+        };
+        let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        self.fetching_genesis = true;
+        let net = self.net.clone();
+        let tx = self.internal_tx.clone();
+        let limits = self.limits.layout;
+        // The head's aggregator state, when the store lost it too.
+        let want_state = self
+            .head
+            .map(|h| h.state)
+            .filter(|st| !matches!(self.store.blob(BlobKind::State, st), Ok(Some(_))));
+        self.tracker.spawn(async move {
+            let mut result = Err("no peer had the model".to_owned());
+            for p in &peers {
+                if let Ok(r) = net.request(*p, Request::Model(wanted)).await
+                    && r.header == ResponseHeader::Model
+                    && ModelHash::of(&r.body) == wanted
+                {
+                    result = Weights::from_bytes(&r.body, &limits).map_err(|e| e.to_string());
+                    if result.is_ok() {
+                        break;
+                    }
+                }
+            }
+            let mut state = None;
+            if let Some(st) = want_state {
+                for p in &peers {
+                    if let Ok(r) = net.request(*p, Request::State(st)).await
+                        && r.header == ResponseHeader::State
+                        && sha(&r.body) == st
+                    {
+                        state = Some(r.body);
+                        break;
+                    }
+                }
+                if state.is_none() && result.is_ok() {
+                    result = Err("no peer had the aggregator state".to_owned());
+                }
+            }
+            let _ = tx
+                .send(Internal::GenesisFetched(result.map(|w| (w, state))))
+                .await;
+        });
+    }
+
+    fn publish_status(&self, stopped: bool) {
+        let s = Status {
+            peer_id: self.identity.peer_id().to_string(),
+            round: self.round.as_ref().map_or_else(|| self.current(), |r| r.id),
+            phase: self.phase.name().to_owned(),
+            model: self.head.map(|h| h.model),
+            head_round: self.head.map(|h| h.round).unwrap_or_default(),
+            connected: self.connected.iter().map(ToString::to_string).collect(),
+            last_record: self.last_record.clone(),
+            rounds_completed: self.rounds_completed,
+            epsilon: None,
+            stopped: stopped || self.phase == Phase::Done,
+        };
+        self.status.send_if_modified(|old| {
+            if *old == s {
+                false
+            } else {
+                *old = s;
+                true
+            }
+        });
+    }
+}
+
+/// Fetches and checks the chain of records from `peer`, then its newest model and state.
+async fn sync_from(
+    net: &NetClient,
+    peer: PeerId,
+    members: &MemberKeys,
+    digest: [u8; 32],
+    head: Option<Head>,
+    layout: &Arc<Layout>,
+    max: u64,
+) -> Result<SyncOutcome, String> {
+    let open = |body: Vec<u8>| -> Result<(MergeRecord, RecordHash, Vec<u8>), String> {
+        let v = UnverifiedEnvelope::parse(body, 1 << 20)
+            .and_then(|e| e.verify(PayloadKind::MergeRecord, members))
+            .map_err(|e| e.to_string())?;
+        let r: MergeRecord = decode_control(v.payload()).map_err(|e| e.to_string())?;
+        if r.consortium != digest {
+            return Err("record from another consortium configuration".into());
+        }
+        Ok((r, RecordHash(v.payload_digest()), v.into_bytes()))
+    };
+    let latest = net
+        .request(peer, Request::Latest)
+        .await
+        .map_err(|e| e.to_string())?;
+    if latest.header != ResponseHeader::Record {
+        return Err("the peer has no merge record yet".into());
+    }
+    let (latest, _, _) = open(latest.body)?;
+    let from = head.map_or(1, |h| h.round.0 + 1);
+    if latest.round.0 < from {
+        return Err("the peer is not ahead of us".into());
+    }
+    let mut records = Vec::new();
+    let (mut prev_model, mut prev_record) = (head.map(|h| h.model), head.and_then(|h| h.record));
+    for r in from..=latest.round.0 {
+        let resp = net
+            .request(peer, Request::Record(RoundId(r)))
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.header != ResponseHeader::Record {
+            return Err(format!("the peer lacks the record of round {r}"));
+        }
+        let (rec, hash, env) = open(resp.body)?;
+        if rec.round != RoundId(r) {
+            return Err(format!("asked for round {r}, got round {}", rec.round));
+        }
+        if let Some(m) = prev_model
+            && rec.base != m
+        {
+            return Err(format!(
+                "round {r} does not start from the model of round {}",
+                r - 1
+            ));
+        }
+        if prev_record.is_some() && rec.prev != prev_record {
+            return Err(format!(
+                "round {r}'s record does not link to the previous record"
+            ));
+        }
+        prev_model = Some(rec.model);
+        prev_record = Some(hash);
+        records.push((rec, hash, env));
+    }
+    let Some((last, _, _)) = records.last() else {
+        return Err("nothing to catch up".into());
+    };
+    let model = net
+        .request(peer, Request::Model(last.model))
+        .await
+        .map_err(|e| e.to_string())?;
+    if model.header != ResponseHeader::Model || ModelHash::of(&model.body) != last.model {
+        return Err("the peer's model does not match the newest record".into());
+    }
+    let limits = Limits {
+        max_tensors: 4096,
+        max_params: (max / 4).max(layout.total() as u64),
+    };
+    let weights = Weights::from_bytes(&model.body, &limits).map_err(|e| e.to_string())?;
+    layout
+        .ensure_same(weights.layout())
+        .map_err(|e| e.to_string())?;
+    let state = net
+        .request(peer, Request::State(last.state))
+        .await
+        .map_err(|e| e.to_string())?;
+    if state.header != ResponseHeader::State || sha(&state.body) != last.state {
+        return Err("the peer's aggregator state does not match the newest record".into());
+    }
+    Ok(SyncOutcome {
+        records,
+        model: weights,
+        model_bytes: model.body,
+        state: state.body,
+    })
+}
+
+/// The PeerId of a member key (for logs).
+#[must_use]
+pub fn peer_of_key(k: &SignerKey) -> Option<PeerId> {
+    peer_id_from_signer_key(k).ok()
+}

@@ -1,0 +1,285 @@
+//! Local training as the swarm sees it: any function that turns the round's model into
+//! an updated model.
+//!
+//! [`LocalTrainer`] is implemented by [`UNetTrainer`] (a site's movies and the U-Net) and
+//! by [`VectorTrainer`] (the `test-vector` model: a flat vector that each site pulls
+//! towards its own target; cheap and deterministic, for protocol tests and benchmarks).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cellswarm_common::ids::RoundId;
+use cellswarm_common::weights::{Layout, Weights};
+use cellswarm_common::wire::LocalMetrics;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::dataset::Annotated;
+use crate::infer::{InferOptions, segment};
+use crate::metrics::{MatchCounts, Overlaps, match_counts};
+use crate::model::UNetConfig;
+use crate::train::params::to_weights;
+use crate::train::{Budget, TrainOptions, Trainer};
+
+/// The result of one round of local training.
+#[derive(Debug, Clone)]
+pub struct TrainedRound {
+    /// The updated weights.
+    pub weights: Weights,
+    /// Samples (patches) seen: the FedAvg weight.
+    pub samples: u64,
+    /// Metrics reported with the delta.
+    pub metrics: LocalMetrics,
+}
+
+/// Turns the round's model into an updated model on this site's data.
+pub trait LocalTrainer: Send + 'static {
+    /// The model's initial weights (the genesis model), from `seed`.
+    fn genesis(&mut self, seed: u64) -> Weights;
+
+    /// One round of training from `base`; stops early when `cancel` is set.
+    ///
+    /// # Errors
+    /// A message when training fails (diverges, weights do not fit).
+    fn train_round(
+        &mut self,
+        base: &Weights,
+        round: RoundId,
+        cancel: &AtomicBool,
+    ) -> Result<TrainedRound, String>;
+
+    /// F1 at IoU 0.5 of `model` on this site's held-out frames, if it has any.
+    fn evaluate(&mut self, model: &Weights) -> Option<f32>;
+}
+
+/// The `test-vector` model: `params` values in 4 tensors; each round moves the weights a
+/// fixed fraction towards a target drawn from the site's seed. Its merge under FedAvg
+/// converges to the mean target, so convergence and damage are easy to see.
+#[derive(Debug, Clone)]
+pub struct VectorTrainer {
+    layout: Arc<Layout>,
+    target: Vec<f32>,
+    rate: f32,
+    delay: Duration,
+    samples: u64,
+}
+
+impl VectorTrainer {
+    /// A site with `params` parameters, its target from `seed`, taking `delay` per round
+    /// (cancellable) to stand in for real training time.
+    ///
+    /// # Panics
+    /// Never for `params` >= 1 (validated in the consortium file).
+    #[must_use]
+    pub fn new(params: usize, seed: u64, delay: Duration) -> Self {
+        let layout = vector_layout(params);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let target = (0..params)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        Self {
+            layout,
+            target,
+            rate: 0.5,
+            delay,
+            samples: 100 + seed % 100,
+        }
+    }
+
+    /// The site's target.
+    #[must_use]
+    pub fn target(&self) -> &[f32] {
+        &self.target
+    }
+}
+
+/// The layout of a `test-vector` model of `params` values.
+///
+/// # Panics
+/// Never for `params` >= 1.
+#[must_use]
+pub fn vector_layout(params: usize) -> Arc<Layout> {
+    let parts = params.clamp(1, 4);
+    Arc::new(
+        Layout::new((0..parts).map(|i| {
+            let n = params / parts + usize::from(i < params % parts);
+            (format!("vector.{i}"), vec![n.max(1)])
+        }))
+        .expect("distinct names, non-zero sizes"),
+    )
+}
+
+impl LocalTrainer for VectorTrainer {
+    fn genesis(&mut self, _seed: u64) -> Weights {
+        Weights::zeros(Arc::clone(&self.layout))
+    }
+
+    fn train_round(
+        &mut self,
+        base: &Weights,
+        _round: RoundId,
+        cancel: &AtomicBool,
+    ) -> Result<TrainedRound, String> {
+        let start = Instant::now();
+        while start.elapsed() < self.delay {
+            if cancel.load(Ordering::Relaxed) {
+                return Err("cancelled".into());
+            }
+            std::thread::sleep(Duration::from_millis(10).min(self.delay));
+        }
+        let values: Vec<f32> = base
+            .values()
+            .iter()
+            .zip(&self.target)
+            .map(|(w, t)| w + self.rate * (t - w))
+            .collect();
+        let loss = base
+            .values()
+            .iter()
+            .zip(&self.target)
+            .map(|(w, t)| (w - t) * (w - t))
+            .sum::<f32>()
+            / self.target.len().max(1) as f32;
+        let weights =
+            Weights::from_flat(Arc::clone(base.layout()), values).map_err(|e| e.to_string())?;
+        Ok(TrainedRound {
+            weights,
+            samples: self.samples,
+            metrics: LocalMetrics {
+                train_loss: loss,
+                val_f1: None,
+                steps: 1,
+                epsilon: None,
+            },
+        })
+    }
+
+    fn evaluate(&mut self, _model: &Weights) -> Option<f32> {
+        None
+    }
+}
+
+/// A site's U-Net training for the swarm: steps per round on its movies, FedProx if
+/// configured, the held-out frames scored after each merge.
+pub struct UNetTrainer {
+    config: UNetConfig,
+    trainer: Trainer,
+    steps: u64,
+    heldout: Vec<Annotated>,
+    infer: InferOptions,
+}
+
+impl std::fmt::Debug for UNetTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UNetTrainer")
+            .field("steps", &self.steps)
+            .field("heldout", &self.heldout.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UNetTrainer {
+    /// A trainer over `train` planes, scoring `heldout` frames.
+    ///
+    /// # Errors
+    /// As [`Trainer::new`].
+    pub fn new(
+        config: UNetConfig,
+        train: &[Annotated],
+        heldout: Vec<Annotated>,
+        options: TrainOptions,
+        steps: u64,
+    ) -> Result<Self, crate::train::TrainError> {
+        let device = crate::model::default_device();
+        let trainer = Trainer::new(
+            &config,
+            &device,
+            crate::data::dataset::train_planes(train),
+            options,
+            None,
+        )?;
+        Ok(Self {
+            config,
+            trainer,
+            steps,
+            heldout,
+            infer: InferOptions::default(),
+        })
+    }
+}
+
+impl LocalTrainer for UNetTrainer {
+    fn genesis(&mut self, seed: u64) -> Weights {
+        let device = crate::model::default_device();
+        device.seed(seed);
+        let model = self.config.init(&device);
+        to_weights(&model)
+            .unwrap_or_else(|e| unreachable!("a freshly initialised model is finite: {e}"))
+    }
+
+    fn train_round(
+        &mut self,
+        base: &Weights,
+        _round: RoundId,
+        cancel: &AtomicBool,
+    ) -> Result<TrainedRound, String> {
+        self.trainer.load(base).map_err(|e| e.to_string())?;
+        self.trainer.set_anchor();
+        let report = self
+            .trainer
+            .train(Budget::Steps(self.steps), cancel, |_, _| {})
+            .map_err(|e| e.to_string())?;
+        if report.cancelled {
+            return Err("cancelled".into());
+        }
+        Ok(TrainedRound {
+            weights: self.trainer.weights().map_err(|e| e.to_string())?,
+            samples: report.samples,
+            metrics: LocalMetrics {
+                train_loss: report.mean_loss,
+                val_f1: None,
+                steps: report.steps as u32,
+                epsilon: None,
+            },
+        })
+    }
+
+    fn evaluate(&mut self, model: &Weights) -> Option<f32> {
+        if self.heldout.is_empty() {
+            return None;
+        }
+        let device = crate::model::default_device();
+        let mut net = self.config.init(&device);
+        crate::train::params::load_weights(&mut net, model).ok()?;
+        let mut counts = MatchCounts::default();
+        for a in &self.heldout {
+            let pred = segment(&net, &self.config, &device, &a.image, &self.infer);
+            counts += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);
+        }
+        Some(counts.scores(0.5).f1 as f32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_sites_pull_towards_their_targets() {
+        let mut a = VectorTrainer::new(10, 1, Duration::ZERO);
+        let base = a.genesis(0);
+        let r = a
+            .train_round(&base, RoundId(1), &AtomicBool::new(false))
+            .unwrap();
+        for (w, t) in r.weights.values().iter().zip(a.target()) {
+            assert!((w - 0.5 * t).abs() < 1e-6);
+        }
+        assert!(r.metrics.train_loss > 0.0);
+        let b = VectorTrainer::new(10, 2, Duration::ZERO);
+        assert_ne!(a.target(), b.target());
+        let slow = &mut VectorTrainer::new(10, 1, Duration::from_secs(60));
+        let cancel = AtomicBool::new(true);
+        assert!(slow.train_round(&base, RoundId(1), &cancel).is_err());
+    }
+}

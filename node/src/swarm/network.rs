@@ -1,0 +1,549 @@
+//! The libp2p side of a node: the composed [`CellswarmBehaviour`], the event loop that
+//! owns the swarm, and the [`NetClient`] the rest of the node talks to.
+//!
+//! Transport: TCP with Noise and Yamux, plus QUIC. Only consortium members may connect
+//! (an allow list of their PeerIds), connections are capped per peer and in total, and
+//! idle connections live long enough to span rounds. Gossipsub carries small signed
+//! announcements on `cellswarm/round/v1`; request-response (`/cellswarm/sync/1`, see
+//! [`super::codec`]) carries deltas, models and merge records.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellswarm_common::config::NetConfig;
+use cellswarm_common::protocol::{AGENT, IDENTIFY_PROTOCOL, ROUND_TOPIC, SYNC_PROTOCOL};
+use cellswarm_common::wire::Request;
+use libp2p::futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, noise,
+    ping, tcp, yamux,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{SyncCodec, SyncResponse, Traffic};
+
+/// Largest gossip message (announcements are a few hundred bytes).
+pub const MAX_GOSSIP_BYTES: usize = 16 * 1024;
+
+/// What went wrong in the network layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Building the transport or behaviour failed.
+    #[error("starting libp2p: {0}")]
+    Setup(String),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {message}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        message: String,
+    },
+    /// A request failed (peer gone, timeout, protocol error).
+    #[error("request to {peer} failed: {message}")]
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        message: String,
+    },
+    /// The event loop has stopped.
+    #[error("the network has shut down")]
+    Closed,
+}
+
+/// The composed behaviour (in its own module: the derive generates an event enum
+/// with one variant per field, which cannot carry doc comments).
+mod behaviour {
+    #![allow(missing_docs, missing_debug_implementations)]
+
+    use libp2p::swarm::NetworkBehaviour;
+    use libp2p::{
+        allow_block_list, connection_limits, gossipsub, identify, ping, request_response,
+    };
+
+    use super::SyncCodec;
+
+    /// The composed behaviour of a node.
+    #[derive(NetworkBehaviour)]
+    pub struct CellswarmBehaviour {
+        /// Refuses every peer that is not a consortium member.
+        pub allowlist: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+        /// Caps connections.
+        pub limits: connection_limits::Behaviour,
+        /// Signed round announcements.
+        pub gossipsub: gossipsub::Behaviour,
+        /// Deltas, models and merge records.
+        pub sync: request_response::Behaviour<SyncCodec>,
+        /// Addresses and versions of peers.
+        pub identify: identify::Behaviour,
+        /// Liveness.
+        pub ping: ping::Behaviour,
+    }
+}
+
+pub use behaviour::{CellswarmBehaviour, CellswarmBehaviourEvent};
+
+/// What the network reports to the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A gossip message; answer with [`NetClient::validate`].
+    Gossip {
+        /// The member that forwarded it to us.
+        source: PeerId,
+        /// Gossipsub's id (for the validation report).
+        id: MessageId,
+        /// The message bytes (an announcement envelope).
+        data: Vec<u8>,
+    },
+    /// A peer asks for something; answer with [`NetClient::respond`].
+    Inbound {
+        /// The member asking.
+        peer: PeerId,
+        /// What it asks for.
+        request: Request,
+        /// Where the answer goes.
+        channel: ResponseChannel<SyncResponse>,
+    },
+    /// A member connected.
+    Connected(PeerId),
+    /// A member's last connection closed.
+    Disconnected(PeerId),
+    /// A listen address is ready.
+    Listening(Multiaddr),
+}
+
+#[derive(Debug)]
+enum Command {
+    Publish {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<SyncResponse, NetError>>,
+    },
+    Respond {
+        channel: ResponseChannel<SyncResponse>,
+        response: SyncResponse,
+    },
+    Validate {
+        id: MessageId,
+        source: PeerId,
+        accept: MessageAcceptance,
+    },
+    Dial(Multiaddr),
+    Disconnect(PeerId),
+    Connected {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Listeners {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+}
+
+/// A cloneable handle to the event loop.
+#[derive(Debug, Clone)]
+pub struct NetClient {
+    commands: mpsc::Sender<Command>,
+    local: PeerId,
+    traffic: Arc<Traffic>,
+}
+
+impl NetClient {
+    /// This node's PeerId.
+    #[must_use]
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    /// Bytes through the sync protocol.
+    #[must_use]
+    pub fn traffic(&self) -> &Arc<Traffic> {
+        &self.traffic
+    }
+
+    async fn send(&self, c: Command) -> Result<(), NetError> {
+        self.commands.send(c).await.map_err(|_| NetError::Closed)
+    }
+
+    /// Publishes bytes on the round topic.
+    ///
+    /// # Errors
+    /// Gossipsub refusals (no peers yet, duplicate) or a closed loop.
+    pub async fn publish(&self, data: Vec<u8>) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Publish { data, reply }).await?;
+        rx.await.map_err(|_| NetError::Closed)?
+    }
+
+    /// Sends a request and waits for the response.
+    ///
+    /// # Errors
+    /// [`NetError::Request`] when the peer fails, times out or is unreachable.
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<SyncResponse, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NetError::Closed)?
+    }
+
+    /// Answers an inbound request.
+    pub async fn respond(&self, channel: ResponseChannel<SyncResponse>, response: SyncResponse) {
+        let _ = self.send(Command::Respond { channel, response }).await;
+    }
+
+    /// Reports whether a gossip message was valid (only valid ones are forwarded).
+    pub async fn validate(&self, id: MessageId, source: PeerId, accept: MessageAcceptance) {
+        let _ = self.send(Command::Validate { id, source, accept }).await;
+    }
+
+    /// Dials an address.
+    pub async fn dial(&self, addr: Multiaddr) {
+        let _ = self.send(Command::Dial(addr)).await;
+    }
+
+    /// Closes every connection to a peer.
+    pub async fn disconnect(&self, peer: PeerId) {
+        let _ = self.send(Command::Disconnect(peer)).await;
+    }
+
+    /// The members connected now.
+    pub async fn connected(&self) -> Vec<PeerId> {
+        let (reply, rx) = oneshot::channel();
+        if self.send(Command::Connected { reply }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The addresses this node listens on.
+    pub async fn listeners(&self) -> Vec<Multiaddr> {
+        let (reply, rx) = oneshot::channel();
+        if self.send(Command::Listeners { reply }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// Settings of the network layer.
+#[derive(Debug, Clone)]
+pub struct NetSettings {
+    /// From the site file.
+    pub net: NetConfig,
+    /// The consortium's members.
+    pub members: Vec<PeerId>,
+}
+
+/// Builds the swarm, starts listening, and returns the client, the event stream and the
+/// event loop (to be spawned).
+///
+/// # Errors
+/// Transport or behaviour set-up, or an address that cannot be bound.
+pub fn start(
+    keypair: libp2p::identity::Keypair,
+    settings: &NetSettings,
+) -> Result<(NetClient, mpsc::Receiver<NetEvent>, EventLoop), NetError> {
+    let traffic = Arc::new(Traffic::default());
+    let net = settings.net.clone();
+    let codec = SyncCodec::new(net.max_message_bytes, Arc::clone(&traffic));
+    let members = settings.members.clone();
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| setup(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let mut allowlist =
+                allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+            for m in &members {
+                allowlist.allow_peer(*m);
+            }
+            let limits = connection_limits::Behaviour::new(
+                connection_limits::ConnectionLimits::default()
+                    .with_max_established(Some(net.max_connections))
+                    .with_max_established_per_peer(Some(net.max_connections_per_peer))
+                    .with_max_pending_incoming(Some(net.max_pending_connections))
+                    .with_max_pending_outgoing(Some(net.max_pending_connections)),
+            );
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(MAX_GOSSIP_BYTES)
+                .mesh_n_low(1)
+                .mesh_n(4)
+                .mesh_n_high(8)
+                .mesh_outbound_min(1)
+                .build()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_config,
+            )
+            .map_err(std::io::Error::other)?;
+            let sync = request_response::Behaviour::with_codec(
+                codec.clone(),
+                [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(net.request_timeout)
+                    .with_max_concurrent_streams(32),
+            );
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(AGENT.into()),
+            );
+            Ok(CellswarmBehaviour {
+                allowlist,
+                limits,
+                gossipsub,
+                sync,
+                identify,
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(15)),
+                ),
+            })
+        })
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(net.idle_timeout))
+        .build();
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&IdentTopic::new(ROUND_TOPIC))
+        .map_err(|e| setup(&e))?;
+    for addr in &net.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    let local = *swarm.local_peer_id();
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let client = NetClient {
+        commands: cmd_tx,
+        local,
+        traffic,
+    };
+    Ok((
+        client,
+        ev_rx,
+        EventLoop {
+            swarm,
+            commands: cmd_rx,
+            events: ev_tx,
+            pending: HashMap::new(),
+            connected: HashSet::new(),
+        },
+    ))
+}
+
+/// Owns the swarm; the only code that touches it.
+pub struct EventLoop {
+    swarm: Swarm<CellswarmBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<SyncResponse, NetError>>>,
+    connected: HashSet<PeerId>,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("peer", self.swarm.local_peer_id())
+            .field("connected", &self.connected.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventLoop {
+    /// Runs until `cancel` fires or every client is gone.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                event = self.swarm.select_next_some() => self.handle_swarm(event).await,
+                command = self.commands.recv() => match command {
+                    Some(c) => self.handle_command(c),
+                    None => break,
+                },
+            }
+        }
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(NetError::Closed));
+        }
+    }
+
+    fn handle_command(&mut self, c: Command) {
+        let b = self.swarm.behaviour_mut();
+        match c {
+            Command::Publish { data, reply } => {
+                let r = b
+                    .gossipsub
+                    .publish(IdentTopic::new(ROUND_TOPIC), data)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Setup(format!("publish: {e}")));
+                let _ = reply.send(r);
+            }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = b.sync.send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                let _ = b.sync.send_response(channel, response);
+            }
+            Command::Validate { id, source, accept } => {
+                b.gossipsub
+                    .report_message_validation_result(&id, &source, accept);
+            }
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                }
+            }
+            Command::Disconnect(peer) => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::Connected { reply } => {
+                let _ = reply.send(self.connected.iter().copied().collect());
+            }
+            Command::Listeners { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+        }
+    }
+
+    fn emit(&self, e: NetEvent) -> impl Future<Output = ()> + Send + use<> {
+        let tx = self.events.clone();
+        async move {
+            let _ = tx.send(e).await;
+        }
+    }
+
+    async fn handle_swarm(&mut self, event: SwarmEvent<CellswarmBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.emit(NetEvent::Listening(address)).await;
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                self.swarm
+                    .add_peer_address(peer_id, endpoint.get_remote_address().clone());
+                if self.connected.insert(peer_id) {
+                    tracing::info!(peer = %peer_id, "member connected");
+                    self.emit(NetEvent::Connected(peer_id)).await;
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } if self.connected.remove(&peer_id) => {
+                tracing::info!(peer = %peer_id, "member disconnected");
+                self.emit(NetEvent::Disconnected(peer_id)).await;
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::warn!(addr = %send_back_addr, reason = %error, "refused an incoming connection");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, reason = %error, "outgoing connection failed");
+            }
+            SwarmEvent::Behaviour(CellswarmBehaviourEvent::Gossipsub(
+                gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                },
+            )) => {
+                self.emit(NetEvent::Gossip {
+                    source: propagation_source,
+                    id: message_id,
+                    data: message.data,
+                })
+                .await;
+            }
+            SwarmEvent::Behaviour(CellswarmBehaviourEvent::Sync(event)) => {
+                self.handle_sync(event).await
+            }
+            SwarmEvent::Behaviour(CellswarmBehaviourEvent::Identify(
+                identify::Event::Received { peer_id, info, .. },
+            )) => {
+                for addr in info.listen_addrs {
+                    self.swarm.add_peer_address(peer_id, addr);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn handle_sync(&mut self, event: request_response::Event<Request, SyncResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    self.emit(NetEvent::Inbound {
+                        peer,
+                        request,
+                        channel,
+                    })
+                    .await;
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        message: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::warn!(peer = %peer, reason = %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
