@@ -21,7 +21,8 @@ pub struct Update {
     pub base: ModelHash,
     /// Training samples behind the update (the FedAvg weight).
     pub sample_count: u64,
-    delta: Delta,
+    /// Shared: clones of an update (handed to a merge thread) do not copy the values.
+    delta: Arc<Delta>,
     norm: f64,
 }
 
@@ -41,7 +42,7 @@ impl Update {
             id,
             base,
             sample_count,
-            delta,
+            delta: Arc::new(delta),
             norm,
         }
     }

@@ -189,6 +189,14 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// Signs `payload` as `kind` and returns the envelope's wire bytes.
 #[must_use]
 pub fn seal(identity: &Identity, kind: PayloadKind, payload: &[u8]) -> Vec<u8> {
+    seal_hashed(identity, kind, payload).0
+}
+
+/// As [`seal`], also returning SHA-256 of the payload (the payload's
+/// [`DeltaHash`](crate::ids::DeltaHash) or [`RecordHash`](crate::ids::RecordHash)), so that
+/// large payloads are hashed once.
+#[must_use]
+pub fn seal_hashed(identity: &Identity, kind: PayloadKind, payload: &[u8]) -> (Vec<u8>, [u8; 32]) {
     let digest = sha256(payload);
     let sig = identity.sign(&signed_message(kind, payload.len() as u64, &digest));
     let mut out = Vec::with_capacity(ENVELOPE_HEADER_LEN + payload.len());
@@ -200,7 +208,7 @@ pub fn seal(identity: &Identity, kind: PayloadKind, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&sig);
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(payload);
-    out
+    (out, digest)
 }
 
 /// A parsed envelope whose signature has not been checked. Its payload is unreachable.

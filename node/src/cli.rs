@@ -118,6 +118,20 @@ pub enum BenchCommand {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Round overhead without training: N nodes in this process on loopback, each with
+    /// its own libp2p swarm and sled store, a model of P parameters. The last line is
+    /// `round_ms_median=X bytes_per_node_per_round=Y`.
+    Round {
+        /// Nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Parameters P; accepts suffixes K and M (binary: 8M = 8 x 2^20).
+        #[arg(long, default_value = "1M", value_parser = parse_count)]
+        params: usize,
+        /// Rounds timed (after a first, untimed round that sets up connections).
+        #[arg(long, default_value_t = 10)]
+        rounds: u64,
+    },
 }
 
 /// Parses a count with an optional binary suffix: `1000`, `64K`, `8M`.
@@ -220,8 +234,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 naive,
                 threads,
             } => bench_merge(updates, params, strategy, byzantine, reps, naive, threads),
+            BenchCommand::Round {
+                nodes,
+                params,
+                rounds,
+            } => bench_round(nodes, params, rounds),
         },
     }
+}
+
+fn bench_round(nodes: usize, params: usize, rounds: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (2..=64).contains(&nodes),
+        "--nodes must be between 2 and 64"
+    );
+    anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
+    let r = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(crate::swarm::bench::round_overhead(nodes, params, rounds))?;
+    println!("round overhead: {nodes} nodes, {params} parameters, {rounds} timed rounds");
+    for (i, t) in r.rounds.iter().enumerate() {
+        println!("  round {:>3}  {:>9.1} ms", i + 2, t.as_secs_f64() * 1e3);
+    }
+    if let Some(rss) = r.peak_rss {
+        println!(
+            "  peak memory of all {nodes} nodes together: {:.0} MiB",
+            rss as f64 / f64::from(1u32 << 20)
+        );
+    }
+    println!(
+        "round_ms_median={:.1} bytes_per_node_per_round={:.0}",
+        r.median().as_secs_f64() * 1e3,
+        r.bytes_per_node_per_round
+    );
+    Ok(())
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<cellswarm_common::config::Config> {

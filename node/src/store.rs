@@ -191,6 +191,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Whether a blob file exists (without checking it).
     fn has_blob(&self, kind: BlobKind, hash: &[u8; 32]) -> bool;
 
+    /// Reads a blob to send to a peer, without checking its hash here: the peer verifies
+    /// the signature and hash of what it receives, and a damaged file is caught by
+    /// [`Store::blob`] or the start-up check.
+    ///
+    /// # Errors
+    /// I/O errors other than absence.
+    fn blob_for_peer(&self, kind: BlobKind, hash: &[u8; 32])
+    -> Result<Option<Vec<u8>>, StoreError>;
+
     /// The head of the chain, if any.
     ///
     /// # Errors
@@ -239,6 +248,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Database errors.
     fn flush(&self) -> Result<(), StoreError>;
 }
+
+/// Distinguishes temporary files of concurrent writers.
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The sled + files implementation of [`Store`].
 pub struct DiskStore {
@@ -400,6 +412,10 @@ impl DiskStore {
 
 impl Store for DiskStore {
     fn put_blob(&self, kind: BlobKind, hash: &[u8; 32], bytes: &[u8]) -> Result<(), StoreError> {
+        // Content-addressed: a file that exists holds these bytes (checked when read).
+        if self.has_blob(kind, hash) {
+            return Ok(());
+        }
         let actual = kind.hash(bytes);
         if actual != Some(*hash) {
             return Err(StoreError::HashMismatch {
@@ -409,13 +425,11 @@ impl Store for DiskStore {
             });
         }
         let path = self.blob_path(kind, hash);
-        if path.is_file() {
-            return Ok(());
-        }
         let tmp = self.root.join("tmp").join(format!(
-            "{}.{}.partial",
+            "{}.{}.{}.partial",
             hex::encode(&hash[..8]),
-            std::process::id()
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;
@@ -444,6 +458,19 @@ impl Store for DiskStore {
 
     fn has_blob(&self, kind: BlobKind, hash: &[u8; 32]) -> bool {
         self.blob_path(kind, hash).is_file()
+    }
+
+    fn blob_for_peer(
+        &self,
+        kind: BlobKind,
+        hash: &[u8; 32],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.blob_path(kind, hash);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
     }
 
     fn head(&self) -> Result<Option<Head>, StoreError> {

@@ -6,7 +6,9 @@
 //! - [`local`]: local training as the swarm sees it ([`local::LocalTrainer`]).
 //! - [`engine`]: the round state machine.
 //! - [`status`]: status snapshots and metrics.
+//! - [`bench`]: round overhead without training (`cellswarm bench round`).
 
+pub mod bench;
 pub mod codec;
 pub mod engine;
 pub mod local;

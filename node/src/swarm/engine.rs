@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use cellswarm_aggregator::{AggregateError, Merged, Merger, MergerState, Update};
 use cellswarm_common::config::{Config, EncodingKind};
 use cellswarm_common::delta::{Delta, DeltaEncoding, DeltaLimits};
-use cellswarm_common::envelope::{MemberKeys, PayloadKind, UnverifiedEnvelope, seal};
+use cellswarm_common::envelope::{MemberKeys, PayloadKind, UnverifiedEnvelope, seal, seal_hashed};
 use cellswarm_common::identity::{Identity, peer_id_from_signer_key, signer_key_from_peer_id};
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
 use cellswarm_common::weights::{Layout, Limits, Weights};
@@ -281,6 +281,9 @@ pub struct Engine {
     pending_records: Vec<(Vec<u8>, Option<RecordHash>, PeerId)>,
     fetching_genesis: bool,
     restart_when_trainer_returns: bool,
+    ahead_since: Option<Instant>,
+    last_record_request: Option<Instant>,
+    published: Option<(RoundId, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -359,6 +362,9 @@ impl Engine {
             pending_records: Vec::new(),
             fetching_genesis: false,
             restart_when_trainer_returns: false,
+            ahead_since: None,
+            last_record_request: None,
+            published: None,
         })
     }
 
@@ -530,6 +536,12 @@ impl Engine {
         self.phase = Phase::Training;
         self.publish_status(false);
         self.heartbeat_now().await;
+        // Faster peers may have announced their deltas for this round while we were
+        // still finishing the last one: ask for what they hold.
+        let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+        for p in peers {
+            self.ask_for_deltas(p);
+        }
         let Some(mut trainer) = self.trainer_slot().take() else {
             return;
         };
@@ -539,7 +551,7 @@ impl Engine {
         let cancel = Arc::new(AtomicBool::new(false));
         self.train_cancel = Arc::clone(&cancel);
         let tx = self.internal_tx.clone();
-        tracing::info!(round = %r, model = %model.hash().short(), "training");
+        tracing::info!(round = %r, model = %self.head.map(|h| h.model.short()).unwrap_or_default(), "training");
         self.tracker.spawn_blocking(move || {
             let result = trainer.train_round(&model, r, &cancel);
             let _ = tx.blocking_send(Internal::Trained {
@@ -596,22 +608,32 @@ impl Engine {
         let Some(base) = self.model.clone() else {
             return;
         };
-        let built = (|| -> Result<(DeltaHash, Vec<u8>), String> {
+        // The head names the model's hash: no need to hash 4P bytes again.
+        let base_hash = self.head.map(|h| h.model).unwrap_or_default();
+        let built = (|| -> Result<(DeltaHash, Vec<u8>, Update), String> {
             let delta = Delta::between(&base, &trained.weights).map_err(|e| e.to_string())?;
             let header = DeltaHeader {
                 consortium: self.digest,
                 round,
-                base: base.hash(),
+                base: base_hash,
                 sample_count: trained.samples,
                 metrics: trained.metrics,
                 masked: false,
             };
             let body = delta.encode(self.encoding()).map_err(|e| e.to_string())?;
+            drop(delta);
             let payload = encode_frame(&header, &body).map_err(|e| e.to_string())?;
-            let hash = DeltaHash::of(&payload);
-            Ok((hash, seal(&self.identity, PayloadKind::Delta, &payload)))
+            // What the others will merge is what they decode: decode our own encoding
+            // (lossy for f16, int8 and top-k) instead of using the exact delta.
+            let decoded =
+                Delta::decode(&body, &self.layout, &self.limits).map_err(|e| e.to_string())?;
+            drop(body);
+            let (env, digest) = seal_hashed(&self.identity, PayloadKind::Delta, &payload);
+            let hash = DeltaHash(digest);
+            let update = Update::new(self.me, hash, base_hash, trained.samples.max(1), decoded);
+            Ok((hash, env, update))
         })();
-        let (hash, env) = match built {
+        let (hash, env, update) = match built {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(round = %round, error = %e, "could not encode our delta");
@@ -634,7 +656,11 @@ impl Engine {
         }
         tracing::info!(round = %round, delta = %hash.short(), bytes = env.len(), loss = trained.metrics.train_loss, "proposing our delta");
         self.phase = Phase::Collecting;
-        self.accept_envelope(round, hash, env, None);
+        drop(env);
+        if let Some(rs) = self.round.as_mut() {
+            rs.pool.insert(self.me, Pooled { hash, update });
+            self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
+        }
         self.announce_delta(round, hash).await;
         self.publish_status(false);
     }
@@ -729,10 +755,9 @@ impl Engine {
                     }
                     return false;
                 }
-                if let Err(e) = self.store.put_blob(BlobKind::Delta, hash.as_bytes(), &env) {
-                    tracing::error!(error = %e, "could not store a delta");
-                    return false;
-                }
+                // Others' deltas are held (decoded) for the round only; each member serves
+                // its own from its store, and the audit log keeps every merged hash.
+                drop(env);
                 rs.pool.insert(signer, Pooled { hash, update });
                 self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(round = %round, peer = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), delta = %hash.short(), pool = self.round.as_ref().map_or(0, |r| r.pool.len()), "accepted a delta");
@@ -973,6 +998,7 @@ impl Engine {
         let tx = self.internal_tx.clone();
         let head_hash = self.head.map(|h| h.model).unwrap_or_default();
         let cancel = self.cancel.clone();
+        let store = Arc::clone(&self.store);
         self.tracker.spawn_blocking(move || {
             let start = Instant::now();
             while start.elapsed() < delay && !cancel.is_cancelled() {
@@ -983,6 +1009,15 @@ impl Engine {
                 m.load_state(&state, &layout)?;
                 m.merge(&base, head_hash, &updates, round)
             })();
+            drop(updates);
+            // Write the candidate model here, off the event loop; it is only referenced
+            // once the round commits (and is named by its hash, so a stray file is harmless).
+            if let Ok(m) = &result
+                && let Err(e) =
+                    store.put_blob(BlobKind::Model, m.hash.as_bytes(), &m.weights.to_bytes())
+            {
+                tracing::error!(round = %round, error = %e, "could not store the merged model");
+            }
             let msg = match verify {
                 None => Internal::Merged {
                     round,
@@ -1037,15 +1072,12 @@ impl Engine {
         };
         let hash = RecordHash::of(&payload);
         let envelope = seal(&self.identity, PayloadKind::MergeRecord, &payload);
-        // Publish before committing: a merger that dies here leaves no record behind,
-        // and the next candidate takes over.
-        self.store.put_blob(
-            BlobKind::Model,
-            merged.hash.as_bytes(),
-            &merged.weights.to_bytes(),
-        )?;
+        // Publish, then commit: a merger that dies in between leaves a record nobody
+        // can fetch, and the next candidate takes over. Until the commit the record is
+        // served from memory.
         self.store
             .put_blob(BlobKind::State, &record.state, &state)?;
+        self.published = Some((round, envelope.clone()));
         self.announce(&Announcement::MergeReady {
             round,
             record: hash,
@@ -1074,11 +1106,13 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let round = record.round;
         let state = self.merger_state_bytes(&merged.outcome.next_state);
-        self.store.put_blob(
-            BlobKind::Model,
-            merged.hash.as_bytes(),
-            &merged.weights.to_bytes(),
-        )?;
+        if !self.store.has_blob(BlobKind::Model, merged.hash.as_bytes()) {
+            self.store.put_blob(
+                BlobKind::Model,
+                merged.hash.as_bytes(),
+                &merged.weights.to_bytes(),
+            )?;
+        }
         self.store
             .put_blob(BlobKind::State, &record.state, &state)?;
         let head = Head {
@@ -1126,6 +1160,7 @@ impl Engine {
         self.last_record = Some(record);
         self.adopt_head(head, merged.weights);
         self.round = None;
+        self.ahead_since = None;
         // Score the new model on held-out frames, off the event loop.
         if let (Some(mut t), Some(m)) = (self.trainer_slot().take(), self.model.clone()) {
             let tx = self.internal_tx.clone();
@@ -1408,6 +1443,33 @@ impl Engine {
     // Catching up
     // ---------------------------------------------------------------------------------
 
+    /// A member is in a later round. One round ahead while we are in the round, it has
+    /// most likely committed the record we are about to receive: ask for that record (a
+    /// few hundred bytes, verified by recomputing the merge) rather than download the
+    /// model. Further ahead, or still ahead after two heartbeats, catch up on the chain.
+    fn peer_ahead(&mut self, round: RoundId, from: PeerId) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        let current = self.current();
+        let now = Instant::now();
+        if round.0 == current.0 + 1 && self.round.is_some() {
+            let since = *self.ahead_since.get_or_insert(now);
+            if now.duration_since(since) < self.heartbeat * 2 {
+                let verifying = self.round.as_ref().is_some_and(|r| r.verifying.is_some());
+                let recent = self
+                    .last_record_request
+                    .is_some_and(|t| now.duration_since(t) < Duration::from_millis(500));
+                if !verifying && !recent {
+                    self.last_record_request = Some(now);
+                    self.fetch_record(current, None, from);
+                }
+                return;
+            }
+        }
+        self.begin_sync(from);
+    }
+
     fn begin_sync(&mut self, peer: PeerId) {
         if self.syncing {
             return;
@@ -1479,6 +1541,7 @@ impl Engine {
         };
         tracing::info!(round = %last.round, model = %last.model.short(), records = o.records.len(), "caught up");
         self.last_record = Some(last);
+        self.ahead_since = None;
         self.adopt_head(
             head,
             Weights::from_flat(Arc::clone(&self.layout), o.model.into_values())
@@ -1756,20 +1819,20 @@ impl Engine {
                 if round == current && self.round.is_some() {
                     self.fetch_delta(delta, from);
                 } else if round > current {
-                    self.begin_sync(from);
+                    self.peer_ahead(round, from);
                 }
             }
             Announcement::MergeReady { round, record, .. } => {
                 if round == current {
                     self.fetch_record(round, Some(record), from);
                 } else if round > current {
-                    self.begin_sync(from);
+                    self.peer_ahead(round, from);
                 }
             }
             Announcement::Heartbeat { round, model } => {
                 self.peer_rounds.insert(signer_peer, (round, model));
-                if round > current && self.phase != Phase::Done {
-                    self.begin_sync(from);
+                if round > current {
+                    self.peer_ahead(round, from);
                 } else if round == current && self.head.is_some_and(|h| h.model != model) {
                     tracing::error!(round = %round, peer = %signer_peer, theirs = %model.short(), ours = %self.head.map(|h| h.model.short()).unwrap_or_default(), "a member started this round from another model (the chain has forked)");
                 } else if round == current {
@@ -1805,6 +1868,7 @@ impl Engine {
             .round
             .as_ref()
             .map(|r| (r.id, r.pool.iter().map(|(s, p)| (*s, p.hash)).collect()));
+        let published = self.published.clone();
         self.tracker.spawn(async move {
             let response =
                 tokio::task::spawn_blocking(move || -> Result<SyncResponse, StoreError> {
@@ -1812,13 +1876,20 @@ impl Engine {
                                 h: &[u8; 32],
                                 header: ResponseHeader|
                      -> Result<SyncResponse, StoreError> {
-                        Ok(match store.blob(kind, h)? {
+                        Ok(match store.blob_for_peer(kind, h)? {
                             Some(body) => SyncResponse { header, body },
                             None => SyncResponse::empty(ResponseHeader::NotFound),
                         })
                     };
                     let record = |round: RoundId| -> Result<SyncResponse, StoreError> {
-                        Ok(match store.record(round)? {
+                        let stored = match store.record(round)? {
+                            Some(b) => Some(b),
+                            None => published
+                                .clone()
+                                .filter(|(r, _)| *r == round)
+                                .map(|(_, b)| b),
+                        };
+                        Ok(match stored {
                             Some(body) => SyncResponse {
                                 header: ResponseHeader::Record,
                                 body,
@@ -1875,12 +1946,7 @@ impl Engine {
                     self.ask_for_deltas(p);
                 }
             }
-            if (self.model.is_none()
-                || self
-                    .head
-                    .is_some_and(|h| self.model.as_ref().is_none_or(|m| m.hash() != h.model)))
-                && !self.fetching_genesis
-            {
+            if self.model.is_none() && !self.fetching_genesis {
                 self.fetch_missing_model();
             }
         }
