@@ -412,10 +412,6 @@ impl DiskStore {
 
 impl Store for DiskStore {
     fn put_blob(&self, kind: BlobKind, hash: &[u8; 32], bytes: &[u8]) -> Result<(), StoreError> {
-        // Content-addressed: a file that exists holds these bytes (checked when read).
-        if self.has_blob(kind, hash) {
-            return Ok(());
-        }
         let actual = kind.hash(bytes);
         if actual != Some(*hash) {
             return Err(StoreError::HashMismatch {
@@ -425,6 +421,9 @@ impl Store for DiskStore {
             });
         }
         let path = self.blob_path(kind, hash);
+        if path.is_file() {
+            return Ok(());
+        }
         let tmp = self.root.join("tmp").join(format!(
             "{}.{}.{}.partial",
             hex::encode(&hash[..8]),
