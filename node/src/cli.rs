@@ -68,6 +68,10 @@ pub enum Command {
     Segment(learn::SegmentArgs),
     /// Score predicted masks against ground truth (F1, AP, mean IoU, SEG).
     Eval(learn::EvalArgs),
+    /// Three sites training one model together on this machine, with a report: each site
+    /// runs a node (libp2p over loopback) on its own synthetic movie, next to a
+    /// local-only model for comparison.
+    Demo(DemoArgs),
     /// Run this site's node until SIGTERM or SIGINT (the daemon).
     Run {
         /// The site file (it names the consortium file).
@@ -87,6 +91,35 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+/// Options of `cellswarm demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Real CTC sequence folders, one per site (default: synthetic movies).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Rounds.
+    #[arg(long, default_value_t = 6)]
+    pub rounds: u64,
+    /// Sites.
+    #[arg(long, default_value_t = 3)]
+    pub sites: usize,
+    /// Report folder.
+    #[arg(long, default_value = "cellswarm-demo")]
+    pub out: PathBuf,
+    /// Seed of the synthetic movies and of training.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Optimiser steps per site per round.
+    #[arg(long, default_value_t = 40)]
+    pub steps: u64,
+    /// Frames per synthetic movie.
+    #[arg(long, default_value_t = 12)]
+    pub frames: u32,
+    /// Channels of the U-Net's first level.
+    #[arg(long, default_value_t = 8)]
+    pub width: usize,
 }
 
 /// Things `cellswarm bench` measures.
@@ -203,6 +236,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init { dir, name, port } => {
             let created = site::init(&dir, &name, port)?;
             print!("{}", created.summary());
+            Ok(())
+        }
+        Command::Demo(a) => {
+            anyhow::ensure!(
+                (2..=26).contains(&a.sites),
+                "--sites must be between 2 and 26"
+            );
+            anyhow::ensure!(a.rounds >= 1, "--rounds must be at least 1");
+            anyhow::ensure!(a.frames >= 2, "--frames must be at least 2");
+            let options = crate::demo::DemoOptions {
+                sites: a.sites,
+                rounds: a.rounds,
+                steps: a.steps,
+                data: a.data,
+                frames: a.frames,
+                out: a.out,
+                seed: a.seed,
+                width: a.width,
+                ..crate::demo::DemoOptions::default()
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(crate::demo::run(options))?;
             Ok(())
         }
         Command::Run { config } => {

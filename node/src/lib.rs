@@ -11,6 +11,7 @@
 //! - [`store`]: durable state (sled metadata, content-addressed files).
 //! - [`swarm`]: the libp2p network and the round protocol.
 //! - [`daemon`]: the node as a long-running process (`cellswarm run`).
+//! - [`demo`]: `cellswarm demo`, a consortium on one machine and its report.
 //!
 //! [`Weights`]: cellswarm_common::weights::Weights
 //!
@@ -27,6 +28,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod data;
+pub mod demo;
 pub mod infer;
 pub mod metrics;
 pub mod model;

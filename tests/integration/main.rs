@@ -17,3 +17,6 @@ mod swarm;
 
 /// The swarm as processes: killed members and mergers, graceful stops.
 mod swarm_process;
+
+/// `cellswarm demo` end to end.
+mod demo;

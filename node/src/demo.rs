@@ -1,0 +1,836 @@
+//! `cellswarm demo`: a consortium of sites on one machine, and a report.
+//!
+//! Each site gets its own synthetic movie from a different profile (non-IID) or one of
+//! the real CTC movies given with `--data`; its node runs in this process with its own
+//! libp2p swarm on loopback, its own sled store and its own key, and trains the U-Net on
+//! its frames only. Beside the swarm, each site also trains a *local-only* model with the
+//! same steps from the same start, so the report can show what the swarm adds. After each
+//! round the merged model and the local models are scored on every site's held-out frames.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cellswarm_common::config::Config;
+use cellswarm_common::identity::Identity;
+use cellswarm_common::ids::{ModelHash, RoundId};
+use cellswarm_common::weights::{Limits, Weights};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::daemon::{DaemonError, Node};
+use crate::data::ctc::Movie;
+use crate::data::dataset::{Annotated, load_annotated};
+use crate::data::patches::SamplerConfig;
+use crate::data::volume::Labels;
+use crate::infer::{InferOptions, segment};
+use crate::metrics::{MatchCounts, Overlaps, match_counts};
+use crate::model::{UNetConfig, default_device, save_model};
+use crate::store::{BlobKind, DiskStore, Store};
+use crate::swarm::local::{LocalTrainer, TrainedRound, UNetTrainer};
+use crate::train::TrainOptions;
+use crate::train::params::load_weights;
+
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Sites (one node each).
+    pub sites: usize,
+    /// Rounds.
+    pub rounds: u64,
+    /// Optimiser steps per site per round.
+    pub steps: u64,
+    /// Real CTC sequence folders, one per site (synthetic movies when empty).
+    pub data: Vec<PathBuf>,
+    /// Frames per synthetic movie.
+    pub frames: u32,
+    /// Report folder.
+    pub out: PathBuf,
+    /// Seed of the synthetic movies and of training.
+    pub seed: u64,
+    /// Channels of the U-Net's first level.
+    pub width: usize,
+    /// Patches per step.
+    pub batch: usize,
+    /// Patch side.
+    pub patch: usize,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            sites: 3,
+            rounds: 6,
+            steps: 40,
+            data: Vec::new(),
+            frames: 12,
+            out: PathBuf::from("cellswarm-demo"),
+            seed: 1,
+            width: 8,
+            batch: 4,
+            patch: 96,
+        }
+    }
+}
+
+/// One round of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// The round.
+    pub round: u64,
+    /// The merged model's hash.
+    pub model: String,
+    /// Each site's mean training loss in this round.
+    pub train_loss: BTreeMap<String, f32>,
+    /// The swarm model's F1 on each site's held-out frames.
+    pub f1_swarm: BTreeMap<String, f64>,
+    /// Each site's local-only model's F1 on its own held-out frames.
+    pub f1_local: BTreeMap<String, f64>,
+    /// Seconds since the start.
+    pub elapsed_s: f64,
+}
+
+/// The whole report (`metrics.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Site names, in order.
+    pub sites: Vec<String>,
+    /// Where each site's movie came from.
+    pub movies: Vec<String>,
+    /// Per-round results.
+    pub rounds: Vec<RoundReport>,
+    /// Row labels of the cross-site matrix: `swarm`, then `local:<site>`.
+    pub cross_site_models: Vec<String>,
+    /// F1 of every model (rows) on every site's held-out frames (columns).
+    pub cross_site_f1: Vec<Vec<f64>>,
+    /// Mean over sites of the swarm model's F1.
+    pub swarm_mean_f1: f64,
+    /// The best mean over sites of any local-only model's F1.
+    pub best_local_mean_f1: f64,
+    /// The final model's hash.
+    pub final_model: String,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// A site's data.
+struct Site {
+    name: String,
+    movie: PathBuf,
+    train: Vec<Annotated>,
+    heldout: Vec<Annotated>,
+}
+
+/// Records each round's training loss of a node's trainer.
+struct Recording {
+    inner: UNetTrainer,
+    losses: Arc<Mutex<BTreeMap<u64, f32>>>,
+    /// Round r's merged model arrives as the base of round r + 1 (node 0 only).
+    models: Option<watch::Sender<BTreeMap<u64, Weights>>>,
+}
+
+impl LocalTrainer for Recording {
+    fn genesis(&mut self, seed: u64) -> Weights {
+        self.inner.genesis(seed)
+    }
+
+    fn train_round(
+        &mut self,
+        base: &Weights,
+        round: RoundId,
+        cancel: &AtomicBool,
+    ) -> Result<TrainedRound, String> {
+        if let Some(m) = &self.models {
+            m.send_modify(|map| {
+                map.insert(round.0 - 1, base.clone());
+            });
+        }
+        let r = self.inner.train_round(base, round, cancel)?;
+        if let Ok(mut l) = self.losses.lock() {
+            l.insert(round.0, r.metrics.train_loss);
+        }
+        Ok(r)
+    }
+
+    fn evaluate(&mut self, _model: &Weights) -> Option<f32> {
+        // The demo scores every model on every site itself.
+        None
+    }
+}
+
+fn setup_err(what: &str) -> impl Fn(std::io::Error) -> DaemonError + '_ {
+    move |e| DaemonError::Setup(format!("{what}: {e}"))
+}
+
+/// Site profiles in the order sites get them: different imaging (noise) and different
+/// cell densities and shapes, so that no site's data stands for the others'.
+const DEMO_PROFILES: [&str; 5] = ["noisy", "dense", "sparse", "balanced", "fast"];
+
+fn site_name(i: usize) -> String {
+    format!("site-{}", (b'a' + (i % 26) as u8) as char)
+}
+
+/// Prepares the sites' movies: synthetic ones from different profiles, or `data`.
+fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
+    let mut sites = Vec::new();
+    for i in 0..o.sites {
+        let name = site_name(i);
+        let movie = if o.data.is_empty() {
+            let profile_name = DEMO_PROFILES[i % DEMO_PROFILES.len()];
+            let profile = crate::synth::Profile::named(profile_name)
+                .ok_or_else(|| DaemonError::Setup(format!("no profile {profile_name}")))?;
+            let dir = o.out.join("data").join(&name);
+            let seq = dir.join("01");
+            if !seq.is_dir() {
+                crate::synth::generate(&profile, o.frames as usize, o.seed + i as u64)
+                    .write_ctc(&dir, "01")?;
+            }
+            seq
+        } else {
+            o.data[i].clone()
+        };
+        let m = Movie::open(&movie)?;
+        let all = load_annotated(&m, None)?;
+        if all.len() < 2 {
+            return Err(DaemonError::Setup(format!(
+                "{}: needs at least 2 annotated frames (one to train on, one held out)",
+                movie.display()
+            )));
+        }
+        // The last quarter of the annotated frames (at least one) is held out.
+        let held = (all.len() / 4).max(1);
+        let split = all.len() - held;
+        let mut train = all;
+        let heldout = train.split_off(split);
+        sites.push(Site {
+            name,
+            movie,
+            train,
+            heldout,
+        });
+    }
+    Ok(sites)
+}
+
+fn unet_config(o: &DemoOptions) -> UNetConfig {
+    UNetConfig::new().with_depth(3).with_base_channels(o.width)
+}
+
+fn train_options(o: &DemoOptions, site: usize) -> TrainOptions {
+    TrainOptions {
+        batch: o.batch,
+        learning_rate: 1e-3,
+        seed: o.seed * 1000 + site as u64,
+        sampler: SamplerConfig {
+            patch: o.patch,
+            ..SamplerConfig::default()
+        },
+        cosine_decay: false,
+        ..TrainOptions::default()
+    }
+}
+
+/// Writes key files, site files and the consortium file; returns the site files.
+fn write_configs(
+    o: &DemoOptions,
+    sites: &[Site],
+    genesis: ModelHash,
+) -> Result<Vec<(PathBuf, Identity)>, DaemonError> {
+    let root = o.out.join("swarm");
+    std::fs::create_dir_all(&root).map_err(setup_err("creating the swarm folder"))?;
+    let mut consortium = format!(
+        "name = \"cellswarm-demo\"\ngenesis = \"{genesis}\"\n\n[model]\narchitecture = \"unet\"\n\
+         depth = 3\nbase_channels = {}\n\n[rounds]\nmin_peers = {}\ncollect_timeout = \"30m\"\n\
+         merge_timeout = \"2m\"\nmax_rounds = {}\n\n[aggregation]\nstrategy = \"fedavg\"\n\
+         max_update_norm = 1e6\n",
+        o.width,
+        sites.len(),
+        o.rounds
+    );
+    let mut out = Vec::new();
+    for (i, s) in sites.iter().enumerate() {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&o.seed.to_le_bytes());
+        seed[8] = i as u8 + 1;
+        let id = Identity::from_seed(seed)?;
+        let dir = root.join(&s.name);
+        std::fs::create_dir_all(&dir).map_err(setup_err("creating a site folder"))?;
+        let _ = write!(
+            consortium,
+            "\n[[members]]\nname = \"{}\"\npeer_id = \"{}\"\n",
+            s.name,
+            id.peer_id()
+        );
+        let movie = s.movie.canonicalize().unwrap_or_else(|_| s.movie.clone());
+        let file = dir.join("cellswarm.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "consortium = \"../consortium.toml\"\n\n[net]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n\n\
+                 [data]\nmovies = [{:?}]\n\n[training]\nsteps_per_round = {}\nbatch_size = {}\n\
+                 patch_size = {}\nseed = {}\n\n[store]\npath = \"store\"\n\n[status]\nenabled = false\n",
+                movie.display().to_string(),
+                o.steps,
+                o.batch,
+                o.patch,
+                i
+            ),
+        )
+        .map_err(setup_err("writing a site file"))?;
+        out.push((file, id));
+    }
+    std::fs::write(root.join("consortium.toml"), consortium)
+        .map_err(setup_err("writing the consortium file"))?;
+    Ok(out)
+}
+
+/// F1 at IoU 0.5 of `model` on `frames`.
+fn score(config: &UNetConfig, model: &Weights, frames: &[Annotated]) -> Result<f64, DaemonError> {
+    let device = default_device();
+    let mut net = config.init(&device);
+    load_weights(&mut net, model)
+        .map_err(|e| DaemonError::Setup(format!("loading weights: {e}")))?;
+    let mut counts = MatchCounts::default();
+    let opts = InferOptions::default();
+    for a in frames {
+        let pred = segment(&net, config, &device, &a.image, &opts);
+        counts += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);
+    }
+    Ok(counts.scores(0.5).f1)
+}
+
+fn read_model(store: &Path, hash: ModelHash) -> Result<Weights, DaemonError> {
+    let path = store.join("blobs/models").join(hash.to_hex());
+    let bytes = std::fs::read(&path).map_err(setup_err("reading the merged model"))?;
+    let limits = Limits {
+        max_tensors: 4096,
+        max_params: 1 << 28,
+    };
+    let w = Weights::from_bytes(&bytes, &limits)
+        .map_err(|e| DaemonError::Setup(format!("{}: {e}", path.display())))?;
+    if w.hash() != hash {
+        return Err(DaemonError::Setup(format!(
+            "{} does not match its hash",
+            path.display()
+        )));
+    }
+    Ok(w)
+}
+
+/// Runs the demo, printing one line per round to stdout, and writes the report.
+///
+/// # Errors
+/// Unreadable movies, a swarm that does not finish, or a report that cannot be written.
+pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
+    if !o.data.is_empty() && o.data.len() != o.sites {
+        return Err(DaemonError::Setup(format!(
+            "--data gives {} movies for {} sites: give one per site (or change --sites)",
+            o.data.len(),
+            o.sites
+        )));
+    }
+    let start = Instant::now();
+    std::fs::create_dir_all(&o.out).map_err(setup_err("creating the report folder"))?;
+    let sites = {
+        let o = o.clone();
+        tokio::task::spawn_blocking(move || prepare_sites(&o))
+            .await
+            .map_err(|e| DaemonError::Setup(e.to_string()))??
+    };
+    let config = unet_config(&o);
+    let device = default_device();
+    device.seed(0);
+    let genesis_weights = crate::train::params::to_weights(&config.init(&device))
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let genesis = genesis_weights.hash();
+    let files = write_configs(&o, &sites, genesis)?;
+    println!(
+        "cellswarm demo: {} sites ({}), {} rounds of {} steps; report in {}",
+        sites.len(),
+        sites
+            .iter()
+            .map(|s| format!(
+                "{} {} train/{} held-out frames",
+                s.name,
+                s.train.len(),
+                s.heldout.len()
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        o.rounds,
+        o.steps,
+        o.out.display()
+    );
+
+    // Start the nodes; each store gets the genesis model first.
+    let (models_tx, mut models_rx) = watch::channel(BTreeMap::<u64, Weights>::new());
+    let mut nodes = Vec::new();
+    let mut losses = Vec::new();
+    let mut stores = Vec::new();
+    for (i, (file, id)) in files.into_iter().enumerate() {
+        let cfg = Config::load(&file)?;
+        let store_path = cfg.node.store.resolved_path();
+        {
+            let store =
+                DiskStore::open(&store_path, 1 << 20).map_err(|source| DaemonError::Store {
+                    path: store_path.clone(),
+                    source,
+                })?;
+            store
+                .put_blob(
+                    BlobKind::Model,
+                    genesis.as_bytes(),
+                    &genesis_weights.to_bytes(),
+                )
+                .map_err(|source| DaemonError::Store {
+                    path: store_path.clone(),
+                    source,
+                })?;
+        }
+        let inner = UNetTrainer::new(
+            config.clone(),
+            &sites[i].train,
+            Vec::new(),
+            train_options(&o, i),
+            o.steps,
+        )
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let l = Arc::new(Mutex::new(BTreeMap::new()));
+        losses.push(Arc::clone(&l));
+        stores.push(store_path);
+        let models = (i == 0).then(|| models_tx.clone());
+        nodes.push(
+            Node::start(
+                cfg,
+                id,
+                Box::new(Recording {
+                    inner,
+                    losses: l,
+                    models,
+                }),
+            )
+            .await?,
+        );
+    }
+    for a in 0..nodes.len() {
+        for b in 0..a {
+            let p = nodes[b].peer_id();
+            for addr in nodes[b].net().listeners().await {
+                nodes[a]
+                    .net()
+                    .dial(addr.with_p2p(p).unwrap_or_else(|a| a))
+                    .await;
+            }
+        }
+    }
+
+    // Local-only models, trained beside the swarm with the same steps per round, round
+    // by round, so each round's line can compare the two.
+    let heldout: Arc<Vec<Vec<Annotated>>> =
+        Arc::new(sites.iter().map(|s| s.heldout.clone()).collect());
+    let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
+    let (local_tx, mut local_rx) =
+        tokio::sync::mpsc::unbounded_channel::<Result<Vec<Weights>, DaemonError>>();
+    let local_task = {
+        let o = o.clone();
+        let config = config.clone();
+        let genesis_weights = genesis_weights.clone();
+        let train: Vec<Vec<Annotated>> = sites.iter().map(|s| s.train.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            let built: Result<Vec<UNetTrainer>, DaemonError> = train
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    UNetTrainer::new(config.clone(), t, Vec::new(), train_options(&o, i), o.steps)
+                        .map_err(|e| DaemonError::Setup(e.to_string()))
+                })
+                .collect();
+            let mut trainers = match built {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = local_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut current = vec![genesis_weights; trainers.len()];
+            for r in 1..=o.rounds {
+                let mut next = Vec::new();
+                for (t, w) in trainers.iter_mut().zip(&current) {
+                    match t.train_round(w, RoundId(r), &AtomicBool::new(false)) {
+                        Ok(x) => next.push(x.weights),
+                        Err(e) => {
+                            let _ = local_tx.send(Err(DaemonError::Setup(e)));
+                            return;
+                        }
+                    }
+                }
+                current = next;
+                if local_tx.send(Ok(current.clone())).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    // Follow the swarm round by round (waiting on status changes).
+    let mut status = nodes[0].status();
+    let mut rounds = Vec::new();
+    let mut last_local: Vec<Weights> = Vec::new();
+    let mut last_swarm: Option<(ModelHash, Weights)> = None;
+    for r in 1..=o.rounds {
+        let hour = Duration::from_secs(3600);
+        let late = |_| DaemonError::Setup(format!("round {r} did not finish within an hour"));
+        let model = if r < o.rounds {
+            // The model of round r is the base node 0 trains round r + 1 from.
+            tokio::time::timeout(hour, models_rx.wait_for(|m| m.contains_key(&r)))
+                .await
+                .map_err(late)?
+                .map_err(|_| DaemonError::Setup("the first node stopped".into()))?
+                .get(&r)
+                .cloned()
+                .ok_or_else(|| DaemonError::Setup("a recorded model vanished".into()))?
+        } else {
+            let s =
+                tokio::time::timeout(hour, status.wait_for(|s| s.head_round.0 >= r && s.stopped))
+                    .await
+                    .map_err(late)?
+                    .map_err(|_| DaemonError::Setup("the first node stopped".into()))?
+                    .clone();
+            let hash = s
+                .model
+                .ok_or_else(|| DaemonError::Setup("a committed round without a model".into()))?;
+            read_model(&stores[0], hash)?
+        };
+        let hash = model.hash();
+        let local = local_rx
+            .recv()
+            .await
+            .ok_or_else(|| DaemonError::Setup("local-only training stopped".into()))??;
+        let (f1, f1_local) = {
+            let config = config.clone();
+            let held = Arc::clone(&heldout);
+            let m = model.clone();
+            let l = local.clone();
+            tokio::task::spawn_blocking(move || -> Result<(Vec<f64>, Vec<f64>), DaemonError> {
+                let swarm = held
+                    .iter()
+                    .map(|h| score(&config, &m, h))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let local = held
+                    .iter()
+                    .zip(&l)
+                    .map(|(h, w)| score(&config, w, h))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((swarm, local))
+            })
+            .await
+            .map_err(|e| DaemonError::Setup(e.to_string()))??
+        };
+        let loss: BTreeMap<String, f32> = names
+            .iter()
+            .zip(&losses)
+            .filter_map(|(n, l)| {
+                l.lock()
+                    .ok()
+                    .and_then(|m| m.get(&r).copied())
+                    .map(|v| (n.clone(), v))
+            })
+            .collect();
+        let fmt = |v: &[f64]| {
+            names
+                .iter()
+                .zip(v)
+                .map(|(n, v)| format!("{n}={v:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "round {r:>2}  model {}  loss {}  F1 swarm {}  local-only {}",
+            hash.short(),
+            names
+                .iter()
+                .map(|n| format!("{n}={:.3}", loss.get(n).copied().unwrap_or(f32::NAN)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            fmt(&f1),
+            fmt(&f1_local),
+        );
+        rounds.push(RoundReport {
+            round: r,
+            model: hash.to_hex(),
+            train_loss: loss,
+            f1_swarm: names.iter().cloned().zip(f1).collect(),
+            f1_local: names.iter().cloned().zip(f1_local).collect(),
+            elapsed_s: start.elapsed().as_secs_f64(),
+        });
+        last_local = local;
+        last_swarm = Some((hash, model));
+    }
+    for n in &nodes {
+        n.shutdown();
+    }
+    for n in nodes {
+        n.wait().await?;
+    }
+    local_task
+        .await
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let (final_hash, final_model) =
+        last_swarm.ok_or_else(|| DaemonError::Setup("no rounds".into()))?;
+
+    // The cross-site matrix: every final model on every site's held-out frames.
+    let report = {
+        let config = config.clone();
+        let held = Arc::clone(&heldout);
+        let names = names.clone();
+        let o2 = o.clone();
+        let movies: Vec<String> = sites
+            .iter()
+            .map(|s| s.movie.display().to_string())
+            .collect();
+        tokio::task::spawn_blocking(move || -> Result<Report, DaemonError> {
+            let mut models = vec![("swarm".to_owned(), final_model.clone())];
+            for (n, w) in names.iter().zip(&last_local) {
+                models.push((format!("local:{n}"), w.clone()));
+            }
+            let mut matrix = Vec::new();
+            for (_, w) in &models {
+                let row = held
+                    .iter()
+                    .map(|h| score(&config, w, h))
+                    .collect::<Result<Vec<_>, _>>()?;
+                matrix.push(row);
+            }
+            let mean = |row: &[f64]| row.iter().sum::<f64>() / row.len().max(1) as f64;
+            let swarm_mean_f1 = mean(&matrix[0]);
+            let best_local_mean_f1 = matrix[1..].iter().map(|r| mean(r)).fold(0.0, f64::max);
+            write_outputs(&o2, &config, &names, &held, &final_model)?;
+            Ok(Report {
+                sites: names.clone(),
+                movies,
+                rounds,
+                cross_site_models: models.into_iter().map(|(n, _)| n).collect(),
+                cross_site_f1: matrix,
+                swarm_mean_f1,
+                best_local_mean_f1,
+                final_model: final_hash.to_hex(),
+                seconds: 0.0,
+            })
+        })
+        .await
+        .map_err(|e| DaemonError::Setup(e.to_string()))??
+    };
+    let report = Report {
+        seconds: start.elapsed().as_secs_f64(),
+        ..report
+    };
+    std::fs::write(
+        o.out.join("metrics.json"),
+        serde_json::to_vec_pretty(&report).map_err(|e| DaemonError::Setup(e.to_string()))?,
+    )
+    .map_err(setup_err("writing metrics.json"))?;
+    std::fs::write(o.out.join("f1_per_round.svg"), f1_plot(&report))
+        .map_err(setup_err("writing f1_per_round.svg"))?;
+    std::fs::write(o.out.join("cross_site.svg"), matrix_plot(&report))
+        .map_err(setup_err("writing cross_site.svg"))?;
+    println!("cross-site F1 (rows: models, columns: held-out frames of each site)");
+    println!(
+        "  {:<14} {}",
+        "",
+        report
+            .sites
+            .iter()
+            .map(|s| format!("{s:>8}"))
+            .collect::<String>()
+    );
+    for (m, row) in report.cross_site_models.iter().zip(&report.cross_site_f1) {
+        println!(
+            "  {m:<14} {}",
+            row.iter().map(|v| format!("{v:>8.3}")).collect::<String>()
+        );
+    }
+    println!(
+        "mean F1 over all sites: swarm {:.3}, best local-only {:.3}; {:.0} s; report in {}",
+        report.swarm_mean_f1,
+        report.best_local_mean_f1,
+        report.seconds,
+        o.out.display()
+    );
+    Ok(report)
+}
+
+/// The final model (safetensors) and one overlay PNG per site.
+fn write_outputs(
+    o: &DemoOptions,
+    config: &UNetConfig,
+    names: &[String],
+    held: &[Vec<Annotated>],
+    model: &Weights,
+) -> Result<(), DaemonError> {
+    let device = default_device();
+    let mut net = config.init(&device);
+    load_weights(&mut net, model).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    save_model(&o.out.join("model"), &net, config)
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let dir = o.out.join("overlays");
+    std::fs::create_dir_all(&dir).map_err(setup_err("creating overlays/"))?;
+    for (n, h) in names.iter().zip(held) {
+        if let Some(a) = h.first() {
+            let pred = segment(&net, config, &device, &a.image, &InferOptions::default());
+            write_overlay(&dir.join(format!("{n}.png")), &a.image.data, &pred)?;
+        }
+    }
+    Ok(())
+}
+
+/// Grey image with predicted instance outlines in yellow.
+fn write_overlay(path: &Path, image: &[f32], labels: &Labels) -> Result<(), DaemonError> {
+    let (h, w) = (labels.height, labels.width);
+    let plane = &labels.data[..h * w];
+    let mut rgb = vec![0u8; h * w * 3];
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * w + x;
+            let v = (image.get(i).copied().unwrap_or(0.0).clamp(0.0, 1.0) * 255.0) as u8;
+            let l = plane[i];
+            let edge = l != 0
+                && [(0i64, 1i64), (1, 0), (0, -1), (-1, 0)]
+                    .iter()
+                    .any(|(dy, dx)| {
+                        let (yy, xx) = (y as i64 + dy, x as i64 + dx);
+                        yy < 0
+                            || xx < 0
+                            || yy >= h as i64
+                            || xx >= w as i64
+                            || plane[yy as usize * w + xx as usize] != l
+                    });
+            let px = if edge { [255, 220, 0] } else { [v, v, v] };
+            rgb[i * 3..i * 3 + 3].copy_from_slice(&px);
+        }
+    }
+    let file = std::fs::File::create(path).map_err(setup_err("creating an overlay"))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()
+        .and_then(|mut wr| wr.write_image_data(&rgb))
+        .map_err(|e| DaemonError::Setup(format!("{}: {e}", path.display())))
+}
+
+const COLOURS: [&str; 6] = [
+    "#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c",
+];
+
+/// F1 per round, swarm (solid) against local-only (dashed), one colour per site.
+fn f1_plot(r: &Report) -> String {
+    let (w, h, left, top, pw, ph) = (720.0, 420.0, 60.0, 30.0, 520.0, 330.0);
+    let n = r.rounds.len().max(1) as f64;
+    let x = |round: f64| left + (round - 1.0) / (n - 1.0).max(1.0) * pw;
+    let y = |f1: f64| top + (1.0 - f1.clamp(0.0, 1.0)) * ph;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"18\" font-size=\"14\">F1 at IoU 0.5 on each site's held-out frames: swarm (solid) vs local-only (dashed)</text>\n"
+    );
+    for k in 0..=5 {
+        let v = f64::from(k) / 5.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{yy}\" y2=\"{yy}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.1}</text>",
+            left + pw,
+            left - 6.0,
+            y(v) + 4.0,
+            yy = y(v)
+        );
+    }
+    for rr in &r.rounds {
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            x(rr.round as f64),
+            top + ph + 18.0,
+            rr.round
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">round</text>",
+        left + pw / 2.0,
+        top + ph + 36.0
+    );
+    for (i, site) in r.sites.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        for (key, dash) in [("swarm", ""), ("local", " stroke-dasharray=\"6 4\"")] {
+            let pts: Vec<String> = r
+                .rounds
+                .iter()
+                .map(|rr| {
+                    let v = if key == "swarm" {
+                        rr.f1_swarm[site]
+                    } else {
+                        rr.f1_local[site]
+                    };
+                    format!("{:.1},{:.1}", x(rr.round as f64), y(v))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
+                pts.join(" ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" fill=\"{c}\">{site}</text>",
+            left + pw + 16.0,
+            top + 16.0 + i as f64 * 18.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The cross-site matrix as a heat map with values.
+fn matrix_plot(r: &Report) -> String {
+    let (cell, left, top) = (90.0, 130.0, 50.0);
+    let w = left + cell * r.sites.len() as f64 + 20.0;
+    let h = top + cell * r.cross_site_models.len() as f64 + 20.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"18\" font-size=\"14\">F1 of each model (rows) on each site's held-out frames (columns)</text>\n"
+    );
+    for (j, site) in r.sites.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{site}</text>",
+            left + cell * (j as f64 + 0.5),
+            top - 8.0
+        );
+    }
+    for (i, (m, row)) in r.cross_site_models.iter().zip(&r.cross_site_f1).enumerate() {
+        let yy = top + cell * i as f64;
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{m}</text>",
+            left - 8.0,
+            yy + cell / 2.0 + 4.0
+        );
+        for (j, v) in row.iter().enumerate() {
+            let g = (255.0 - v.clamp(0.0, 1.0) * 180.0) as u8;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{}\" y=\"{yy}\" width=\"{cell}\" height=\"{cell}\" fill=\"rgb({g},{g},255)\" stroke=\"white\"/>\
+                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{v:.3}</text>",
+                left + cell * j as f64,
+                left + cell * (j as f64 + 0.5),
+                yy + cell / 2.0 + 4.0
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -1,0 +1,126 @@
+//! `cellswarm demo` end to end with a tiny configuration: three nodes over loopback, the
+//! report's numbers checked against an independent `cellswarm segment` + `eval`.
+
+use std::path::Path;
+
+use crate::util::{cellswarm, ok_stdout};
+
+#[test]
+fn the_demo_trains_a_swarm_and_writes_a_truthful_report() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let d = dir.path();
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "demo", "--out", "report", "--rounds", "3", "--steps", "25", "--frames", "8",
+        ],
+    ));
+    // One line per round, with the model hash, losses and both F1 columns.
+    let round_lines: Vec<&str> = out.lines().filter(|l| l.starts_with("round ")).collect();
+    assert_eq!(round_lines.len(), 3, "{out}");
+    for l in &round_lines {
+        for part in [
+            "model ",
+            "loss site-a=",
+            "F1 swarm site-a=",
+            "local-only site-a=",
+            "site-c=",
+        ] {
+            assert!(l.contains(part), "{l}");
+        }
+    }
+
+    let report = d.join("report");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("metrics.json")).expect("metrics.json"))
+            .expect("valid JSON");
+    let sites = v["sites"].as_array().expect("sites");
+    assert_eq!(sites.len(), 3);
+    let rounds = v["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3);
+    // A new merged model every round.
+    let hashes: std::collections::HashSet<&str> = rounds
+        .iter()
+        .map(|r| r["model"].as_str().expect("hash"))
+        .collect();
+    assert_eq!(hashes.len(), 3, "{hashes:?}");
+    // The cross-site matrix: the swarm model and one local model per site, on every site.
+    let matrix = v["cross_site_f1"].as_array().expect("matrix");
+    assert_eq!(matrix.len(), 4);
+    for row in matrix {
+        let row = row.as_array().expect("a row");
+        assert_eq!(row.len(), 3);
+        assert!(
+            row.iter()
+                .all(|x| (0.0..=1.0).contains(&x.as_f64().expect("f64")))
+        );
+    }
+    for f in [
+        "f1_per_round.svg",
+        "cross_site.svg",
+        "model/config.json",
+        "overlays/site-a.png",
+    ] {
+        assert!(report.join(f).is_file(), "{f} missing");
+    }
+    let png = std::fs::read(report.join("overlays/site-b.png")).expect("an overlay");
+    assert_eq!(&png[1..4], b"PNG");
+
+    // The report's F1 of the final swarm model on site-a is what segmenting site-a's
+    // held-out frame with the saved model and scoring it independently gives.
+    let movie = report.join("data/site-a/01");
+    let frames = 8usize;
+    let held = (frames / 4).max(1);
+    let range = format!("{}-{}", frames - held, frames - 1);
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &[
+            "segment",
+            "--model",
+            &p(&report.join("model")),
+            "--movie",
+            &p(&movie),
+            "--frames",
+            &range,
+            "--out",
+            "pred",
+        ],
+    ));
+    let eval = ok_stdout(&cellswarm(
+        d,
+        &[
+            "eval",
+            "--pred",
+            "pred",
+            "--gt",
+            &p(&report.join("data/site-a/01_GT")),
+            "--json",
+        ],
+    ));
+    let e: serde_json::Value = serde_json::from_str(&eval).expect("eval JSON");
+    let f1 = e["matching"]
+        .as_array()
+        .expect("matching")
+        .iter()
+        .find(|m| (m["threshold"].as_f64().unwrap_or(0.0) - 0.5).abs() < 1e-9)
+        .and_then(|m| m["f1"].as_f64())
+        .expect("F1 at 0.5");
+    let reported = matrix[0][0].as_f64().expect("f64");
+    assert!(
+        (f1 - reported).abs() < 1e-9,
+        "report says {reported}, independent scoring gives {f1}"
+    );
+
+    // Swarm learning pays: the swarm model, scored on every site's held-out frames, is
+    // not worse on average than the best site's local-only model.
+    let swarm = v["swarm_mean_f1"].as_f64().expect("f64");
+    let best_local = v["best_local_mean_f1"].as_f64().expect("f64");
+    assert!(
+        swarm >= best_local,
+        "swarm {swarm} < best local {best_local}\n{out}"
+    );
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
