@@ -78,6 +78,18 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show a running node's status (from its status endpoint).
+    Status {
+        /// The node's status endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:9460")]
+        endpoint: String,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Print the Prometheus metrics instead.
+        #[arg(long)]
+        metrics: bool,
+    },
     /// Create the consortium's starting model in this site's store and print its hash
     /// (put it in the consortium file as `genesis = "..."`).
     Genesis {
@@ -272,6 +284,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .block_on(crate::daemon::run_until_signal(config))?;
             Ok(())
         }
+        Command::Status {
+            endpoint,
+            json,
+            metrics,
+        } => {
+            let path = if metrics { "/metrics" } else { "/status" };
+            let body = crate::status_http::fetch(&endpoint, path).map_err(anyhow::Error::msg)?;
+            if json || metrics {
+                print!("{body}");
+                return Ok(());
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&body).context("the status endpoint did not answer JSON")?;
+            print!("{}", describe_status(&v));
+            Ok(())
+        }
         Command::Genesis { config } => {
             let config = load_config(&config)?;
             let hash = crate::daemon::create_genesis(&config)?;
@@ -299,6 +327,69 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } => bench_round(nodes, params, rounds),
         },
     }
+}
+
+/// A person-readable summary of a `/status` document.
+#[must_use]
+pub fn describe_status(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let s = |k: &str| match &v[k] {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        x => x.to_string(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "peer        {}", s("peer_id"));
+    let _ = writeln!(
+        out,
+        "round       {} ({}){}",
+        s("round"),
+        s("phase"),
+        if v["stopped"] == true {
+            ", finished"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "model       {} (after round {})",
+        s("model"),
+        s("head_round")
+    );
+    let connected = v["connected"].as_array().map(Vec::len).unwrap_or(0);
+    let _ = writeln!(out, "connected   {connected} member(s)");
+    for p in v["connected"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "            {}", p.as_str().unwrap_or_default());
+    }
+    let _ = writeln!(
+        out,
+        "rounds      {} completed, {} deltas accepted",
+        s("rounds_completed"),
+        s("deltas_accepted")
+    );
+    if let Some(r) = v["rejected"].as_object().filter(|r| !r.is_empty()) {
+        let list: Vec<String> = r.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(out, "rejected    {}", list.join(", "));
+    }
+    let rec = &v["last_record"];
+    if rec.is_object() {
+        let _ = writeln!(
+            out,
+            "last merge  round {}, {} contribution(s), strategy {}, merger candidate {}",
+            rec["round"],
+            rec["contributions"].as_array().map(Vec::len).unwrap_or(0),
+            rec["strategy"].as_str().unwrap_or("-"),
+            rec["attempt"]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "traffic     {} bytes in, {} bytes out",
+        s("bytes_in"),
+        s("bytes_out")
+    );
+    out
 }
 
 fn bench_round(nodes: usize, params: usize, rounds: u64) -> anyhow::Result<()> {

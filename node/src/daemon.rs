@@ -247,6 +247,7 @@ impl Node {
             .filter(|m| m.peer_id != peer_id && !m.addresses.is_empty())
             .map(|m| (m.peer_id, m.addresses.clone()))
             .collect();
+        let status_cfg = config.node.status.clone();
         let engine = Engine::new(EngineParts {
             config,
             identity: Arc::new(identity),
@@ -262,6 +263,24 @@ impl Node {
         })?;
         let engine = tracker.spawn(engine.run());
         tracker.spawn(redial(net.clone(), bootstrap, known, cancel.clone()));
+        if status_cfg.enabled {
+            let server = crate::status_http::serve(
+                status_cfg.listen,
+                status.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(net.traffic()),
+                cancel.clone(),
+            )
+            .await
+            .map_err(|e| {
+                cancel.cancel();
+                DaemonError::Setup(format!(
+                    "status endpoint {}: {e} (change [status] listen, or set enabled = false)",
+                    status_cfg.listen
+                ))
+            })?;
+            tracker.spawn(server);
+        }
         tracker.close();
         Ok(Self {
             peer_id,

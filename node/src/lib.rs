@@ -11,6 +11,7 @@
 //! - [`store`]: durable state (sled metadata, content-addressed files).
 //! - [`swarm`]: the libp2p network and the round protocol.
 //! - [`daemon`]: the node as a long-running process (`cellswarm run`).
+//! - [`status_http`]: the `/status` and `/metrics` endpoint, and its client.
 //! - [`demo`]: `cellswarm demo`, a consortium on one machine and its report.
 //!
 //! [`Weights`]: cellswarm_common::weights::Weights
@@ -33,6 +34,7 @@ pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod site;
+pub mod status_http;
 pub mod store;
 pub mod swarm;
 pub mod synth;

@@ -602,3 +602,75 @@ fn merger_order_is_a_deterministic_permutation() {
         .collect();
     assert!(firsts.len() >= 4, "{}", firsts.len());
 }
+
+#[test]
+fn the_status_endpoint_serves_json_prometheus_and_the_status_command() {
+    let c = Consortium::new(Setup {
+        nodes: 2,
+        rounds: 2,
+        ..Setup::default()
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let file = &c.sites[0].node_file;
+    let text = std::fs::read_to_string(file).expect("the site file");
+    std::fs::write(
+        file,
+        text.replace(
+            "[status]\nenabled = false",
+            &format!("[status]\nenabled = true\nlisten = \"127.0.0.1:{port}\""),
+        ),
+    )
+    .expect("rewritten");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    runtime().block_on(async {
+        let a = c.start(0, None).await;
+        let b = c.start(1, None).await;
+        let hash = wait_done(&a, 2, LONG).await;
+        assert_eq!(wait_done(&b, 2, LONG).await, hash);
+        let e = endpoint.clone();
+        let (status, metrics) = tokio::task::spawn_blocking(move || {
+            (
+                cellswarm_node::status_http::fetch(&e, "/status").expect("GET /status"),
+                cellswarm_node::status_http::fetch(&e, "/metrics").expect("GET /metrics"),
+            )
+        })
+        .await
+        .expect("joined");
+        let v: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+        assert_eq!(v["peer_id"], a.peer_id().to_string());
+        assert_eq!(v["model"], hash.to_hex());
+        assert_eq!(v["head_round"], 2);
+        assert_eq!(v["last_record"]["round"], 2);
+        assert_eq!(v["connected"].as_array().map(Vec::len), Some(1));
+        assert!(
+            metrics.contains("cellswarm_rounds_completed_total 2"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("cellswarm_round_duration_seconds_count 2"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("# TYPE cellswarm_rejected_total counter"),
+            "{metrics}"
+        );
+        let e = endpoint.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            crate::util::ok_stdout(&crate::util::cellswarm(
+                std::path::Path::new("."),
+                &["status", "--endpoint", &e],
+            ))
+        })
+        .await
+        .expect("joined");
+        assert!(out.contains(&a.peer_id().to_string()), "{out}");
+        assert!(out.contains(&hash.to_hex()), "{out}");
+        assert!(out.contains("1 member(s)"), "{out}");
+        stop_all(vec![a, b]).await;
+    });
+    // Stopped: the port is closed.
+    assert!(cellswarm_node::status_http::fetch(&endpoint, "/status").is_err());
+}

@@ -1,0 +1,134 @@
+//! The daemon's HTTP status endpoint (axum; bound to loopback by default).
+//!
+//! - `GET /status`: JSON — PeerId, round, phase, model hash, connected members, the last
+//!   merge record, rounds completed, and the rejection counters.
+//! - `GET /metrics`: the Prometheus text format (see [`Metrics::prometheus`]).
+//!
+//! Nothing here reads data or the store: it serves the engine's published snapshot.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::swarm::codec::Traffic;
+use crate::swarm::status::{Metrics, Status};
+
+#[derive(Clone)]
+struct Shared {
+    status: watch::Receiver<Status>,
+    metrics: Arc<Metrics>,
+    traffic: Arc<Traffic>,
+}
+
+/// The `/status` document.
+#[derive(Debug, Serialize)]
+struct StatusDoc {
+    #[serde(flatten)]
+    status: Status,
+    deltas_accepted: u64,
+    rejected: std::collections::BTreeMap<String, u64>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+async fn get_status(State(s): State<Shared>) -> impl IntoResponse {
+    let doc = StatusDoc {
+        status: s.status.borrow().clone(),
+        deltas_accepted: s.metrics.deltas_accepted.load(Ordering::Relaxed),
+        rejected: s
+            .metrics
+            .rejections()
+            .into_iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v))
+            .collect(),
+        bytes_in: s.traffic.bytes_in.load(Ordering::Relaxed),
+        bytes_out: s.traffic.bytes_out.load(Ordering::Relaxed),
+    };
+    axum::Json(doc)
+}
+
+async fn get_metrics(State(s): State<Shared>) -> impl IntoResponse {
+    let round = s.status.borrow().round;
+    let body = s.metrics.prometheus(
+        s.traffic.bytes_in.load(Ordering::Relaxed),
+        s.traffic.bytes_out.load(Ordering::Relaxed),
+        round,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// Binds `addr` and serves until `cancel` fires.
+///
+/// # Errors
+/// An address that cannot be bound (in use, not local).
+pub async fn serve(
+    addr: SocketAddr,
+    status: watch::Receiver<Status>,
+    metrics: Arc<Metrics>,
+    traffic: Arc<Traffic>,
+    cancel: CancellationToken,
+) -> Result<impl Future<Output = ()> + Send + use<>, std::io::Error> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "status endpoint listening (GET /status, GET /metrics)");
+    let app = Router::new()
+        .route("/status", get(get_status))
+        .route("/metrics", get(get_metrics))
+        .with_state(Shared {
+            status,
+            metrics,
+            traffic,
+        });
+    Ok(async move {
+        let stop = async move { cancel.cancelled().await };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "status endpoint failed");
+        }
+    })
+}
+
+/// Fetches `path` from a status endpoint at `endpoint` (`http://host:port`) with a plain
+/// HTTP/1.0 request, returning the body. Used by `cellswarm status`.
+///
+/// # Errors
+/// A malformed endpoint, a connection failure, or a non-200 answer.
+pub fn fetch(endpoint: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let hostport = endpoint
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{endpoint}: expected http://HOST:PORT"))?
+        .trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(hostport).map_err(|e| {
+        format!("connecting to {endpoint}: {e} (is the node running with [status] enabled?)")
+    })?;
+    let timeout = Some(std::time::Duration::from_secs(10));
+    stream
+        .set_read_timeout(timeout)
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream
+        .take(16 << 20)
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("reading from {endpoint}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{endpoint}{path}: not an HTTP response"))?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.contains(" 200 ") {
+        return Err(format!("{endpoint}{path}: {status_line}"));
+    }
+    Ok(body.to_owned())
+}
