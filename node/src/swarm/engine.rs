@@ -190,6 +190,18 @@ enum Internal {
     Evaluated(Option<f32>),
 }
 
+/// The rejection reason for an envelope that failed to parse or verify.
+fn envelope_rejection(e: cellswarm_common::envelope::EnvelopeError) -> (RejectReason, String) {
+    use cellswarm_common::envelope::EnvelopeError as E;
+    let reason = match e {
+        E::Oversized { .. } => RejectReason::Oversize,
+        E::NotAMember(_) => RejectReason::NotMember,
+        E::BadSignature(_) => RejectReason::BadSignature,
+        _ => RejectReason::Malformed,
+    };
+    (reason, e.to_string())
+}
+
 /// Merger candidates of round `r` among `signers`: ordered by SHA-256(signer ‖ r).
 #[must_use]
 pub fn merger_order(
@@ -779,18 +791,11 @@ impl Engine {
         hash: DeltaHash,
         env: Vec<u8>,
     ) -> Result<(SignerKey, Update, Vec<u8>), (RejectReason, String)> {
-        use cellswarm_common::envelope::EnvelopeError as E;
-        let env = UnverifiedEnvelope::parse(env, self.limits.max_bytes).map_err(|e| match e {
-            E::Oversized { .. } => (RejectReason::Oversize, e.to_string()),
-            _ => (RejectReason::Malformed, e.to_string()),
-        })?;
+        let env =
+            UnverifiedEnvelope::parse(env, self.limits.max_bytes).map_err(envelope_rejection)?;
         let v = env
             .verify(PayloadKind::Delta, &self.members)
-            .map_err(|e| match e {
-                E::NotAMember(_) => (RejectReason::NotMember, e.to_string()),
-                E::BadSignature(_) => (RejectReason::BadSignature, e.to_string()),
-                _ => (RejectReason::Malformed, e.to_string()),
-            })?;
+            .map_err(envelope_rejection)?;
         if DeltaHash(v.payload_digest()) != hash {
             return Err((
                 RejectReason::HashMismatch,
@@ -1181,35 +1186,37 @@ impl Engine {
     // Records from other mergers
     // ---------------------------------------------------------------------------------
 
-    fn fetch_record(&self, round: RoundId, expected: Option<RecordHash>, peer: PeerId) {
+    /// Sends `request` to `peer` off the event loop and reports the answer as `report`.
+    fn request_then(
+        &self,
+        peer: PeerId,
+        request: Request,
+        report: impl FnOnce(Result<SyncResponse, NetError>) -> Internal + Send + 'static,
+    ) {
         let net = self.net.clone();
         let tx = self.internal_tx.clone();
         self.tracker.spawn(async move {
-            let result = net.request(peer, Request::Record(round)).await;
-            let _ = tx
-                .send(Internal::RecordFetched {
-                    round,
-                    expected,
-                    peer,
-                    result,
-                })
-                .await;
+            let result = net.request(peer, request).await;
+            let _ = tx.send(report(result)).await;
+        });
+    }
+
+    fn fetch_record(&self, round: RoundId, expected: Option<RecordHash>, peer: PeerId) {
+        self.request_then(peer, Request::Record(round), move |result| {
+            Internal::RecordFetched {
+                round,
+                expected,
+                peer,
+                result,
+            }
         });
     }
 
     fn check_record(&self, envelope: Vec<u8>) -> Result<CheckedRecord, (RejectReason, String)> {
-        let env = UnverifiedEnvelope::parse(envelope, 1 << 20)
-            .map_err(|e| (RejectReason::Malformed, e.to_string()))?;
+        let env = UnverifiedEnvelope::parse(envelope, 1 << 20).map_err(envelope_rejection)?;
         let v = env
             .verify(PayloadKind::MergeRecord, &self.members)
-            .map_err(|e| {
-                use cellswarm_common::envelope::EnvelopeError as E;
-                match e {
-                    E::NotAMember(_) => (RejectReason::NotMember, e.to_string()),
-                    E::BadSignature(_) => (RejectReason::BadSignature, e.to_string()),
-                    _ => (RejectReason::Malformed, e.to_string()),
-                }
-            })?;
+            .map_err(envelope_rejection)?;
         let record: MergeRecord =
             decode_control(v.payload()).map_err(|e| (RejectReason::Malformed, e.to_string()))?;
         if record.consortium != self.digest {
@@ -1752,17 +1759,10 @@ impl Engine {
         }
         rs.last_list_request.insert(peer, now);
         let round = rs.id;
-        let net = self.net.clone();
-        let tx = self.internal_tx.clone();
-        self.tracker.spawn(async move {
-            let result = net.request(peer, Request::Deltas(round)).await;
-            let _ = tx
-                .send(Internal::List {
-                    round,
-                    peer,
-                    result,
-                })
-                .await;
+        self.request_then(peer, Request::Deltas(round), move |result| Internal::List {
+            round,
+            peer,
+            result,
         });
     }
 
@@ -1784,16 +1784,8 @@ impl Engine {
         let v = match env.verify(PayloadKind::Announcement, &self.members) {
             Ok(v) => v,
             Err(e) => {
-                let reason = match e {
-                    cellswarm_common::envelope::EnvelopeError::NotAMember(_) => {
-                        RejectReason::NotMember
-                    }
-                    cellswarm_common::envelope::EnvelopeError::BadSignature(_) => {
-                        RejectReason::BadSignature
-                    }
-                    _ => RejectReason::Malformed,
-                };
-                self.reject(reason, current, Some(source), "-", &e.to_string());
+                let (reason, detail) = envelope_rejection(e);
+                self.reject(reason, current, Some(source), "-", &detail);
                 return MessageAcceptance::Reject;
             }
         };
