@@ -13,7 +13,7 @@ use std::time::Duration;
 use cellswarm_common::config::{Config, ConfigError};
 use cellswarm_common::identity::{Identity, IdentityError};
 use cellswarm_common::ids::ModelHash;
-use cellswarm_common::weights::{Layout, Weights};
+use cellswarm_common::weights::Layout;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -151,10 +151,26 @@ fn site_frames(config: &Config) -> Result<(Vec<Annotated>, Vec<Annotated>), Daem
     Ok((train, heldout))
 }
 
-/// The genesis model this configuration's trainer builds (deterministic for a seed).
-#[must_use]
-pub fn genesis_model(trainer: &mut dyn LocalTrainer, seed: u64) -> Weights {
-    trainer.genesis(seed)
+/// Settings the schema accepts but this node does not carry out yet. A site that asks for
+/// privacy must not believe it has it: refuse to start instead of ignoring them.
+fn refuse_unimplemented(config: &Config) -> Result<(), ConfigError> {
+    let not_yet = |file: &std::path::Path, field: &str| ConfigError::Invalid {
+        file: file.to_owned(),
+        field: field.into(),
+        problem: "not implemented by this version of the node yet; remove it (nothing would be \
+                  protected)"
+            .into(),
+    };
+    if config.node.privacy.local_dp.is_some() {
+        return Err(not_yet(&config.node_file, "privacy.local_dp"));
+    }
+    if config.consortium.aggregation.secure_aggregation {
+        return Err(not_yet(
+            &config.node.consortium,
+            "aggregation.secure_aggregation",
+        ));
+    }
+    Ok(())
 }
 
 /// Opens the store of `config` and checks what its head points to. Damaged blobs are
@@ -218,6 +234,7 @@ impl Node {
     ) -> Result<Self, DaemonError> {
         let peer_id = identity.peer_id();
         config.own_member(&peer_id)?;
+        refuse_unimplemented(&config)?;
         let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
         let mut trainer = trainer;
         let layout: Arc<Layout> = Arc::clone(trainer.genesis(0).layout());

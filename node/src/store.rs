@@ -117,6 +117,36 @@ pub struct RoundCommit {
     pub audit: Vec<AuditEntry>,
 }
 
+impl RoundCommit {
+    /// The commit of an accepted merge record: head, record envelope and audit entries.
+    #[must_use]
+    pub fn of_record(
+        record: &cellswarm_common::wire::MergeRecord,
+        hash: RecordHash,
+        envelope: Vec<u8>,
+    ) -> Self {
+        Self {
+            head: Head {
+                round: record.round,
+                record: Some(hash),
+                model: record.model,
+                state: record.state,
+            },
+            record_envelope: envelope,
+            audit: record
+                .contributions
+                .iter()
+                .map(|c| AuditEntry {
+                    round: record.round,
+                    signer: c.signer,
+                    delta: c.delta,
+                    sample_count: c.sample_count,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// What [`DiskStore::check`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {

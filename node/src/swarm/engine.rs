@@ -33,7 +33,7 @@ use cellswarm_aggregator::{AggregateError, Merged, Merger, MergerState, Update};
 use cellswarm_common::config::{Config, EncodingKind};
 use cellswarm_common::delta::{Delta, DeltaEncoding, DeltaLimits};
 use cellswarm_common::envelope::{MemberKeys, PayloadKind, UnverifiedEnvelope, seal, seal_hashed};
-use cellswarm_common::identity::{Identity, peer_id_from_signer_key, signer_key_from_peer_id};
+use cellswarm_common::identity::{Identity, signer_key_from_peer_id};
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
 use cellswarm_common::weights::{Layout, Limits, Weights};
 use cellswarm_common::wire::{
@@ -50,7 +50,7 @@ use super::codec::SyncResponse;
 use super::local::{LocalTrainer, TrainedRound};
 use super::network::{NetClient, NetError, NetEvent};
 use super::status::{Metrics, RejectReason, Status};
-use crate::store::{AuditEntry, BlobKind, Head, RoundCommit, Store, StoreError};
+use crate::store::{BlobKind, Head, RoundCommit, Store, StoreError};
 
 /// What stops a node.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +119,8 @@ struct RoundState {
     verifying: Option<RecordHash>,
     seen_records: HashSet<RecordHash>,
     last_list_request: HashMap<PeerId, Instant>,
+    /// Size of our own delta envelope (announced with it).
+    own_bytes: u64,
 }
 
 impl RoundState {
@@ -134,6 +136,7 @@ impl RoundState {
             verifying: None,
             seen_records: HashSet::new(),
             last_list_request: HashMap::new(),
+            own_bytes: 0,
         }
     }
 }
@@ -288,7 +291,6 @@ pub struct Engine {
     last_heartbeat: Instant,
     heartbeat: Duration,
     limits: DeltaLimits,
-    rounds_completed: u64,
     merged_hashes: HashSet<DeltaHash>,
     pending_records: Vec<(Vec<u8>, Option<RecordHash>, PeerId)>,
     fetching_genesis: bool,
@@ -369,7 +371,6 @@ impl Engine {
             last_heartbeat: Instant::now(),
             heartbeat: (merge_timeout / 4)
                 .clamp(Duration::from_millis(250), Duration::from_secs(5)),
-            rounds_completed: 0,
             merged_hashes: HashSet::new(),
             pending_records: Vec::new(),
             fetching_genesis: false,
@@ -538,8 +539,12 @@ impl Engine {
             tracing::info!(round = %r, delta = %own.short(), "re-announcing the delta proposed before the restart");
             self.phase = Phase::Collecting;
             if let Ok(Some(env)) = self.store.blob(BlobKind::Delta, own.as_bytes()) {
+                let bytes = env.len() as u64;
+                if let Some(rs) = self.round.as_mut() {
+                    rs.own_bytes = bytes;
+                }
                 self.accept_envelope(r, own, env, None);
-                self.announce_delta(r, own).await;
+                self.announce_delta(r, own, bytes).await;
             }
             self.publish_status(false);
             self.heartbeat_now().await;
@@ -668,12 +673,14 @@ impl Engine {
         }
         tracing::info!(round = %round, delta = %hash.short(), bytes = env.len(), loss = trained.metrics.train_loss, "proposing our delta");
         self.phase = Phase::Collecting;
+        let bytes = env.len() as u64;
         drop(env);
         if let Some(rs) = self.round.as_mut() {
+            rs.own_bytes = bytes;
             rs.pool.insert(self.me, Pooled { hash, update });
             self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
         }
-        self.announce_delta(round, hash).await;
+        self.announce_delta(round, hash, bytes).await;
         self.publish_status(false);
     }
 
@@ -687,16 +694,10 @@ impl Engine {
         }
     }
 
-    async fn announce_delta(&self, round: RoundId, delta: DeltaHash) {
+    async fn announce_delta(&self, round: RoundId, delta: DeltaHash, bytes: u64) {
         let Some(base) = self.head.map(|h| h.model) else {
             return;
         };
-        let bytes = self
-            .store
-            .blob(BlobKind::Delta, delta.as_bytes())
-            .ok()
-            .flatten()
-            .map_or(0, |b| b.len() as u64);
         self.announce(&Announcement::DeltaReady {
             round,
             base,
@@ -750,7 +751,7 @@ impl Engine {
         from: Option<PeerId>,
     ) -> bool {
         match self.check_delta(round, hash, env) {
-            Ok((signer, update, env)) => {
+            Ok((signer, update)) => {
                 let Some(rs) = self.round.as_mut() else {
                     return false;
                 };
@@ -769,7 +770,6 @@ impl Engine {
                 }
                 // Others' deltas are held (decoded) for the round only; each member serves
                 // its own from its store, and the audit log keeps every merged hash.
-                drop(env);
                 rs.pool.insert(signer, Pooled { hash, update });
                 self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(round = %round, peer = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), delta = %hash.short(), pool = self.round.as_ref().map_or(0, |r| r.pool.len()), "accepted a delta");
@@ -790,7 +790,7 @@ impl Engine {
         round: RoundId,
         hash: DeltaHash,
         env: Vec<u8>,
-    ) -> Result<(SignerKey, Update, Vec<u8>), (RejectReason, String)> {
+    ) -> Result<(SignerKey, Update), (RejectReason, String)> {
         let env =
             UnverifiedEnvelope::parse(env, self.limits.max_bytes).map_err(envelope_rejection)?;
         let v = env
@@ -860,7 +860,7 @@ impl Engine {
                 ),
             ));
         }
-        Ok((signer, update, v.into_bytes()))
+        Ok((signer, update))
     }
 
     fn fetch_delta(&mut self, hash: DeltaHash, primary: PeerId) {
@@ -1080,8 +1080,6 @@ impl Engine {
         // Publish, then commit: a merger that dies in between leaves a record nobody
         // can fetch, and the next candidate takes over. Until the commit the record is
         // served from memory.
-        self.store
-            .put_blob(BlobKind::State, &record.state, &state)?;
         self.published = Some((round, envelope.clone()));
         self.announce(&Announcement::MergeReady {
             round,
@@ -1090,7 +1088,7 @@ impl Engine {
         })
         .await;
         tracing::info!(round = %round, model = %merged.hash.short(), record = %hash.short(), "published the merge record");
-        self.commit(record, hash, envelope, merged)?;
+        self.commit(record, hash, envelope, merged, &state)?;
         Ok(())
     }
 
@@ -1108,9 +1106,9 @@ impl Engine {
         hash: RecordHash,
         envelope: Vec<u8>,
         merged: Merged,
+        state: &[u8],
     ) -> Result<(), EngineError> {
         let round = record.round;
-        let state = self.merger_state_bytes(&merged.outcome.next_state);
         if !self.store.has_blob(BlobKind::Model, merged.hash.as_bytes()) {
             self.store.put_blob(
                 BlobKind::Model,
@@ -1118,29 +1116,10 @@ impl Engine {
                 &merged.weights.to_bytes(),
             )?;
         }
-        self.store
-            .put_blob(BlobKind::State, &record.state, &state)?;
-        let head = Head {
-            round,
-            record: Some(hash),
-            model: merged.hash,
-            state: record.state,
-        };
-        let audit = record
-            .contributions
-            .iter()
-            .map(|c| AuditEntry {
-                round,
-                signer: c.signer,
-                delta: c.delta,
-                sample_count: c.sample_count,
-            })
-            .collect();
-        self.store.commit_round(&RoundCommit {
-            head,
-            record_envelope: envelope,
-            audit,
-        })?;
+        self.store.put_blob(BlobKind::State, &record.state, state)?;
+        let commit = RoundCommit::of_record(&record, hash, envelope);
+        let head = commit.head;
+        self.store.commit_round(&commit)?;
         self.merger.commit(merged.outcome.next_state.clone());
         for c in &record.contributions {
             self.merged_hashes.insert(c.delta);
@@ -1153,7 +1132,6 @@ impl Engine {
         self.metrics
             .rounds_completed
             .fetch_add(1, Ordering::Relaxed);
-        self.rounds_completed += 1;
         tracing::info!(
             round = %round,
             model = %merged.hash,
@@ -1441,7 +1419,7 @@ impl Engine {
         if let Some(rs) = self.round.as_mut() {
             rs.merging = false;
         }
-        self.commit(record, hash, envelope, merged)?;
+        self.commit(record, hash, envelope, merged, &state)?;
         self.publish_status(false);
         Ok(())
     }
@@ -1514,38 +1492,14 @@ impl Engine {
         self.store
             .put_blob(BlobKind::State, &last.state, &o.state)?;
         for (record, hash, envelope) in &o.records {
-            let head = Head {
-                round: record.round,
-                record: Some(*hash),
-                model: record.model,
-                state: record.state,
-            };
-            let audit = record
-                .contributions
-                .iter()
-                .map(|c| AuditEntry {
-                    round: record.round,
-                    signer: c.signer,
-                    delta: c.delta,
-                    sample_count: c.sample_count,
-                })
-                .collect();
-            self.store.commit_round(&RoundCommit {
-                head,
-                record_envelope: envelope.clone(),
-                audit,
-            })?;
+            self.store
+                .commit_round(&RoundCommit::of_record(record, *hash, envelope.clone()))?;
             for c in &record.contributions {
                 self.merged_hashes.insert(c.delta);
             }
         }
         self.merger.load_state(&o.state, &self.layout)?;
-        let head = Head {
-            round: last.round,
-            record: Some(last_hash),
-            model: last.model,
-            state: last.state,
-        };
+        let head = RoundCommit::of_record(&last, last_hash, Vec::new()).head;
         tracing::info!(round = %last.round, model = %last.model.short(), records = o.records.len(), "caught up");
         self.last_record = Some(last);
         self.ahead_since = None;
@@ -1929,9 +1883,9 @@ impl Engine {
             // Re-announce our delta and ask peers for theirs: gossip is only the fast path.
             if let Some(rs) = &self.round {
                 let own = rs.pool.get(&self.me).map(|p| p.hash);
-                let round = rs.id;
+                let (round, bytes) = (rs.id, rs.own_bytes);
                 if let Some(h) = own {
-                    self.announce_delta(round, h).await;
+                    self.announce_delta(round, h, bytes).await;
                 }
                 let peers: Vec<PeerId> = self.connected.iter().copied().collect();
                 for p in peers {
@@ -2010,7 +1964,7 @@ impl Engine {
             head_round: self.head.map(|h| h.round).unwrap_or_default(),
             connected: self.connected.iter().map(ToString::to_string).collect(),
             last_record: self.last_record.clone(),
-            rounds_completed: self.rounds_completed,
+            rounds_completed: self.metrics.rounds_completed.load(Ordering::Relaxed),
             epsilon: None,
             stopped: stopped || self.phase == Phase::Done,
         };
@@ -2119,10 +2073,4 @@ async fn sync_from(
         model_bytes: model.body,
         state: state.body,
     })
-}
-
-/// The PeerId of a member key (for logs).
-#[must_use]
-pub fn peer_of_key(k: &SignerKey) -> Option<PeerId> {
-    peer_id_from_signer_key(k).ok()
 }
