@@ -16,6 +16,7 @@ use cellswarm_common::config::{AggregationConfig, StrategyKind};
 
 use crate::site;
 
+pub mod dynamics;
 pub mod learn;
 
 /// Swarm learning for cell dynamics: train one model across institutions without
@@ -66,8 +67,14 @@ pub enum Command {
     Train(learn::TrainArgs),
     /// Segment a movie with a trained model; writes CTC maskTTT.tif files.
     Segment(learn::SegmentArgs),
-    /// Score predicted masks against ground truth (F1, AP, mean IoU, SEG).
+    /// Score predicted masks against ground truth (F1, AP, mean IoU, SEG; DET, TRA, LNK and
+    /// divisions for a tracking result; cell-state accuracy with --states).
     Eval(learn::EvalArgs),
+    /// Link instance masks into tracks with divisions; writes CTC results (maskTTT.tif,
+    /// res_track.txt).
+    Track(dynamics::TrackArgs),
+    /// Classify each cell's state (interphase, dividing, dying); writes a CSV.
+    Classify(dynamics::ClassifyArgs),
     /// Three sites training one model together on this machine, with a report: each site
     /// runs a node (libp2p over loopback) on its own synthetic movie, next to a
     /// local-only model for comparison.
@@ -310,6 +317,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => learn::train(&a),
         Command::Segment(a) => learn::segment_cmd(&a),
         Command::Eval(a) => learn::eval(&a),
+        Command::Track(a) => dynamics::track_cmd(&a),
+        Command::Classify(a) => dynamics::classify(&a),
         Command::Bench { what } => match what {
             BenchCommand::Merge {
                 updates,

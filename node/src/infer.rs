@@ -354,6 +354,52 @@ pub fn instances(p: &Probabilities, min_size: usize, seed_threshold: f32) -> Vec
     labels
 }
 
+/// Class (and state) probabilities of every plane of a raw frame (normalised first).
+#[must_use]
+pub fn predict_frame(
+    model: &UNet,
+    config: &UNetConfig,
+    device: &Device,
+    frame: &Image,
+    opts: &InferOptions,
+) -> Vec<Probabilities> {
+    let norm = normalize(frame, LOW_PERCENTILE, HIGH_PERCENTILE);
+    (0..frame.depth)
+        .map(|z| {
+            predict_plane(
+                model,
+                config,
+                device,
+                norm.plane(z),
+                frame.height,
+                frame.width,
+                opts,
+            )
+        })
+        .collect()
+}
+
+/// Labelled cells from a frame's per-plane probabilities; in a 3D stack each plane's
+/// cells get their own labels.
+#[must_use]
+pub fn labels_from(planes: &[Probabilities], opts: &InferOptions) -> Labels {
+    let (h, w) = planes.first().map_or((0, 0), |p| (p.height, p.width));
+    let mut out: Labels = Volume::new(planes.len(), h, w);
+    let mut offset = 0u32;
+    for (z, probs) in planes.iter().enumerate() {
+        let mut labels = instances(probs, opts.min_size, opts.seed_threshold);
+        if opts.exclude_border {
+            drop_border(&mut labels, h, w);
+        }
+        let max = labels.iter().copied().max().unwrap_or(0);
+        for (o, l) in out.plane_mut(z).iter_mut().zip(labels) {
+            *o = if l == 0 { 0 } else { l + offset };
+        }
+        offset += max;
+    }
+    out
+}
+
 /// Segments a raw frame (2D, or 3D plane by plane): normalise, predict, extract cells.
 /// In a 3D stack each plane's cells get their own labels.
 #[must_use]
@@ -364,30 +410,56 @@ pub fn segment(
     frame: &Image,
     opts: &InferOptions,
 ) -> Labels {
-    let norm = normalize(frame, LOW_PERCENTILE, HIGH_PERCENTILE);
-    let mut out: Labels = Volume::new(frame.depth, frame.height, frame.width);
-    let mut offset = 0u32;
-    for z in 0..frame.depth {
-        let probs = predict_plane(
-            model,
-            config,
-            device,
-            norm.plane(z),
-            frame.height,
-            frame.width,
-            opts,
-        );
-        let mut labels = instances(&probs, opts.min_size, opts.seed_threshold);
-        if opts.exclude_border {
-            drop_border(&mut labels, frame.height, frame.width);
+    labels_from(&predict_frame(model, config, device, frame, opts), opts)
+}
+
+/// The cell state of one object.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct InstanceState {
+    /// The object's label.
+    pub label: u32,
+    /// Index of the most probable state.
+    pub class: usize,
+    /// Its probability: the state probability averaged over the object's pixels.
+    pub probability: f32,
+}
+
+/// Each object's state from the state head's per-pixel probabilities: the state with
+/// the highest mean probability over the object's pixels. Empty when the model has no
+/// state head. Objects are in ascending label order.
+#[must_use]
+pub fn instance_states(planes: &[Probabilities], labels: &Labels) -> Vec<InstanceState> {
+    let Some(s) = planes.first().map(|p| p.state_count).filter(|&s| s > 0) else {
+        return Vec::new();
+    };
+    let mut sums: std::collections::BTreeMap<u32, (Vec<f64>, u64)> = Default::default();
+    for (z, p) in planes.iter().enumerate() {
+        let Some(st) = &p.states else { continue };
+        let n = p.height * p.width;
+        for (i, &l) in labels.plane(z).iter().enumerate() {
+            if l == 0 {
+                continue;
+            }
+            let e = sums.entry(l).or_insert_with(|| (vec![0.0; s], 0));
+            for (c, acc) in e.0.iter_mut().enumerate() {
+                *acc += f64::from(st[c * n + i]);
+            }
+            e.1 += 1;
         }
-        let max = labels.iter().copied().max().unwrap_or(0);
-        for (o, l) in out.plane_mut(z).iter_mut().zip(labels) {
-            *o = if l == 0 { 0 } else { l + offset };
-        }
-        offset += max;
     }
-    out
+    sums.into_iter()
+        .map(|(label, (acc, count))| {
+            let (class, best) = acc
+                .iter()
+                .enumerate()
+                .fold((0, f64::MIN), |b, (c, &v)| if v > b.1 { (c, v) } else { b });
+            InstanceState {
+                label,
+                class,
+                probability: (best / count.max(1) as f64) as f32,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -431,6 +503,24 @@ mod tests {
                 .zip(&cls)
                 .all(|(&lab, &c)| (lab == 0) == (c == 0) || (c == 2 && lab == 0))
         );
+    }
+
+    #[test]
+    fn instance_states_average_each_objects_pixels() {
+        let mut p = probs_from_classes(1, 4, &[1, 1, 1, 0]);
+        p.state_count = 2;
+        // State 0 plane, then state 1 plane.
+        p.states = Some(vec![0.9, 0.2, 0.1, 0.5, 0.1, 0.8, 0.9, 0.5]);
+        let labels = Volume::from_2d(1, 4, vec![3, 3, 5, 0]);
+        let s = instance_states(&[p.clone()], &labels);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].label, s[0].class), (3, 0));
+        assert!((s[0].probability - 0.55).abs() < 1e-6);
+        assert_eq!((s[1].label, s[1].class), (5, 1));
+        assert!((s[1].probability - 0.9).abs() < 1e-6);
+        p.state_count = 0;
+        p.states = None;
+        assert!(instance_states(&[p], &labels).is_empty());
     }
 
     #[test]

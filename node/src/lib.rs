@@ -8,6 +8,8 @@
 //! - [`train`]: local training, and [`train::params`] for the model's [`Weights`].
 //! - [`infer`]: tiled inference and instance extraction.
 //! - [`metrics`]: instance matching and the CTC SEG measure.
+//! - [`track`]: tracking by detection with divisions and gap closing.
+//! - [`measures`]: the CTC tracking measures DET, TRA, LNK and division counts.
 //! - [`store`]: durable state (sled metadata, content-addressed files).
 //! - [`swarm`]: the libp2p network and the round protocol.
 //! - [`daemon`]: the node as a long-running process (`cellswarm run`).
@@ -31,6 +33,7 @@ pub mod daemon;
 pub mod data;
 pub mod demo;
 pub mod infer;
+pub mod measures;
 pub mod metrics;
 pub mod model;
 pub mod site;
@@ -38,4 +41,5 @@ pub mod status_http;
 pub mod store;
 pub mod swarm;
 pub mod synth;
+pub mod track;
 pub mod train;

@@ -566,14 +566,25 @@ pub fn read_states(seq_dir: &Path) -> Result<Option<StateRows>, DataError> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| DataError::Io {
-        path: path.clone(),
+    read_state_file(&path).map(Some)
+}
+
+/// Reads a `frame,label,state` CSV file (the first line is a header).
+///
+/// # Errors
+/// I/O errors or malformed lines, naming the file and line.
+pub fn read_state_file(path: &Path) -> Result<StateRows, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_owned(),
         source,
     })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {
+        if line.trim().is_empty() {
+            continue;
+        }
         let bad = || DataError::BadTrackFile {
-            path: path.clone(),
+            path: path.to_owned(),
             line: i + 1,
             problem: "expected `frame,label,state`".into(),
         };
@@ -587,7 +598,7 @@ pub fn read_states(seq_dir: &Path) -> Result<Option<StateRows>, DataError> {
             CellState::from_name(s.trim()).ok_or_else(bad)?,
         ));
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use cellswarm_node::data::ctc::{Movie, SegSource};
+use cellswarm_node::data::tiff_io::read_labels;
 use cellswarm_node::metrics::match_instances;
 
 use crate::util::{cellswarm, ok_stdout};
@@ -80,6 +81,68 @@ fn synth_train_segment_eval_end_to_end() {
     let f1 = v["matching"][0]["f1"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&f1), "{json}");
     assert!(v["gt_objects"].as_u64().unwrap() >= 4, "{json}");
+
+    // Cell dynamics with the same model: segment and track every frame, classify each
+    // tracked cell's state, and score both against the synthetic ground truth.
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "track", "--model", "model", "--movie", "movie/01", "--out", "res",
+        ],
+    ));
+    assert!(out.contains("tracked 6 frames"), "{out}");
+    assert!(d.join("res/res_track.txt").is_file() && d.join("res/mask005.tif").is_file());
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "classify",
+            "--model",
+            "model",
+            "--movie",
+            "movie/01",
+            "--masks",
+            "res",
+            "--out",
+            "states.csv",
+        ],
+    ));
+    assert!(out.contains("classified"), "{out}");
+    let csv = std::fs::read_to_string(d.join("states.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("frame,label,class,probability"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert!(!rows.is_empty(), "no objects classified");
+    for r in &rows {
+        let t: u32 = r[0].parse().unwrap();
+        let label: u32 = r[1].parse().unwrap();
+        let mask = read_labels(&d.join(format!("res/mask{t:03}.tif"))).unwrap();
+        assert!(mask.data.contains(&label), "row {r:?}: no such object");
+        assert!(["interphase", "dividing", "dying"].contains(&r[2]), "{r:?}");
+        let p: f64 = r[3].parse().unwrap();
+        assert!((0.0..=1.0).contains(&p), "{r:?}");
+    }
+    let json = ok_stdout(&cellswarm(
+        d,
+        &[
+            "eval",
+            "--pred",
+            "res",
+            "--gt",
+            "movie/01_GT",
+            "--states",
+            "states.csv",
+            "--json",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let tra = v["tracking"]["tra"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&tra), "{json}");
+    assert_eq!(v["tracking"]["frames"], 6);
+    let acc = v["states"]["accuracy"].as_f64().unwrap();
+    assert!(
+        (0.0..=1.0).contains(&acc) && v["states"]["objects"].as_u64().unwrap() > 0,
+        "{json}"
+    );
 }
 
 #[test]

@@ -20,3 +20,6 @@ mod swarm_process;
 
 /// `cellswarm demo` end to end.
 mod demo;
+
+/// Cell dynamics: tracking, the CTC measures against py-ctcmetrics, the bacteria movie.
+mod tracking;

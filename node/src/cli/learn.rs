@@ -9,16 +9,17 @@ use cellswarm_common::config::FrameRange;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::data::ctc::Movie;
+use crate::data::ctc::{Movie, TrackRecord, read_tracks};
 use crate::data::dataset::{Annotated, load_annotated, train_planes};
 use crate::data::patches::SamplerConfig;
 use crate::data::tiff_io::{read_labels, write_labels};
 use crate::infer::{InferOptions, border_objects, segment};
+use crate::measures::compare;
 use crate::metrics::{MatchCounts, Overlaps, SegMeasure, match_counts};
 use burn::prelude::Device;
 
 use crate::model::{UNet, UNetConfig, device_from_name, load_model, save_model};
-use crate::synth::{Profile, generate};
+use crate::synth::{CellState, Profile, generate, read_state_file};
 use crate::train::{Budget, TrainOptions, Trainer};
 
 /// Arguments of `cellswarm train`.
@@ -92,7 +93,7 @@ pub struct Postprocess {
 /// File beside the weights holding [`Postprocess`].
 pub const POSTPROCESS_FILE: &str = "postprocess.json";
 
-fn load_postprocess(dir: &Path) -> anyhow::Result<Option<Postprocess>> {
+pub(crate) fn load_postprocess(dir: &Path) -> anyhow::Result<Option<Postprocess>> {
     let p = dir.join(POSTPROCESS_FILE);
     if !p.is_file() {
         return Ok(None);
@@ -145,6 +146,15 @@ pub struct EvalArgs {
     /// Folder of ground truth: `NN_GT/SEG` (`man_segTTT.tif`), `NN_GT`, or `NN_ERR_SEG`.
     #[arg(long)]
     pub gt: PathBuf,
+    /// Tracking ground truth (`man_track.txt` with `man_trackTTT.tif`, or `res_track.txt`
+    /// with `maskTTT.tif`); default: `TRA` inside or beside `--gt`. Used when `--pred`
+    /// holds a `res_track.txt`.
+    #[arg(long)]
+    pub tra: Option<PathBuf>,
+    /// Also score cell states: a `cellswarm classify` CSV for the objects of `--pred`,
+    /// against `cell_states.csv` in or beside `--gt`.
+    #[arg(long)]
+    pub states: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -173,7 +183,7 @@ pub struct SynthArgs {
     pub sequence: String,
 }
 
-fn bar(len: u64, unit: &str) -> ProgressBar {
+pub(crate) fn bar(len: u64, unit: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     let template =
         format!("{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit} {{msg}}");
@@ -396,7 +406,7 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
 }
 
 /// Numbered `prefix`TTT.tif files in a folder.
-fn masks(dir: &Path, prefix: &str) -> anyhow::Result<Vec<(u32, PathBuf)>> {
+pub(crate) fn masks(dir: &Path, prefix: &str) -> anyhow::Result<Vec<(u32, PathBuf)>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
@@ -425,13 +435,183 @@ pub struct EvalReport {
     pub matching: Vec<crate::metrics::MatchScores>,
     /// CTC SEG.
     pub seg: f64,
+    /// Tracking measures, when the prediction has a lineage and the ground truth a TRA.
+    pub tracking: Option<TrackingReport>,
+    /// Cell-state accuracy, when asked for.
+    pub states: Option<StateReport>,
+}
+
+/// Tracking measures of `cellswarm eval`.
+#[derive(Debug, Serialize)]
+pub struct TrackingReport {
+    /// The TRA ground truth used.
+    pub reference: PathBuf,
+    /// Frames compared.
+    pub frames: usize,
+    /// CTC DET.
+    pub det: Option<f64>,
+    /// CTC TRA.
+    pub tra: Option<f64>,
+    /// Linking measure LNK.
+    pub lnk: Option<f64>,
+    /// The AOGM and its operation counts.
+    pub aogm: f64,
+    /// Operation counts.
+    pub counts: crate::measures::AogmCounts,
+    /// Division counts.
+    pub divisions: crate::measures::DivisionCounts,
+    /// Share of reference divisions found.
+    pub division_recall: Option<f64>,
+}
+
+/// Cell-state scores of `cellswarm eval --states`.
+#[derive(Debug, Serialize)]
+pub struct StateReport {
+    /// Ground-truth objects with a state that were detected and classified.
+    pub objects: u64,
+    /// Of these, classified correctly.
+    pub correct: u64,
+    /// `correct / objects`.
+    pub accuracy: f64,
+    /// Per state: (name, objects, recall).
+    pub per_state: Vec<(String, u64, f64)>,
+}
+
+/// Frame-numbered mask files of a TRA folder and its lineage file.
+fn tra_files(dir: &Path) -> anyhow::Result<(Vec<(u32, PathBuf)>, PathBuf)> {
+    for (prefix, file) in [("man_track", "man_track.txt"), ("mask", "res_track.txt")] {
+        let lineage = dir.join(file);
+        if lineage.is_file() {
+            let m = masks(dir, prefix)?;
+            if m.is_empty() {
+                bail!("{}: {file} but no {prefix}TTT.tif masks", dir.display());
+            }
+            return Ok((m, lineage));
+        }
+    }
+    bail!("{}: neither man_track.txt nor res_track.txt", dir.display())
+}
+
+fn tracking_report(pred: &Path, tra_dir: &Path) -> anyhow::Result<TrackingReport> {
+    let (gt_masks, gt_lineage) = tra_files(tra_dir)?;
+    let preds = masks(pred, "mask")?;
+    let mut gts = Vec::with_capacity(gt_masks.len());
+    let mut res = Vec::with_capacity(gt_masks.len());
+    let first = gt_masks.first().map_or(0, |(t, _)| *t);
+    for (k, (t, gp)) in gt_masks.iter().enumerate() {
+        if *t != first + k as u32 {
+            bail!("{}: TRA frames must be contiguous", gp.display());
+        }
+        let Some((_, pp)) = preds.iter().find(|(u, _)| u == t) else {
+            bail!(
+                "{}: no mask{t:03}.tif for TRA frame {t} (tracking is scored on every frame)",
+                pred.display()
+            );
+        };
+        gts.push(read_labels(gp)?);
+        res.push(read_labels(pp)?);
+    }
+    let shift = |v: Vec<TrackRecord>| -> Vec<TrackRecord> {
+        v.into_iter()
+            .map(|r| TrackRecord {
+                begin: r.begin.saturating_sub(first),
+                end: r.end.saturating_sub(first),
+                ..r
+            })
+            .collect()
+    };
+    let gt_tracks = shift(read_tracks(&gt_lineage)?);
+    let res_tracks = shift(read_tracks(&pred.join("res_track.txt"))?);
+    let (c, d) = compare((&gts, &gt_tracks), (&res, &res_tracks))
+        .with_context(|| format!("scoring {} against {}", pred.display(), tra_dir.display()))?;
+    Ok(TrackingReport {
+        reference: tra_dir.to_owned(),
+        frames: gts.len(),
+        det: c.det(),
+        tra: c.tra(),
+        lnk: c.lnk(),
+        aogm: c.aogm(),
+        counts: c,
+        divisions: d,
+        division_recall: d.recall(),
+    })
+}
+
+fn state_report(
+    pred: &Path,
+    gt_seg: &[(u32, PathBuf)],
+    pred_states: &Path,
+    gt_states: &Path,
+) -> anyhow::Result<StateReport> {
+    use std::collections::HashMap;
+    let predicted: HashMap<(u32, u32), CellState> = read_state_file(pred_states)?
+        .into_iter()
+        .map(|(t, l, s)| ((t, l), s))
+        .collect();
+    let truth: HashMap<(u32, u32), CellState> = read_state_file(gt_states)?
+        .into_iter()
+        .map(|(t, l, s)| ((t, l), s))
+        .collect();
+    let preds = masks(pred, "mask")?;
+    let mut per = vec![(0u64, 0u64); CellState::ALL.len()];
+    for (t, gp) in gt_seg {
+        let Some((_, pp)) = preds.iter().find(|(u, _)| u == t) else {
+            continue;
+        };
+        let o = Overlaps::new(&read_labels(gp)?, &read_labels(pp)?);
+        for (&(g, p), &inter) in &o.pairs {
+            if 2 * inter <= o.gt_area[&g] {
+                continue;
+            }
+            let (Some(want), Some(got)) = (truth.get(&(*t, g)), predicted.get(&(*t, p))) else {
+                continue;
+            };
+            let e = &mut per[want.index() as usize];
+            e.0 += 1;
+            e.1 += u64::from(want == got);
+        }
+    }
+    let objects: u64 = per.iter().map(|e| e.0).sum();
+    let correct: u64 = per.iter().map(|e| e.1).sum();
+    if objects == 0 {
+        bail!(
+            "no ground-truth object with a state in {} was detected and classified in {}",
+            gt_states.display(),
+            pred_states.display()
+        );
+    }
+    Ok(StateReport {
+        objects,
+        correct,
+        accuracy: correct as f64 / objects as f64,
+        per_state: CellState::ALL
+            .iter()
+            .zip(&per)
+            .map(|(s, e)| {
+                (
+                    s.name().to_owned(),
+                    e.0,
+                    if e.0 == 0 {
+                        0.0
+                    } else {
+                        e.1 as f64 / e.0 as f64
+                    },
+                )
+            })
+            .collect(),
+    })
 }
 
 /// Scores predicted masks against ground truth.
 ///
 /// # Errors
 /// Unreadable folders or files, no common frames, or masks of different sizes.
-pub fn evaluate(pred: &Path, gt: &Path) -> anyhow::Result<EvalReport> {
+pub fn evaluate(
+    pred: &Path,
+    gt: &Path,
+    tra: Option<&Path>,
+    states: Option<&Path>,
+) -> anyhow::Result<EvalReport> {
     let gt_dir = if gt.join("SEG").is_dir() {
         gt.join("SEG")
     } else {
@@ -480,7 +660,44 @@ pub fn evaluate(pred: &Path, gt: &Path) -> anyhow::Result<EvalReport> {
             pred.display()
         );
     }
+    // The folder holding TRA/ and cell_states.csv: `--gt` itself or, for `NN_GT/SEG`, its parent.
+    let gt_root = if gt_dir == gt {
+        gt.parent().unwrap_or(gt).to_owned()
+    } else {
+        gt.to_owned()
+    };
+    let tracking = if pred.join("res_track.txt").is_file() {
+        let dir = tra.map_or_else(|| gt_root.join("TRA"), Path::to_owned);
+        if tra.is_some() || dir.is_dir() {
+            Some(tracking_report(pred, &dir)?)
+        } else {
+            None
+        }
+    } else if let Some(t) = tra {
+        bail!(
+            "--tra {} given but {} has no res_track.txt (run cellswarm track)",
+            t.display(),
+            pred.display()
+        );
+    } else {
+        None
+    };
+    let states = match states {
+        Some(file) => {
+            let truth = gt_root.join("cell_states.csv");
+            if !truth.is_file() {
+                bail!(
+                    "{}: no cell-state ground truth to score --states against",
+                    truth.display()
+                );
+            }
+            Some(state_report(pred, &gts, file, &truth)?)
+        }
+        None => None,
+    };
     Ok(EvalReport {
+        tracking,
+        states,
         frames,
         gt_objects: seg.objects,
         matching: counts
@@ -497,7 +714,7 @@ pub fn evaluate(pred: &Path, gt: &Path) -> anyhow::Result<EvalReport> {
 /// # Errors
 /// As [`evaluate`].
 pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
-    let r = evaluate(&a.pred, &a.gt)?;
+    let r = evaluate(&a.pred, &a.gt, a.tra.as_deref(), a.states.as_deref())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -523,5 +740,38 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
         );
     }
     println!("SEG {:.4}", r.seg);
+    let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"));
+    if let Some(t) = &r.tracking {
+        let c = &t.counts;
+        println!(
+            "DET {}  TRA {}  LNK {}  ({} frames of {})",
+            show(t.det),
+            show(t.tra),
+            show(t.lnk),
+            t.frames,
+            t.reference.display()
+        );
+        println!(
+            "AOGM {:.1}: NS {} FN {} FP {} ED {} EA {} EC {} over {} vertices, {} edges",
+            t.aogm, c.ns, c.fn_, c.fp, c.ed, c.ea, c.ec, c.vertices, c.edges
+        );
+        println!(
+            "divisions: {} found, {} missed, {} made up (recall {})",
+            t.divisions.tp,
+            t.divisions.fn_,
+            t.divisions.fp,
+            show(t.division_recall)
+        );
+    }
+    if let Some(s) = &r.states {
+        print!(
+            "cell states: accuracy {:.4} over {} objects;",
+            s.accuracy, s.objects
+        );
+        for (name, n, recall) in &s.per_state {
+            print!(" {name} {recall:.3} ({n})");
+        }
+        println!();
+    }
     Ok(())
 }

@@ -145,6 +145,12 @@ impl Movie {
         })
     }
 
+    /// The last frame number (0 for an empty movie, which [`Movie::open`] refuses).
+    #[must_use]
+    pub fn last_frame(&self) -> u32 {
+        self.frames.last_key_value().map_or(0, |(&t, _)| t)
+    }
+
     /// The sequence folder.
     #[must_use]
     pub fn dir(&self) -> &Path {

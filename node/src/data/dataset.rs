@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use cellswarm_common::config::FrameRange;
 
 use super::DataError;
-use super::ctc::Movie;
+use super::ctc::{Movie, TrackRecord};
 use super::normalize::{HIGH_PERCENTILE, LOW_PERCENTILE, classes, normalize};
 use super::patches::{NO_STATE, TrainPlane};
 use super::volume::{Image, Labels};
-use crate::synth::read_states;
+use crate::synth::{CellState, read_states};
 
 /// One annotated frame.
 #[derive(Debug, Clone)]
@@ -51,7 +51,12 @@ pub fn load_annotated(
             },
         });
     }
+    // Explicit states win; otherwise a lineage implies some (see `lineage_state`).
     let states = read_states(movie.dir())?;
+    let lineage = match states {
+        Some(_) => None,
+        None => movie.tracks()?,
+    };
     let mut by_frame: HashMap<u32, HashMap<u32, u8>> = HashMap::new();
     for (t, l, s) in states.iter().flatten() {
         by_frame.entry(*t).or_default().insert(*l, s.index());
@@ -63,13 +68,22 @@ pub fn load_annotated(
         let Some(labels) = movie.seg_mask(t, &raw)? else {
             continue;
         };
-        let st = states.as_ref().map(|_| {
-            let map = by_frame.get(&t);
-            labels
-                .data
-                .iter()
-                .map(|l| map.and_then(|m| m.get(l)).copied().unwrap_or(NO_STATE))
-                .collect()
+        let derived = match &lineage {
+            Some(tracks) => movie
+                .tra_mask(t, &raw)?
+                .filter(|tra| tra.same_shape(&labels))
+                .map(|tra| states_from_lineage(&labels, &tra, tracks, t, movie.last_frame())),
+            None => None,
+        };
+        let st = derived.or_else(|| {
+            states.as_ref().map(|_| {
+                let map = by_frame.get(&t);
+                labels
+                    .data
+                    .iter()
+                    .map(|l| map.and_then(|m| m.get(l)).copied().unwrap_or(NO_STATE))
+                    .collect()
+            })
         });
         out.push(Annotated {
             movie: name.clone(),
@@ -80,6 +94,75 @@ pub fn load_annotated(
         });
     }
     Ok(out)
+}
+
+/// Frames before a division labelled "dividing" when states come from a lineage.
+pub const DIVIDING_FRAMES: u32 = 2;
+
+/// The state a lineage implies for a track in frame `t`: a mother's last
+/// [`DIVIDING_FRAMES`] frames are dividing; the last frames of a track that ends without
+/// children before the movie does are unknown (the cell may die, leave or be lost);
+/// every other frame is interphase.
+#[must_use]
+pub fn lineage_state(
+    track: &TrackRecord,
+    children: usize,
+    t: u32,
+    last_frame: u32,
+) -> Option<CellState> {
+    let near_end = t + DIVIDING_FRAMES > track.end;
+    if !near_end {
+        Some(CellState::Interphase)
+    } else if children >= 2 {
+        Some(CellState::Dividing)
+    } else if track.end < last_frame {
+        None
+    } else {
+        Some(CellState::Interphase)
+    }
+}
+
+/// Per-pixel states of a segmentation from a lineage: each object takes the state (see
+/// [`lineage_state`]) of the TRA object it overlaps most; pixels of objects that overlap
+/// none are unknown.
+#[must_use]
+pub fn states_from_lineage(
+    seg: &Labels,
+    tra: &Labels,
+    tracks: &[TrackRecord],
+    t: u32,
+    last_frame: u32,
+) -> Vec<u8> {
+    let mut children: HashMap<u32, usize> = HashMap::new();
+    for tr in tracks.iter().filter(|tr| tr.parent != 0) {
+        *children.entry(tr.parent).or_default() += 1;
+    }
+    let by_label: HashMap<u32, &TrackRecord> = tracks.iter().map(|tr| (tr.label, tr)).collect();
+    let mut overlap: HashMap<(u32, u32), u64> = HashMap::new();
+    for (&s, &r) in seg.data.iter().zip(&tra.data) {
+        if s != 0 && r != 0 {
+            *overlap.entry((s, r)).or_default() += 1;
+        }
+    }
+    let mut best: HashMap<u32, (u64, u32)> = HashMap::new();
+    for (&(s, r), &n) in &overlap {
+        let e = best.entry(s).or_insert((0, 0));
+        if (n, std::cmp::Reverse(r)) > (e.0, std::cmp::Reverse(e.1)) {
+            *e = (n, r);
+        }
+    }
+    let state: HashMap<u32, u8> = best
+        .into_iter()
+        .filter_map(|(s, (_, r))| {
+            let tr = by_label.get(&r)?;
+            let st = lineage_state(tr, children.get(&r).copied().unwrap_or(0), t, last_frame)?;
+            Some((s, st.index()))
+        })
+        .collect();
+    seg.data
+        .iter()
+        .map(|s| state.get(s).copied().unwrap_or(NO_STATE))
+        .collect()
 }
 
 /// The 2D training planes of annotated frames (each z-plane of a 3D frame on its own).
@@ -100,4 +183,52 @@ pub fn train_planes(frames: &[Annotated]) -> Vec<TrainPlane> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::volume::Volume;
+
+    #[test]
+    fn lineage_marks_the_frames_before_a_division() {
+        // Track 1 (frames 0-4) divides into 2 and 3; track 4 ends early without children.
+        let tracks = [
+            TrackRecord {
+                label: 1,
+                begin: 0,
+                end: 4,
+                parent: 0,
+            },
+            TrackRecord {
+                label: 2,
+                begin: 5,
+                end: 9,
+                parent: 1,
+            },
+            TrackRecord {
+                label: 3,
+                begin: 5,
+                end: 9,
+                parent: 1,
+            },
+            TrackRecord {
+                label: 4,
+                begin: 0,
+                end: 6,
+                parent: 0,
+            },
+        ];
+        let at = |l: usize, t: u32| lineage_state(&tracks[l], if l == 0 { 2 } else { 0 }, t, 9);
+        assert_eq!(at(0, 2), Some(CellState::Interphase));
+        assert_eq!(at(0, 3), Some(CellState::Dividing));
+        assert_eq!(at(0, 4), Some(CellState::Dividing));
+        assert_eq!(at(3, 6), None);
+        assert_eq!(at(1, 9), Some(CellState::Interphase));
+        // SEG labels differ from TRA labels; each SEG object takes its TRA object's state.
+        let seg = Volume::from_2d(1, 4, vec![7, 7, 8, 0]);
+        let tra = Volume::from_2d(1, 4, vec![1, 0, 4, 0]);
+        let s = states_from_lineage(&seg, &tra, &tracks, 4, 9);
+        assert_eq!(s, vec![1, 1, 0, NO_STATE]);
+    }
 }

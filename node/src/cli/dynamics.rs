@@ -1,0 +1,324 @@
+//! `cellswarm track` and `cellswarm classify`: cell dynamics from masks or a model.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use cellswarm_common::config::FrameRange;
+
+use super::learn::{bar, load_postprocess, masks};
+use crate::data::ctc::{Movie, TrackRecord, write_tracks};
+use crate::data::tiff_io::{read_labels, write_labels};
+use crate::data::volume::Labels;
+use crate::infer::{InferOptions, instance_states, labels_from, predict_frame};
+use crate::model::{UNet, UNetConfig, device_from_name, load_model};
+use crate::synth::CellState;
+use crate::track::{DivisionRules, TrackOptions, Tracking, lineage_by_overlap, track};
+use burn::prelude::Device;
+
+/// How `cellswarm track` links objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Linker {
+    /// Optimal assignment on overlap and distance, divisions, gap closing (the tracker).
+    Assignment,
+    /// Largest overlap only: for complete masks whose labels are not linked (derives a
+    /// lineage to use as ground truth).
+    Overlap,
+}
+
+/// Arguments of `cellswarm track`.
+#[derive(Debug, clap::Args)]
+pub struct TrackArgs {
+    /// Folder of instance masks, one per frame (`maskTTT.tif`, `man_segTTT.tif` or
+    /// `man_trackTTT.tif`), numbered without gaps.
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    pub masks: Option<PathBuf>,
+    /// Segment with this model folder first (needs `--movie`).
+    #[arg(long, requires = "movie")]
+    pub model: Option<PathBuf>,
+    /// The CTC sequence folder to segment (with `--model`).
+    #[arg(long)]
+    pub movie: Option<PathBuf>,
+    /// Where to write `maskTTT.tif` and `res_track.txt` (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// How objects are linked.
+    #[arg(long, value_enum, default_value_t = Linker::Assignment)]
+    pub linker: Linker,
+    /// Largest displacement between frames for objects that do not overlap, in pixels.
+    #[arg(long, default_value_t = TrackOptions::default().max_distance)]
+    pub max_distance: f64,
+    /// Weight of the distance term against the overlap term of the linking cost.
+    #[arg(long, default_value_t = TrackOptions::default().distance_weight)]
+    pub distance_weight: f64,
+    /// Longest gap to close, in missing frames (0: none).
+    #[arg(long, default_value_t = TrackOptions::default().max_gap)]
+    pub max_gap: u32,
+    /// Do not look for divisions.
+    #[arg(long)]
+    pub no_divisions: bool,
+    /// Smallest area ratio of the smaller daughter to the larger.
+    #[arg(long, default_value_t = DivisionRules::default().min_daughter_ratio)]
+    pub min_daughter_ratio: f64,
+    /// Smallest share of an object's area that must overlap its predecessor (`--linker overlap`).
+    #[arg(long, default_value_t = 0.3)]
+    pub min_overlap: f64,
+    /// Compensate stage drift: search a global shift within this many pixels of the
+    /// foreground centroids' shift (0: off).
+    #[arg(long, default_value_t = TrackOptions::default().drift_radius)]
+    pub drift_radius: usize,
+    /// Compute device for `--model`: cpu, cuda[:N] or wgpu[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Tile side for `--model`.
+    #[arg(long, default_value_t = 256)]
+    pub tile: usize,
+}
+
+/// Arguments of `cellswarm classify`.
+#[derive(Debug, clap::Args)]
+pub struct ClassifyArgs {
+    /// A model folder with a cell-state head.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A CTC sequence folder.
+    #[arg(long)]
+    pub movie: PathBuf,
+    /// Classify these objects (`maskTTT.tif`, e.g. `cellswarm track` output, so labels
+    /// are track labels) instead of segmenting.
+    #[arg(long)]
+    pub masks: Option<PathBuf>,
+    /// The CSV file to write: `frame,label,class,probability`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Frames to classify (default: all).
+    #[arg(long)]
+    pub frames: Option<FrameRange>,
+    /// Compute device: cpu, cuda[:N] or wgpu[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Tile side.
+    #[arg(long, default_value_t = 256)]
+    pub tile: usize,
+}
+
+/// Mask files of a folder under the first prefix that has any, checked for gaps.
+fn numbered_masks(dir: &Path) -> anyhow::Result<Vec<(u32, PathBuf)>> {
+    for prefix in ["mask", "man_seg", "man_track"] {
+        let found = masks(dir, prefix)?;
+        if let Some(&(first, _)) = found.first() {
+            for (k, (t, p)) in found.iter().enumerate() {
+                if *t != first + k as u32 {
+                    bail!(
+                        "{}: frame {} is missing before it (mask frames must be contiguous)",
+                        p.display(),
+                        first + k as u32
+                    );
+                }
+            }
+            return Ok(found);
+        }
+    }
+    bail!(
+        "{}: no maskTTT.tif, man_segTTT.tif or man_trackTTT.tif files",
+        dir.display()
+    )
+}
+
+/// A loaded model with the inference settings saved beside it.
+struct Segmenter {
+    model: UNet,
+    config: UNetConfig,
+    device: Device,
+    opts: InferOptions,
+}
+
+impl Segmenter {
+    fn load(dir: &Path, device: &str, tile: usize) -> anyhow::Result<Self> {
+        let device = device_from_name(device).map_err(anyhow::Error::msg)?;
+        let (model, config) = load_model(dir, &device)?;
+        let post = load_postprocess(dir)?;
+        let opts = InferOptions {
+            tile,
+            min_size: post.map_or(10, |p| p.min_size),
+            exclude_border: post.is_some_and(|p| p.exclude_border),
+            ..InferOptions::default()
+        };
+        Ok(Self {
+            model,
+            config,
+            device,
+            opts,
+        })
+    }
+}
+
+/// Writes a tracking result in CTC layout; frame numbers start at `first`.
+fn write_result(out: &Path, first: u32, r: &Tracking) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let last = first as usize + r.masks.len();
+    let width = if last > 1000 { 4 } else { 3 };
+    for (k, m) in r.masks.iter().enumerate() {
+        let t = first as usize + k;
+        write_labels(&out.join(format!("mask{t:0width$}.tif")), m)?;
+    }
+    let shifted: Vec<TrackRecord> = r
+        .tracks
+        .iter()
+        .map(|t| TrackRecord {
+            begin: t.begin + first,
+            end: t.end + first,
+            ..*t
+        })
+        .collect();
+    write_tracks(&out.join("res_track.txt"), &shifted)?;
+    Ok(())
+}
+
+/// `cellswarm track`.
+///
+/// # Errors
+/// Unreadable or inconsistent inputs, or write errors.
+pub fn track_cmd(a: &TrackArgs) -> anyhow::Result<()> {
+    let (first, frames): (u32, Vec<Labels>) = if let Some(dir) = &a.masks {
+        let files = numbered_masks(dir)?;
+        let pb = bar(files.len() as u64, "masks");
+        let mut frames = Vec::with_capacity(files.len());
+        for (_, p) in &files {
+            frames.push(read_labels(p)?);
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        (files[0].0, frames)
+    } else {
+        let (Some(model), Some(movie)) = (&a.model, &a.movie) else {
+            bail!("give --masks DIR, or --model DIR with --movie DIR");
+        };
+        let s = Segmenter::load(model, &a.device, a.tile)?;
+        let movie =
+            Movie::open(movie).with_context(|| format!("opening movie {}", movie.display()))?;
+        let ts: Vec<u32> = movie.frames().collect();
+        let pb = bar(ts.len() as u64, "frames");
+        let mut frames = Vec::with_capacity(ts.len());
+        for &t in &ts {
+            let img = movie.frame(t)?;
+            let planes = predict_frame(&s.model, &s.config, &s.device, &img, &s.opts);
+            frames.push(labels_from(&planes, &s.opts));
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        (ts.first().copied().unwrap_or(0), frames)
+    };
+    let r = match a.linker {
+        Linker::Overlap => lineage_by_overlap(&frames, a.min_overlap, a.drift_radius)?,
+        Linker::Assignment => {
+            let opts = TrackOptions {
+                max_distance: a.max_distance,
+                distance_weight: a.distance_weight,
+                max_gap: a.max_gap,
+                divisions: (!a.no_divisions).then_some(DivisionRules {
+                    min_daughter_ratio: a.min_daughter_ratio,
+                    ..DivisionRules::default()
+                }),
+                drift_radius: a.drift_radius,
+                ..TrackOptions::default()
+            };
+            track(&frames, &opts)?
+        }
+    };
+    write_result(&a.out, first, &r)?;
+    println!(
+        "tracked {} frames: {} tracks, {} divisions, {} gaps closed; wrote {}",
+        frames.len(),
+        r.tracks.len(),
+        r.divisions,
+        r.gaps_closed,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Name of state class `c` of a model with `n` states.
+fn state_name(c: usize, n: usize) -> String {
+    match CellState::ALL.get(c) {
+        Some(s) if n == CellState::ALL.len() => s.name().to_owned(),
+        _ => format!("state{c}"),
+    }
+}
+
+/// `cellswarm classify`.
+///
+/// # Errors
+/// A model without a state head, unreadable inputs, masks that do not fit the frames.
+pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
+    let s = Segmenter::load(&a.model, &a.device, a.tile)?;
+    if s.config.cell_states == 0 {
+        bail!(
+            "{}: the model has no cell-state head (config.json has cell_states = 0)",
+            a.model.display()
+        );
+    }
+    let movie =
+        Movie::open(&a.movie).with_context(|| format!("opening movie {}", a.movie.display()))?;
+    let given = match &a.masks {
+        Some(dir) => Some(numbered_masks(dir)?),
+        None => None,
+    };
+    let ts: Vec<u32> = movie
+        .frames()
+        .filter(|t| a.frames.is_none_or(|r| r.contains(*t)))
+        .collect();
+    if ts.is_empty() {
+        bail!("no frames of {} in the requested range", a.movie.display());
+    }
+    let mut csv = String::from("frame,label,class,probability\n");
+    let mut objects = 0usize;
+    let pb = bar(ts.len() as u64, "frames");
+    for &t in &ts {
+        let img = movie.frame(t)?;
+        let planes = predict_frame(&s.model, &s.config, &s.device, &img, &s.opts);
+        let labels = match &given {
+            Some(files) => {
+                let Some((_, p)) = files.iter().find(|(u, _)| *u == t) else {
+                    bail!(
+                        "{}: no mask for frame {t}",
+                        a.masks.as_deref().unwrap_or(Path::new("")).display()
+                    );
+                };
+                let l = read_labels(p)?;
+                if !l.same_shape(&img) {
+                    bail!(
+                        "{}: size {:?} differs from the frame's {:?}",
+                        p.display(),
+                        l.shape(),
+                        img.shape()
+                    );
+                }
+                l
+            }
+            None => labels_from(&planes, &s.opts),
+        };
+        for st in instance_states(&planes, &labels) {
+            objects += 1;
+            let _ = writeln!(
+                csv,
+                "{t},{},{},{:.4}",
+                st.label,
+                state_name(st.class, s.config.cell_states),
+                st.probability
+            );
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&a.out, csv).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "classified {objects} objects in {} frames; wrote {}",
+        ts.len(),
+        a.out.display()
+    );
+    Ok(())
+}
