@@ -375,12 +375,7 @@ mod tests {
     use crate::data::volume::Volume;
 
     fn rec(label: u32, begin: u32, end: u32, parent: u32) -> TrackRecord {
-        TrackRecord {
-            label,
-            begin,
-            end,
-            parent,
-        }
+        TrackRecord::new(label, begin, end, parent)
     }
 
     fn row(v: &[u32]) -> Labels {

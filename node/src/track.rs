@@ -827,12 +827,7 @@ mod tests {
     }
 
     fn rec(label: u32, begin: u32, end: u32, parent: u32) -> TrackRecord {
-        TrackRecord {
-            label,
-            begin,
-            end,
-            parent,
-        }
+        TrackRecord::new(label, begin, end, parent)
     }
 
     #[test]

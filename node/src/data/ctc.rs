@@ -41,6 +41,19 @@ pub struct TrackRecord {
     pub parent: u32,
 }
 
+impl TrackRecord {
+    /// A record: track `label` spans frames `begin..=end` and descends from `parent`.
+    #[must_use]
+    pub const fn new(label: u32, begin: u32, end: u32, parent: u32) -> Self {
+        Self {
+            label,
+            begin,
+            end,
+            parent,
+        }
+    }
+}
+
 /// A CTC sequence folder and the masks found beside it.
 #[derive(Debug, Clone)]
 pub struct Movie {
