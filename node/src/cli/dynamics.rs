@@ -6,15 +6,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use cellswarm_common::config::FrameRange;
 
-use super::learn::{bar, load_postprocess, masks};
-use crate::data::ctc::{Movie, TrackRecord, write_tracks};
+use super::learn::{InferArgs, Segmenter, bar, masks, movie_frames};
+use crate::data::ctc::{TrackRecord, write_tracks};
 use crate::data::tiff_io::{read_labels, write_labels};
 use crate::data::volume::Labels;
-use crate::infer::{InferOptions, instance_states, labels_from, predict_frame};
-use crate::model::{UNet, UNetConfig, device_from_name, load_model};
+use crate::infer::{instance_states, labels_from, predict_frame};
 use crate::synth::CellState;
 use crate::track::{DivisionRules, TrackOptions, Tracking, lineage_by_overlap, track};
-use burn::prelude::Device;
 
 /// How `cellswarm track` links objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,12 +65,9 @@ pub struct TrackArgs {
     /// foreground centroids' shift (0: off).
     #[arg(long, default_value_t = TrackOptions::default().drift_radius)]
     pub drift_radius: usize,
-    /// Compute device for `--model`: cpu, cuda[:N] or wgpu[:N].
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Tile side for `--model`.
-    #[arg(long, default_value_t = 256)]
-    pub tile: usize,
+    /// Inference settings for `--model`.
+    #[command(flatten)]
+    pub infer: InferArgs,
 }
 
 /// Arguments of `cellswarm classify`.
@@ -94,12 +89,9 @@ pub struct ClassifyArgs {
     /// Frames to classify (default: all).
     #[arg(long)]
     pub frames: Option<FrameRange>,
-    /// Compute device: cpu, cuda[:N] or wgpu[:N].
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Tile side.
-    #[arg(long, default_value_t = 256)]
-    pub tile: usize,
+    /// Inference settings (segmentation settings apply without `--masks`).
+    #[command(flatten)]
+    pub infer: InferArgs,
 }
 
 /// Mask files of a folder under the first prefix that has any, checked for gaps.
@@ -123,34 +115,6 @@ fn numbered_masks(dir: &Path) -> anyhow::Result<Vec<(u32, PathBuf)>> {
         "{}: no maskTTT.tif, man_segTTT.tif or man_trackTTT.tif files",
         dir.display()
     )
-}
-
-/// A loaded model with the inference settings saved beside it.
-struct Segmenter {
-    model: UNet,
-    config: UNetConfig,
-    device: Device,
-    opts: InferOptions,
-}
-
-impl Segmenter {
-    fn load(dir: &Path, device: &str, tile: usize) -> anyhow::Result<Self> {
-        let device = device_from_name(device).map_err(anyhow::Error::msg)?;
-        let (model, config) = load_model(dir, &device)?;
-        let post = load_postprocess(dir)?;
-        let opts = InferOptions {
-            tile,
-            min_size: post.map_or(10, |p| p.min_size),
-            exclude_border: post.is_some_and(|p| p.exclude_border),
-            ..InferOptions::default()
-        };
-        Ok(Self {
-            model,
-            config,
-            device,
-            opts,
-        })
-    }
 }
 
 /// Writes a tracking result in CTC layout; frame numbers start at `first`.
@@ -194,10 +158,8 @@ pub fn track_cmd(a: &TrackArgs) -> anyhow::Result<()> {
         let (Some(model), Some(movie)) = (&a.model, &a.movie) else {
             bail!("give --masks DIR, or --model DIR with --movie DIR");
         };
-        let s = Segmenter::load(model, &a.device, a.tile)?;
-        let movie =
-            Movie::open(movie).with_context(|| format!("opening movie {}", movie.display()))?;
-        let ts: Vec<u32> = movie.frames().collect();
+        let s = Segmenter::load(model, &a.infer)?;
+        let (movie, ts) = movie_frames(movie, None)?;
         let pb = bar(ts.len() as u64, "frames");
         let mut frames = Vec::with_capacity(ts.len());
         for &t in &ts {
@@ -251,26 +213,18 @@ fn state_name(c: usize, n: usize) -> String {
 /// # Errors
 /// A model without a state head, unreadable inputs, masks that do not fit the frames.
 pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
-    let s = Segmenter::load(&a.model, &a.device, a.tile)?;
+    let s = Segmenter::load(&a.model, &a.infer)?;
     if s.config.cell_states == 0 {
         bail!(
             "{}: the model has no cell-state head (config.json has cell_states = 0)",
             a.model.display()
         );
     }
-    let movie =
-        Movie::open(&a.movie).with_context(|| format!("opening movie {}", a.movie.display()))?;
+    let (movie, ts) = movie_frames(&a.movie, a.frames)?;
     let given = match &a.masks {
         Some(dir) => Some(numbered_masks(dir)?),
         None => None,
     };
-    let ts: Vec<u32> = movie
-        .frames()
-        .filter(|t| a.frames.is_none_or(|r| r.contains(*t)))
-        .collect();
-    if ts.is_empty() {
-        bail!("no frames of {} in the requested range", a.movie.display());
-    }
     let mut csv = String::from("frame,label,class,probability\n");
     let mut objects = 0usize;
     let pb = bar(ts.len() as u64, "frames");

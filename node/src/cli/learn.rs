@@ -93,7 +93,7 @@ pub struct Postprocess {
 /// File beside the weights holding [`Postprocess`].
 pub const POSTPROCESS_FILE: &str = "postprocess.json";
 
-pub(crate) fn load_postprocess(dir: &Path) -> anyhow::Result<Option<Postprocess>> {
+fn load_postprocess(dir: &Path) -> anyhow::Result<Option<Postprocess>> {
     let p = dir.join(POSTPROCESS_FILE);
     if !p.is_file() {
         return Ok(None);
@@ -102,6 +102,78 @@ pub(crate) fn load_postprocess(dir: &Path) -> anyhow::Result<Option<Postprocess>
     Ok(Some(
         serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?,
     ))
+}
+
+/// Inference settings shared by `segment`, `track --model` and `classify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InferArgs {
+    /// Tile side.
+    #[arg(long, default_value_t = 256)]
+    pub tile: usize,
+    /// Smallest object kept, in pixels (default: the model folder's postprocess.json, else 10).
+    #[arg(long)]
+    pub min_size: Option<usize>,
+    /// Drop objects touching the frame border (default: as learned from the training
+    /// annotations, in postprocess.json).
+    #[arg(long)]
+    pub exclude_border: Option<bool>,
+    /// Compute device: cpu, cuda[:N] or wgpu[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Interior probability needed to seed a cell (higher splits touching cells more).
+    #[arg(long)]
+    pub seed_threshold: Option<f32>,
+}
+
+/// A loaded model with its inference settings: the flags, else the model folder's
+/// postprocess.json, else the defaults.
+pub(crate) struct Segmenter {
+    pub(crate) model: UNet,
+    pub(crate) config: UNetConfig,
+    pub(crate) device: Device,
+    pub(crate) opts: InferOptions,
+}
+
+impl Segmenter {
+    pub(crate) fn load(dir: &Path, a: &InferArgs) -> anyhow::Result<Self> {
+        let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
+        let (model, config) = load_model(dir, &device)?;
+        let post = load_postprocess(dir)?;
+        let opts = InferOptions {
+            tile: a.tile,
+            min_size: a.min_size.or(post.map(|p| p.min_size)).unwrap_or(10),
+            exclude_border: a
+                .exclude_border
+                .or(post.map(|p| p.exclude_border))
+                .unwrap_or(false),
+            seed_threshold: a
+                .seed_threshold
+                .unwrap_or(InferOptions::default().seed_threshold),
+            ..InferOptions::default()
+        };
+        Ok(Self {
+            model,
+            config,
+            device,
+            opts,
+        })
+    }
+}
+
+/// Opens a movie and lists its frames within `range` (all if `None`); none is an error.
+pub(crate) fn movie_frames(
+    dir: &Path,
+    range: Option<FrameRange>,
+) -> anyhow::Result<(Movie, Vec<u32>)> {
+    let movie = Movie::open(dir).with_context(|| format!("opening movie {}", dir.display()))?;
+    let frames: Vec<u32> = movie
+        .frames()
+        .filter(|t| range.is_none_or(|r| r.contains(*t)))
+        .collect();
+    if frames.is_empty() {
+        bail!("no frames of {} in the requested range", dir.display());
+    }
+    Ok((movie, frames))
 }
 
 /// Arguments of `cellswarm segment`.
@@ -119,22 +191,9 @@ pub struct SegmentArgs {
     /// Frames to segment (default: all).
     #[arg(long)]
     pub frames: Option<FrameRange>,
-    /// Tile side.
-    #[arg(long, default_value_t = 256)]
-    pub tile: usize,
-    /// Smallest object kept, in pixels (default: the model folder's postprocess.json, else 10).
-    #[arg(long)]
-    pub min_size: Option<usize>,
-    /// Drop objects touching the frame border (default: as learned from the training
-    /// annotations, in postprocess.json).
-    #[arg(long)]
-    pub exclude_border: Option<bool>,
-    /// Compute device: cpu, cuda[:N] or wgpu[:N].
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Interior probability needed to seed a cell (higher splits touching cells more).
-    #[arg(long)]
-    pub seed_threshold: Option<f32>,
+    /// Inference settings.
+    #[command(flatten)]
+    pub infer: InferArgs,
 }
 
 /// Arguments of `cellswarm eval`.
@@ -367,36 +426,14 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
 /// # Errors
 /// An unreadable model or movie, or write errors.
 pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
-    let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
-    let (model, config) = load_model(&a.model, &device)?;
-    let movie =
-        Movie::open(&a.movie).with_context(|| format!("opening movie {}", a.movie.display()))?;
-    let frames: Vec<u32> = movie
-        .frames()
-        .filter(|t| a.frames.is_none_or(|r| r.contains(*t)))
-        .collect();
-    if frames.is_empty() {
-        bail!("no frames of {} in the requested range", a.movie.display());
-    }
+    let s = Segmenter::load(&a.model, &a.infer)?;
+    let (movie, frames) = movie_frames(&a.movie, a.frames)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let width = if movie.len() > 1000 { 4 } else { 3 };
-    let post = load_postprocess(&a.model)?;
-    let opts = InferOptions {
-        tile: a.tile,
-        min_size: a.min_size.or(post.map(|p| p.min_size)).unwrap_or(10),
-        exclude_border: a
-            .exclude_border
-            .or(post.map(|p| p.exclude_border))
-            .unwrap_or(false),
-        seed_threshold: a
-            .seed_threshold
-            .unwrap_or(InferOptions::default().seed_threshold),
-        ..InferOptions::default()
-    };
     let pb = bar(frames.len() as u64, "frames");
     for t in &frames {
         let img = movie.frame(*t)?;
-        let labels = segment(&model, &config, &device, &img, &opts);
+        let labels = segment(&s.model, &s.config, &s.device, &img, &s.opts);
         write_labels(&a.out.join(format!("mask{t:0width$}.tif")), &labels)?;
         pb.inc(1);
     }
