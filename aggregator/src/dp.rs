@@ -102,6 +102,30 @@ impl GaussianStream {
     }
 }
 
+/// Local differential privacy for one update: scales `values` down to L2 norm at most
+/// `clip`, then adds Gaussian noise of standard deviation `noise_multiplier * clip` drawn
+/// from `seed` (which must be secret to the site: whoever knows it can remove the noise).
+/// Returns the norm before clipping.
+pub fn privatize(values: &mut [f32], clip: f64, noise_multiplier: f64, seed: [u8; 32]) -> f64 {
+    let norm = cellswarm_common::delta::sum_squares(values).sqrt();
+    if norm > clip && norm > 0.0 {
+        let scale = clip / norm;
+        for v in values.iter_mut() {
+            *v = (f64::from(*v) * scale) as f32;
+        }
+    }
+    GaussianStream::new(seed).add_to(0, noise_multiplier * clip, values);
+    norm
+}
+
+/// The noise standard deviation at which Gaussian noise of `params` coordinates has the
+/// expected L2 norm of about `noise_multiplier * clip * sqrt(params)`: the norm a
+/// privatized update has, which peers must accept under `max_update_norm`.
+#[must_use]
+pub fn expected_noise_norm(params: usize, clip: f64, noise_multiplier: f64) -> f64 {
+    noise_multiplier * clip * (params as f64).sqrt()
+}
+
 /// Orders alpha at which RDP is tracked: 1.1, 1.2, ..., 10.9, then 12..=63, 128, 256, 512.
 #[must_use]
 pub fn rdp_orders() -> Vec<f64> {
@@ -169,6 +193,33 @@ mod tests {
         // Keystream bytes 76 b8 e0 ad a0 f1 3d 90 ... (ChaCha20, zero key, zero nonce).
         assert_eq!(w0.to_le_bytes(), [0x76, 0xb8, 0xe0, 0xad]);
         assert_eq!(w1.to_le_bytes(), [0xa0, 0xf1, 0x3d, 0x90]);
+    }
+
+    #[test]
+    fn privatize_clips_then_adds_noise_of_the_configured_scale() {
+        // An update of norm 10 clipped to 2, with sigma = 0.5: the noise is N(0, 1).
+        let n = 200_000;
+        let mut v = vec![10.0 / (n as f32).sqrt(); n];
+        let clipped: Vec<f64> = v.iter().map(|x| f64::from(*x) * 0.2).collect();
+        let before = privatize(&mut v, 2.0, 0.5, [7; 32]);
+        assert!((before - 10.0).abs() < 1e-3, "{before}");
+        let noise: Vec<f64> = v
+            .iter()
+            .zip(&clipped)
+            .map(|(x, c)| f64::from(*x) - c)
+            .collect();
+        let mean = noise.iter().sum::<f64>() / n as f64;
+        let std = (noise.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((std - 1.0).abs() < 0.01, "std {std}");
+        // An update already inside the ball is not scaled; another seed, other noise.
+        let mut a = vec![0.001f32; 1000];
+        let mut b = a.clone();
+        privatize(&mut a, 2.0, 1e-9, [1; 32]);
+        privatize(&mut b, 2.0, 1e-9, [2; 32]);
+        assert!(a.iter().all(|x| (x - 0.001).abs() < 1e-6));
+        assert_ne!(a, b);
+        assert!((expected_noise_norm(10_000, 2.0, 0.5) - 100.0).abs() < 1e-9);
     }
 
     #[test]

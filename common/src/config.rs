@@ -818,6 +818,10 @@ pub struct NetConfig {
     pub max_connections: u32,
     /// Most connections still in their handshake.
     pub max_pending_connections: u32,
+    /// For privacy audits: append a copy of every message this node sends (requests,
+    /// responses and announcements, before transport encryption) to this file. Off when
+    /// absent. See docs/security.md for the record layout.
+    pub capture_sent: Option<PathBuf>,
 }
 
 impl Default for NetConfig {
@@ -835,6 +839,7 @@ impl Default for NetConfig {
             max_connections_per_peer: 2,
             max_connections: 64,
             max_pending_connections: 16,
+            capture_sent: None,
         }
     }
 }
@@ -1059,6 +1064,9 @@ impl NodeConfig {
         fix(&mut self.identity.key_file);
         self.data.movies.iter_mut().for_each(fix);
         if let Some(p) = &mut self.store.path {
+            fix(p);
+        }
+        if let Some(p) = &mut self.net.capture_sent {
             fix(p);
         }
     }

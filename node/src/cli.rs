@@ -139,6 +139,18 @@ pub struct DemoArgs {
     /// Channels of the U-Net's first level.
     #[arg(long, default_value_t = 8)]
     pub width: usize,
+    /// Local differential privacy on every site: clip each round's update to this L2 norm
+    /// (needs --local-dp-noise).
+    #[arg(long, requires = "local_dp_noise")]
+    pub local_dp_clip: Option<f64>,
+    /// Local differential privacy: noise standard deviation as a multiple of the clip norm
+    /// (needs --local-dp-clip).
+    #[arg(long, requires = "local_dp_clip")]
+    pub local_dp_noise: Option<f64>,
+    /// Privacy audit: append every message the first site's node sends (before transport
+    /// encryption) to this file; see docs/security.md.
+    #[arg(long)]
+    pub capture_sent: Option<PathBuf>,
 }
 
 /// Things `cellswarm bench` measures.
@@ -273,6 +285,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 out: a.out,
                 seed: a.seed,
                 width: a.width,
+                local_dp: a.local_dp_clip.zip(a.local_dp_noise),
+                capture_sent: a.capture_sent,
                 ..crate::demo::DemoOptions::default()
             };
             tokio::runtime::Builder::new_multi_thread()

@@ -154,21 +154,40 @@ fn site_frames(config: &Config) -> Result<(Vec<Annotated>, Vec<Annotated>), Daem
 /// Settings the schema accepts but this node does not carry out yet. A site that asks for
 /// privacy must not believe it has it: refuse to start instead of ignoring them.
 fn refuse_unimplemented(config: &Config) -> Result<(), ConfigError> {
-    let not_yet = |file: &std::path::Path, field: &str| ConfigError::Invalid {
-        file: file.to_owned(),
-        field: field.into(),
-        problem: "not implemented by this version of the node yet; remove it (nothing would be \
-                  protected)"
-            .into(),
-    };
-    if config.node.privacy.local_dp.is_some() {
-        return Err(not_yet(&config.node_file, "privacy.local_dp"));
-    }
     if config.consortium.aggregation.secure_aggregation {
-        return Err(not_yet(
-            &config.node.consortium,
-            "aggregation.secure_aggregation",
-        ));
+        return Err(ConfigError::Invalid {
+            file: config.node.consortium.clone(),
+            field: "aggregation.secure_aggregation".into(),
+            problem: "not implemented by this version of the node yet; remove it (nothing would \
+                      be protected)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Local DP adds noise of norm about `sigma * C * sqrt(P)`: if that is over the
+/// consortium's `max_update_norm`, every peer would refuse every delta of this site.
+fn check_local_dp(config: &Config, params: usize) -> Result<(), ConfigError> {
+    let Some(dp) = config.node.privacy.local_dp else {
+        return Ok(());
+    };
+    let noise =
+        cellswarm_aggregator::dp::expected_noise_norm(params, dp.clip_norm, dp.noise_multiplier);
+    let norm = dp.clip_norm.hypot(noise) * 1.05;
+    let bound = config.consortium.aggregation.max_update_norm;
+    if norm > bound {
+        return Err(ConfigError::Invalid {
+            file: config.node_file.clone(),
+            field: "privacy.local_dp".into(),
+            problem: format!(
+                "clip_norm {} with noise_multiplier {} gives updates of norm about {norm:.3e} over \
+                 {params} parameters, above the consortium's aggregation.max_update_norm = {bound}: \
+                 every peer would refuse them; lower noise_multiplier or clip_norm, or raise \
+                 max_update_norm in the consortium file",
+                dp.clip_norm, dp.noise_multiplier
+            ),
+        });
     }
     Ok(())
 }
@@ -238,6 +257,7 @@ impl Node {
         let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
         let mut trainer = trainer;
         let layout: Arc<Layout> = Arc::clone(trainer.genesis(0).layout());
+        check_local_dp(&config, layout.total())?;
         let members: Vec<PeerId> = config
             .consortium
             .members

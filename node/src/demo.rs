@@ -7,6 +7,7 @@
 //! same steps from the same start, so the report can show what the swarm adds. After each
 //! round the merged model and the local models are scored on every site's held-out frames.
 
+use cellswarm_aggregator::dp::RdpAccountant;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,11 @@ pub struct DemoOptions {
     pub batch: usize,
     /// Patch side.
     pub patch: usize,
+    /// Local differential privacy on every site: (clip norm C, noise multiplier sigma).
+    pub local_dp: Option<(f64, f64)>,
+    /// Privacy audit: every message the first site's node sends is appended to this file
+    /// (`net.capture_sent`).
+    pub capture_sent: Option<PathBuf>,
 }
 
 impl Default for DemoOptions {
@@ -72,6 +78,8 @@ impl Default for DemoOptions {
             width: 8,
             batch: 4,
             patch: 96,
+            local_dp: None,
+            capture_sent: None,
         }
     }
 }
@@ -91,6 +99,9 @@ pub struct RoundReport {
     pub f1_local: BTreeMap<String, f64>,
     /// Seconds since the start.
     pub elapsed_s: f64,
+    /// Each site's local-DP epsilon spent after this round (empty without local DP).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub epsilon: BTreeMap<String, f64>,
 }
 
 /// The whole report (`metrics.json`).
@@ -114,7 +125,26 @@ pub struct Report {
     pub final_model: String,
     /// Wall time, seconds.
     pub seconds: f64,
+    /// Local DP settings, if on: clip norm, noise multiplier and the delta of (epsilon, delta).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_dp: Option<LocalDpReport>,
 }
+
+/// Local DP settings of a demo run.
+#[derive(Debug, Clone, Serialize)]
+pub struct LocalDpReport {
+    /// Clipping norm C.
+    pub clip_norm: f64,
+    /// Noise multiplier sigma (noise standard deviation sigma * C).
+    pub noise_multiplier: f64,
+    /// The delta of the (epsilon, delta) reported.
+    pub delta: f64,
+    /// The epsilon each site's node reported spent at the end (its own accountant).
+    pub epsilon: BTreeMap<String, f64>,
+}
+
+/// The delta of the (epsilon, delta) the demo reports under local DP.
+pub const DEMO_DP_DELTA: f64 = 1e-5;
 
 /// A site's data.
 struct Site {
@@ -269,14 +299,24 @@ fn write_configs(
         std::fs::write(
             &file,
             format!(
-                "consortium = \"../consortium.toml\"\n\n[net]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n\n\
+                "consortium = \"../consortium.toml\"\n\n[net]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n{}\n\
                  [data]\nmovies = [{:?}]\n\n[training]\nsteps_per_round = {}\nbatch_size = {}\n\
-                 patch_size = {}\nseed = {}\n\n[store]\npath = \"store\"\n\n[status]\nenabled = false\n",
+                 patch_size = {}\nseed = {}\n\n[store]\npath = \"store\"\n\n[status]\nenabled = false\n{}",
+                o.capture_sent
+                    .as_ref()
+                    .filter(|_| i == 0)
+                    .map_or(String::new(), |p| format!(
+                        "capture_sent = {:?}\n",
+                        std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()
+                    )),
                 movie.display().to_string(),
                 o.steps,
                 o.batch,
                 o.patch,
-                i
+                i,
+                o.local_dp.map_or(String::new(), |(c, z)| format!(
+                    "\n[privacy.local_dp]\nclip_norm = {c:?}\nnoise_multiplier = {z:?}\ndelta = {DEMO_DP_DELTA:?}\n"
+                )),
             ),
         )
         .map_err(setup_err("writing a site file"))?;
@@ -547,8 +587,18 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        // Every site releases one privatized delta per round: the epsilon after round r
+        // is r Gaussian mechanisms (the nodes' own accountants, read at the end, agree).
+        let epsilon: BTreeMap<String, f64> = o
+            .local_dp
+            .map(|(_, z)| {
+                let acc = (0..r).fold(RdpAccountant::default(), |a, _| a.after(z));
+                let e = acc.epsilon(DEMO_DP_DELTA);
+                names.iter().map(|n| (n.clone(), e)).collect()
+            })
+            .unwrap_or_default();
         println!(
-            "round {r:>2}  model {}  loss {}  F1 swarm {}  local-only {}",
+            "round {r:>2}  model {}  loss {}  F1 swarm {}  local-only {}{}",
             hash.short(),
             names
                 .iter()
@@ -557,6 +607,18 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 .join(" "),
             fmt(&f1),
             fmt(&f1_local),
+            if epsilon.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "  DP epsilon {}",
+                    epsilon
+                        .iter()
+                        .map(|(n, e)| format!("{n}={e:.3e}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            },
         );
         rounds.push(RoundReport {
             round: r,
@@ -565,10 +627,16 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             f1_swarm: names.iter().cloned().zip(f1).collect(),
             f1_local: names.iter().cloned().zip(f1_local).collect(),
             elapsed_s: start.elapsed().as_secs_f64(),
+            epsilon,
         });
         last_local = local;
         last_swarm = Some((hash, model));
     }
+    let final_epsilon: BTreeMap<String, f64> = names
+        .iter()
+        .zip(&nodes)
+        .filter_map(|(n, node)| node.status().borrow().epsilon.map(|e| (n.clone(), e)))
+        .collect();
     for n in &nodes {
         n.shutdown();
     }
@@ -618,6 +686,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 best_local_mean_f1,
                 final_model: final_hash.to_hex(),
                 seconds: 0.0,
+                local_dp: None,
             })
         })
         .await
@@ -625,6 +694,14 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
     };
     let report = Report {
         seconds: start.elapsed().as_secs_f64(),
+        local_dp: o
+            .local_dp
+            .map(|(clip_norm, noise_multiplier)| LocalDpReport {
+                clip_norm,
+                noise_multiplier,
+                delta: DEMO_DP_DELTA,
+                epsilon: final_epsilon,
+            }),
         ..report
     };
     std::fs::write(

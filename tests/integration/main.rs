@@ -23,3 +23,7 @@ mod demo;
 
 /// Cell dynamics: tracking, the CTC measures against py-ctcmetrics, the bacteria movie.
 mod tracking;
+
+/// Privacy: local differential privacy end to end, and the canary test (no pixel or file
+/// name leaves a node).
+mod privacy;

@@ -42,6 +42,8 @@ pub(crate) struct Setup {
     pub(crate) training_delay: &'static str,
     /// `testing.merge_delay` of every node.
     pub(crate) merge_delay: &'static str,
+    /// Extra lines at the end of every site file.
+    pub(crate) site: &'static str,
 }
 
 impl Default for Setup {
@@ -57,6 +59,7 @@ impl Default for Setup {
             rounds: 5,
             training_delay: "0ms",
             merge_delay: "0ms",
+            site: "",
         }
     }
 }
@@ -156,10 +159,11 @@ impl Consortium {
                     "consortium = \"../consortium.toml\"\n\n[identity]\nkey_file = \"identity.key\"\n\n\
                      [net]\nlisten = [\"/ip4/127.0.0.1/tcp/{port}\"]\nrequest_timeout = \"10s\"\n\n\
                      [training]\nseed = {}\n\n[store]\npath = \"store\"\n\n[status]\nenabled = false\n\n\
-                     [testing]\ntraining_delay = \"{}\"\nmerge_delay = \"{}\"\n",
+                     [testing]\ntraining_delay = \"{}\"\nmerge_delay = \"{}\"\n{}\n",
                     i + 1,
                     setup.training_delay,
-                    setup.merge_delay
+                    setup.merge_delay,
+                    setup.site
                 ),
             )
             .expect("the site file is written");

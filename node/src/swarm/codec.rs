@@ -9,8 +9,8 @@
 //! that ends early is an error. Bytes read and written are counted for the metrics.
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cellswarm_common::wire::{
     Request, ResponseHeader, decode_control, decode_frame, encode_control, encode_frame,
@@ -51,6 +51,58 @@ pub struct Traffic {
     pub bytes_out: AtomicU64,
     /// Messages refused for being over a limit.
     pub oversize: AtomicU64,
+    capture: Option<Mutex<std::fs::File>>,
+}
+
+/// What a captured message was (the first byte of its capture record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Sent {
+    /// A request, as written to the stream.
+    Request = 1,
+    /// A response, as written to the stream.
+    Response = 2,
+    /// A gossip announcement (the signed envelope handed to gossipsub).
+    Gossip = 3,
+}
+
+impl Traffic {
+    /// Counters that also append every message sent to `path` (`net.capture_sent`):
+    /// records of `kind u8 | len u64 LE | bytes`.
+    ///
+    /// # Errors
+    /// The file cannot be created or opened for appending.
+    pub fn with_capture(path: &std::path::Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Self {
+            capture: Some(Mutex::new(file)),
+            ..Self::default()
+        })
+    }
+
+    /// Appends one sent message to the capture file, if capturing.
+    pub fn capture(&self, kind: Sent, parts: &[&[u8]]) {
+        use std::io::Write as _;
+        let Some(file) = &self.capture else {
+            return;
+        };
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut rec = Vec::with_capacity(9 + len);
+        rec.push(kind as u8);
+        rec.extend_from_slice(&(len as u64).to_le_bytes());
+        for p in parts {
+            rec.extend_from_slice(p);
+        }
+        let mut f = file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = f.write_all(&rec) {
+            tracing::error!(error = %e, "could not append to net.capture_sent");
+        }
+    }
 }
 
 /// The codec, with its limits and traffic counters.
@@ -139,7 +191,9 @@ impl request_response::Codec for SyncCodec {
         T: AsyncWrite + Unpin + Send,
     {
         let bytes = encode_control(&req).map_err(|e| invalid(e.to_string()))?;
-        io.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
+        let len = (bytes.len() as u32).to_le_bytes();
+        self.traffic.capture(Sent::Request, &[&len, &bytes]);
+        io.write_all(&len).await?;
         io.write_all(&bytes).await?;
         self.traffic
             .bytes_out
@@ -157,7 +211,9 @@ impl request_response::Codec for SyncCodec {
         T: AsyncWrite + Unpin + Send,
     {
         let frame = encode_frame(&res.header, &res.body).map_err(|e| invalid(e.to_string()))?;
-        io.write_all(&(frame.len() as u64).to_le_bytes()).await?;
+        let len = (frame.len() as u64).to_le_bytes();
+        self.traffic.capture(Sent::Response, &[&len, &frame]);
+        io.write_all(&len).await?;
         io.write_all(&frame).await?;
         self.traffic
             .bytes_out

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use cellswarm_aggregator::dp::{RdpAccountant, privatize};
 use cellswarm_aggregator::{AggregateError, Merged, Merger, MergerState, Update};
 use cellswarm_common::config::{Config, EncodingKind};
 use cellswarm_common::delta::{Delta, DeltaEncoding, DeltaLimits};
@@ -37,8 +38,8 @@ use cellswarm_common::identity::{Identity, signer_key_from_peer_id};
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
 use cellswarm_common::weights::{Layout, Limits, Weights};
 use cellswarm_common::wire::{
-    Announcement, Contribution, DeltaHeader, MergeRecord, Request, ResponseHeader, decode_control,
-    decode_frame, encode_control, encode_frame,
+    Announcement, Contribution, DeltaHeader, LocalMetrics, MergeRecord, Request, ResponseHeader,
+    decode_control, decode_frame, encode_control, encode_frame,
 };
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
@@ -298,6 +299,8 @@ pub struct Engine {
     ahead_since: Option<Instant>,
     last_record_request: Option<Instant>,
     published: Option<(RoundId, Vec<u8>)>,
+    /// Local-DP accounting: the privatized deltas this node has released (from the store).
+    dp_spent: RdpAccountant,
 }
 
 impl std::fmt::Debug for Engine {
@@ -307,6 +310,23 @@ impl std::fmt::Debug for Engine {
             .field("round", &self.round.as_ref().map(|r| r.id))
             .finish_non_exhaustive()
     }
+}
+
+/// Marks an own-delta record as released under local DP: `local-dp:z=<multiplier>`.
+const LOCAL_DP_MARK: &str = "local-dp:z=";
+
+/// Clips `delta` to norm `clip` and adds Gaussian noise (`noise_multiplier * clip`) from a
+/// fresh secret seed of the operating system's generator.
+fn privatize_delta(delta: Delta, clip: f64, noise_multiplier: f64) -> Result<Delta, String> {
+    use ring::rand::SecureRandom as _;
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    ring::rand::SystemRandom::new()
+        .fill(seed.as_mut())
+        .map_err(|_| "the operating system's random generator failed".to_owned())?;
+    let layout = Arc::clone(delta.layout());
+    let mut values = delta.into_values();
+    privatize(&mut values, clip, noise_multiplier, *seed);
+    Delta::from_flat(layout, values).map_err(|e| e.to_string())
 }
 
 fn sha(bytes: &[u8]) -> [u8; 32] {
@@ -378,6 +398,7 @@ impl Engine {
             ahead_since: None,
             last_record_request: None,
             published: None,
+            dp_spent: RdpAccountant::default(),
         })
     }
 
@@ -413,6 +434,7 @@ impl Engine {
     // ---------------------------------------------------------------------------------
 
     async fn bootstrap(&mut self) -> Result<(), EngineError> {
+        self.restore_dp_accounting()?;
         if let Some(head) = self.store.head()? {
             self.restore_merged_hashes(head.round)?;
             let model = self.load_model(&head.model)?;
@@ -579,6 +601,47 @@ impl Engine {
         });
     }
 
+    /// Rebuilds the local-DP accountant from the own-delta records of the store: every
+    /// delta this node stored (and so may have sent) under local DP is one Gaussian
+    /// mechanism with the noise multiplier recorded beside it.
+    fn restore_dp_accounting(&mut self) -> Result<(), EngineError> {
+        let mut acc = RdpAccountant::default();
+        for (key, values) in self.store.peers()? {
+            if !key.starts_with("own-delta-") {
+                continue;
+            }
+            if let Some(z) = values
+                .iter()
+                .find_map(|v| v.strip_prefix(LOCAL_DP_MARK))
+                .and_then(|z| z.parse::<f64>().ok())
+                .filter(|z| z.is_finite() && *z > 0.0)
+            {
+                acc.step(z);
+            }
+        }
+        self.dp_spent = acc;
+        if let Some(dp) = self.config.node.privacy.local_dp {
+            let eps = acc.epsilon(dp.delta);
+            self.metrics.set_last(None, None, Some(eps));
+            tracing::info!(
+                released = acc.rounds,
+                epsilon = eps,
+                delta = dp.delta,
+                "local DP: privacy spent so far"
+            );
+        }
+        Ok(())
+    }
+
+    /// The local-DP epsilon spent so far, if local DP is on.
+    fn local_epsilon(&self) -> Option<f64> {
+        self.config
+            .node
+            .privacy
+            .local_dp
+            .map(|dp| self.dp_spent.epsilon(dp.delta))
+    }
+
     fn own_delta_key(round: RoundId) -> String {
         format!("own-delta-{}", round.0)
     }
@@ -627,14 +690,24 @@ impl Engine {
         };
         // The head names the model's hash: no need to hash 4P bytes again.
         let base_hash = self.head.map(|h| h.model).unwrap_or_default();
+        let local_dp = self.config.node.privacy.local_dp;
+        let epsilon_after =
+            local_dp.map(|dp| self.dp_spent.after(dp.noise_multiplier).epsilon(dp.delta));
         let built = (|| -> Result<(DeltaHash, Vec<u8>, Update), String> {
-            let delta = Delta::between(&base, &trained.weights).map_err(|e| e.to_string())?;
+            let mut delta = Delta::between(&base, &trained.weights).map_err(|e| e.to_string())?;
+            drop(trained.weights);
+            if let Some(dp) = local_dp {
+                delta = privatize_delta(delta, dp.clip_norm, dp.noise_multiplier)?;
+            }
             let header = DeltaHeader {
                 consortium: self.digest,
                 round,
                 base: base_hash,
                 sample_count: trained.samples,
-                metrics: trained.metrics,
+                metrics: LocalMetrics {
+                    epsilon: epsilon_after,
+                    ..trained.metrics
+                },
                 masked: false,
             };
             let body = delta.encode(self.encoding()).map_err(|e| e.to_string())?;
@@ -658,18 +731,26 @@ impl Engine {
                 return;
             }
         };
-        // Durable before announced.
+        // Durable before announced; under local DP the record also counts the release
+        // for the accountant (so a restart cannot forget privacy already spent).
+        let mut own = vec![hash.to_hex()];
+        if let Some(dp) = local_dp {
+            own.push(format!("{LOCAL_DP_MARK}{}", dp.noise_multiplier));
+        }
         if let Err(e) = self
             .store
             .put_blob(BlobKind::Delta, hash.as_bytes(), &env)
-            .and_then(|()| {
-                self.store
-                    .put_peer(&Self::own_delta_key(round), &[hash.to_hex()])
-            })
+            .and_then(|()| self.store.put_peer(&Self::own_delta_key(round), &own))
             .and_then(|()| self.store.flush())
         {
             tracing::error!(round = %round, error = %e, "could not store our delta");
             return;
+        }
+        if let Some(dp) = local_dp {
+            self.dp_spent.step(dp.noise_multiplier);
+            let eps = self.dp_spent.epsilon(dp.delta);
+            self.metrics.set_last(None, None, Some(eps));
+            tracing::info!(round = %round, delta = %hash.short(), epsilon = eps, delta_dp = dp.delta, clip_norm = dp.clip_norm, noise_multiplier = dp.noise_multiplier, released = self.dp_spent.rounds, "local DP: clipped and noised our delta");
         }
         tracing::info!(round = %round, delta = %hash.short(), bytes = env.len(), loss = trained.metrics.train_loss, "proposing our delta");
         self.phase = Phase::Collecting;
@@ -1965,7 +2046,7 @@ impl Engine {
             connected: self.connected.iter().map(ToString::to_string).collect(),
             last_record: self.last_record.clone(),
             rounds_completed: self.metrics.rounds_completed.load(Ordering::Relaxed),
-            epsilon: None,
+            epsilon: self.local_epsilon(),
             stopped: stopped || self.phase == Phase::Done,
         };
         self.status.send_if_modified(|old| {

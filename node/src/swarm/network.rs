@@ -25,7 +25,7 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{SyncCodec, SyncResponse, Traffic};
+use super::codec::{Sent, SyncCodec, SyncResponse, Traffic};
 
 /// Largest gossip message (announcements are a few hundred bytes).
 pub const MAX_GOSSIP_BYTES: usize = 16 * 1024;
@@ -179,6 +179,7 @@ impl NetClient {
     /// Gossipsub refusals (no peers yet, duplicate) or a closed loop.
     pub async fn publish(&self, data: Vec<u8>) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
+        self.traffic.capture(Sent::Gossip, &[&data]);
         self.send(Command::Publish { data, reply }).await?;
         rx.await.map_err(|_| NetError::Closed)?
     }
@@ -255,7 +256,11 @@ pub fn start(
     keypair: libp2p::identity::Keypair,
     settings: &NetSettings,
 ) -> Result<(NetClient, mpsc::Receiver<NetEvent>, EventLoop), NetError> {
-    let traffic = Arc::new(Traffic::default());
+    let traffic = Arc::new(match &settings.net.capture_sent {
+        Some(path) => Traffic::with_capture(path)
+            .map_err(|e| NetError::Setup(format!("net.capture_sent {}: {e}", path.display())))?,
+        None => Traffic::default(),
+    });
     let net = settings.net.clone();
     let codec = SyncCodec::new(net.max_message_bytes, Arc::clone(&traffic));
     let members = settings.members.clone();
