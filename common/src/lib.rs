@@ -47,5 +47,6 @@ pub mod envelope;
 pub mod identity;
 pub mod ids;
 pub mod protocol;
+pub mod records;
 pub mod weights;
 pub mod wire;

@@ -54,6 +54,16 @@ pub enum WireError {
     /// Bytes after the message.
     #[error("{0} unexpected bytes after the control message")]
     TrailingBytes(usize),
+    /// A sync-stream message whose length prefix is over the limit.
+    #[error("{what} of {got} bytes exceeds the limit of {max}")]
+    StreamTooLarge {
+        /// `request` or `response`.
+        what: &'static str,
+        /// The declared length.
+        got: u64,
+        /// The limit.
+        max: u64,
+    },
 }
 
 /// Encodes a control message: wire version, then bincode.
@@ -128,6 +138,107 @@ pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), Wir
     }
     let head = r.take(len, "frame header")?;
     Ok((decode_control(head)?, r.rest()))
+}
+
+/// Largest request accepted on a sync stream, in bytes.
+pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
+/// The length a sync request's `u32 LE` prefix declares, if within [`MAX_REQUEST_BYTES`].
+///
+/// # Errors
+/// [`WireError::StreamTooLarge`] (checked before anything is allocated).
+pub fn request_len(prefix: [u8; 4]) -> Result<usize, WireError> {
+    let len = u64::from(u32::from_le_bytes(prefix));
+    if len > MAX_REQUEST_BYTES {
+        return Err(WireError::StreamTooLarge {
+            what: "request",
+            got: len,
+            max: MAX_REQUEST_BYTES,
+        });
+    }
+    Ok(len as usize)
+}
+
+/// The length a sync response's `u64 LE` prefix declares, if within `max`
+/// (`net.max_message_bytes`).
+///
+/// # Errors
+/// [`WireError::StreamTooLarge`] (checked before anything is allocated).
+pub fn response_len(prefix: [u8; 8], max: u64) -> Result<usize, WireError> {
+    let len = u64::from_le_bytes(prefix);
+    match usize::try_from(len) {
+        Ok(n) if len <= max => Ok(n),
+        _ => Err(WireError::StreamTooLarge {
+            what: "response",
+            got: len,
+            max,
+        }),
+    }
+}
+
+/// Decodes a whole request stream as it arrives (`len u32 LE | control message`), the
+/// way the sync codec reads it.
+///
+/// # Errors
+/// A length over the limit, a stream that ends early or goes on, a bad request.
+pub fn decode_request_stream(bytes: &[u8]) -> Result<Request, WireError> {
+    let mut r = Reader::new(bytes);
+    let len = request_len(r.array("request length")?)?;
+    let body = r.take(len, "request")?;
+    let rest = r.rest();
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    decode_control(body)
+}
+
+/// Decodes a whole response stream as it arrives (`len u64 LE | frame`), the way the
+/// sync codec reads it.
+///
+/// # Errors
+/// A length over `max`, a stream that ends early or goes on, a bad frame.
+pub fn decode_response_stream(
+    bytes: &[u8],
+    max: u64,
+) -> Result<(ResponseHeader, &[u8]), WireError> {
+    let mut r = Reader::new(bytes);
+    let len = response_len(r.array("response length")?, max)?;
+    let frame = r.take(len, "response")?;
+    let rest = r.rest();
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    decode_frame(frame)
+}
+
+/// Deserializes a sequence without trusting its declared length for preallocation.
+///
+/// serde's own `Vec` visitor reserves up to 1 MiB from the declared length alone, so a
+/// 300-byte message could make the node allocate 1 MiB. Growing the vector as elements
+/// actually decode keeps every allocation within about twice the bytes received.
+///
+/// # Errors
+/// As the element's deserializer.
+pub fn grown_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Grow<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Grow<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Grow(std::marker::PhantomData))
 }
 
 /// What a member reports about its local training with its delta.
@@ -224,6 +335,7 @@ pub struct MergeRecord {
     /// The strategy's config name.
     pub strategy: String,
     /// Included deltas, sorted by signer.
+    #[serde(deserialize_with = "grown_vec")]
     pub contributions: Vec<Contribution>,
     /// Hash of M(r).
     pub model: ModelHash,
@@ -263,7 +375,7 @@ pub enum ResponseHeader {
     /// Body: aggregator state bytes.
     State,
     /// No body: the deltas held for the round asked about.
-    DeltaList(Vec<(SignerKey, DeltaHash)>),
+    DeltaList(#[serde(deserialize_with = "grown_vec")] Vec<(SignerKey, DeltaHash)>),
     /// The peer does not have it.
     NotFound,
     /// The peer refuses (the reason is for logs).

@@ -7,7 +7,6 @@
 //! same steps from the same start, so the report can show what the swarm adds. After each
 //! round the merged model and the local models are scored on every site's held-out frames.
 
-use cellswarm_aggregator::dp::RdpAccountant;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,6 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cellswarm_aggregator::dp::RdpAccountant;
 use cellswarm_common::config::Config;
 use cellswarm_common::identity::Identity;
 use cellswarm_common::ids::{ModelHash, RoundId};

@@ -24,8 +24,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use cellswarm_common::envelope::{PayloadKind, UnverifiedEnvelope};
-use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
-use serde::{Deserialize, Serialize};
+use cellswarm_common::ids::{ModelHash, RecordHash, RoundId};
+use cellswarm_common::records::{PeerRecord, decode_record, encode_record};
+use serde::Serialize;
 use sled::Transactional;
 
 /// What went wrong with the store.
@@ -80,31 +81,7 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// The newest accepted round: the head of the chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Head {
-    /// The last merged round (0: only the genesis model).
-    pub round: RoundId,
-    /// Its merge record (none for round 0).
-    pub record: Option<RecordHash>,
-    /// The model M(round).
-    pub model: ModelHash,
-    /// The aggregator state after that merge.
-    pub state: [u8; 32],
-}
-
-/// One line of the audit log: `signer` contributed `delta` to `round`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// The round.
-    pub round: RoundId,
-    /// The contributing member.
-    pub signer: SignerKey,
-    /// Its delta.
-    pub delta: DeltaHash,
-    /// Its sample count.
-    pub sample_count: u64,
-}
+pub use cellswarm_common::records::{AuditEntry, Head};
 
 /// Everything committed when a round is accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,17 +280,14 @@ impl fmt::Debug for DiskStore {
 const HEAD_KEY: &[u8] = b"head";
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap_or_default()
+    encode_record(v)
 }
 
 fn dec<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, StoreError> {
-    let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
-    bincode::serde::decode_from_slice(b, cfg)
-        .map(|(v, _)| v)
-        .map_err(|e| StoreError::Corrupt {
-            what,
-            message: e.to_string(),
-        })
+    decode_record(b).map_err(|e| StoreError::Corrupt {
+        what,
+        message: e.to_string(),
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -559,7 +533,7 @@ impl Store for DiskStore {
 
     fn put_peer(&self, peer: &str, addresses: &[String]) -> Result<(), StoreError> {
         self.peers
-            .insert(peer.as_bytes(), enc(&addresses.to_vec()))?;
+            .insert(peer.as_bytes(), enc(&PeerRecord(addresses.to_vec())))?;
         Ok(())
     }
 
@@ -568,7 +542,8 @@ impl Store for DiskStore {
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), dec("peer", &v)?))
+                let PeerRecord(addresses) = dec("peer", &v)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), addresses))
             })
             .collect()
     }
@@ -584,6 +559,7 @@ mod tests {
     use super::*;
     use cellswarm_common::envelope::seal;
     use cellswarm_common::identity::Identity;
+    use cellswarm_common::ids::DeltaHash;
 
     fn store() -> (tempfile::TempDir, DiskStore) {
         let dir = tempfile::tempdir().unwrap();

@@ -14,3 +14,4 @@ pub mod engine;
 pub mod local;
 pub mod network;
 pub mod status;
+pub mod verify;

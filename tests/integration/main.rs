@@ -27,3 +27,7 @@ mod tracking;
 /// Privacy: local differential privacy end to end, and the canary test (no pixel or file
 /// name leaves a node).
 mod privacy;
+
+/// Hostile bytes: seeded mutations through every decode-and-verify path, with allocations
+/// measured.
+mod hostile;

@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use cellswarm_common::wire::{
     Request, ResponseHeader, decode_control, decode_frame, encode_control, encode_frame,
+    request_len, response_len,
 };
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use libp2p::request_response;
 
-/// Largest request accepted.
-pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+pub use cellswarm_common::wire::MAX_REQUEST_BYTES;
 
 /// A response: a control header and raw bytes (an envelope or a model).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,16 +147,13 @@ impl request_response::Codec for SyncCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut len = [0u8; 4];
-        io.read_exact(&mut len).await?;
-        let len = u64::from(u32::from_le_bytes(len));
-        if len > MAX_REQUEST_BYTES {
+        let mut prefix = [0u8; 4];
+        io.read_exact(&mut prefix).await?;
+        let len = request_len(prefix).map_err(|e| {
             self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
-            return Err(invalid(format!(
-                "request of {len} bytes exceeds the limit of {MAX_REQUEST_BYTES}"
-            )));
-        }
-        let bytes = read_exact_counted(io, len as usize, &self.traffic).await?;
+            invalid(e.to_string())
+        })?;
+        let bytes = read_exact_counted(io, len, &self.traffic).await?;
         decode_control(&bytes).map_err(|e| invalid(e.to_string()))
     }
 
@@ -164,17 +161,13 @@ impl request_response::Codec for SyncCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut len = [0u8; 8];
-        io.read_exact(&mut len).await?;
-        let len = u64::from_le_bytes(len);
-        if len > self.max_response {
+        let mut prefix = [0u8; 8];
+        io.read_exact(&mut prefix).await?;
+        let len = response_len(prefix, self.max_response).map_err(|e| {
             self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
-            return Err(invalid(format!(
-                "response of {len} bytes exceeds net.max_message_bytes = {}",
-                self.max_response
-            )));
-        }
-        let bytes = read_exact_counted(io, len as usize, &self.traffic).await?;
+            invalid(format!("{e} (net.max_message_bytes)"))
+        })?;
+        let bytes = read_exact_counted(io, len, &self.traffic).await?;
         let (header, body): (ResponseHeader, &[u8]) =
             decode_frame(&bytes).map_err(|e| invalid(e.to_string()))?;
         let body = body.to_vec();

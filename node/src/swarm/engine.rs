@@ -39,7 +39,7 @@ use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey
 use cellswarm_common::weights::{Layout, Limits, Weights};
 use cellswarm_common::wire::{
     Announcement, Contribution, DeltaHeader, LocalMetrics, MergeRecord, Request, ResponseHeader,
-    decode_control, decode_frame, encode_control, encode_frame,
+    decode_control, encode_control, encode_frame,
 };
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
@@ -51,6 +51,7 @@ use super::codec::SyncResponse;
 use super::local::{LocalTrainer, TrainedRound};
 use super::network::{NetClient, NetError, NetEvent};
 use super::status::{Metrics, RejectReason, Status};
+use super::verify::{self, CheckedRecord, DeltaCheck, MAX_RECORD_BYTES};
 use crate::store::{BlobKind, Head, RoundCommit, Store, StoreError};
 
 /// What stops a node.
@@ -142,9 +143,6 @@ impl RoundState {
     }
 }
 
-/// A verified merge record: the record, its hash, its signer and the envelope bytes.
-type CheckedRecord = (MergeRecord, RecordHash, SignerKey, Vec<u8>);
-
 /// The outcome of catching up with a peer.
 #[derive(Debug)]
 struct SyncOutcome {
@@ -195,17 +193,6 @@ enum Internal {
 }
 
 /// The rejection reason for an envelope that failed to parse or verify.
-fn envelope_rejection(e: cellswarm_common::envelope::EnvelopeError) -> (RejectReason, String) {
-    use cellswarm_common::envelope::EnvelopeError as E;
-    let reason = match e {
-        E::Oversized { .. } => RejectReason::Oversize,
-        E::NotAMember(_) => RejectReason::NotMember,
-        E::BadSignature(_) => RejectReason::BadSignature,
-        _ => RejectReason::Malformed,
-    };
-    (reason, e.to_string())
-}
-
 /// Merger candidates of round `r` among `signers`: ordered by SHA-256(signer ‖ r).
 #[must_use]
 pub fn merger_order(
@@ -522,7 +509,7 @@ impl Engine {
 
     fn load_record(&self, round: RoundId) -> Result<Option<MergeRecord>, EngineError> {
         Ok(self.store.record(round)?.and_then(|env| {
-            let u = UnverifiedEnvelope::parse(env, 1 << 20).ok()?;
+            let u = UnverifiedEnvelope::parse(env, MAX_RECORD_BYTES).ok()?;
             let v = u.verify(PayloadKind::MergeRecord, &self.members).ok()?;
             decode_control(v.payload()).ok()
         }))
@@ -872,76 +859,17 @@ impl Engine {
         hash: DeltaHash,
         env: Vec<u8>,
     ) -> Result<(SignerKey, Update), (RejectReason, String)> {
-        let env =
-            UnverifiedEnvelope::parse(env, self.limits.max_bytes).map_err(envelope_rejection)?;
-        let v = env
-            .verify(PayloadKind::Delta, &self.members)
-            .map_err(envelope_rejection)?;
-        if DeltaHash(v.payload_digest()) != hash {
-            return Err((
-                RejectReason::HashMismatch,
-                "payload does not hash to the announced hash".into(),
-            ));
+        DeltaCheck {
+            members: &self.members,
+            consortium: self.digest,
+            round,
+            base: self.head.map(|h| h.model).unwrap_or_default(),
+            layout: &self.layout,
+            limits: &self.limits,
+            max_norm: self.config.consortium.aggregation.max_update_norm,
+            merged: &self.merged_hashes,
         }
-        if self.merged_hashes.contains(&hash) {
-            return Err((
-                RejectReason::Replayed,
-                "this delta was merged in an earlier round".into(),
-            ));
-        }
-        let (header, body): (DeltaHeader, &[u8]) =
-            decode_frame(v.payload()).map_err(|e| (RejectReason::Malformed, e.to_string()))?;
-        if header.consortium != self.digest {
-            return Err((
-                RejectReason::WrongConsortium,
-                "sent by a member with another consortium file".into(),
-            ));
-        }
-        if header.round != round {
-            return Err((
-                RejectReason::WrongRound,
-                format!("delta for round {}, this round is {round}", header.round),
-            ));
-        }
-        let base = self.head.map(|h| h.model).unwrap_or_default();
-        if header.base != base {
-            return Err((
-                RejectReason::WrongBase,
-                format!(
-                    "trained from {}, this round starts from {}",
-                    header.base.short(),
-                    base.short()
-                ),
-            ));
-        }
-        if header.masked {
-            return Err((
-                RejectReason::Malformed,
-                "masked delta but secure aggregation is off".into(),
-            ));
-        }
-        let delta = Delta::decode(body, &self.layout, &self.limits).map_err(|e| {
-            use cellswarm_common::delta::DeltaError as D;
-            match e {
-                D::NonFinite { .. } => (RejectReason::NonFinite, e.to_string()),
-                D::Layout(_) => (RejectReason::WrongShape, e.to_string()),
-                D::TooLarge { .. } => (RejectReason::Oversize, e.to_string()),
-                _ => (RejectReason::Malformed, e.to_string()),
-            }
-        })?;
-        let signer = v.signer();
-        let update = Update::new(signer, hash, base, header.sample_count.max(1), delta);
-        let bound = self.config.consortium.aggregation.max_update_norm;
-        if update.norm() > bound {
-            return Err((
-                RejectReason::NormTooLarge,
-                format!(
-                    "L2 norm {:.4} exceeds max_update_norm {bound}",
-                    update.norm()
-                ),
-            ));
-        }
-        Ok((signer, update))
+        .check(hash, env)
     }
 
     fn fetch_delta(&mut self, hash: DeltaHash, primary: PeerId) {
@@ -1272,24 +1200,7 @@ impl Engine {
     }
 
     fn check_record(&self, envelope: Vec<u8>) -> Result<CheckedRecord, (RejectReason, String)> {
-        let env = UnverifiedEnvelope::parse(envelope, 1 << 20).map_err(envelope_rejection)?;
-        let v = env
-            .verify(PayloadKind::MergeRecord, &self.members)
-            .map_err(envelope_rejection)?;
-        let record: MergeRecord =
-            decode_control(v.payload()).map_err(|e| (RejectReason::Malformed, e.to_string()))?;
-        if record.consortium != self.digest {
-            return Err((
-                RejectReason::WrongConsortium,
-                "record from another consortium configuration".into(),
-            ));
-        }
-        Ok((
-            record,
-            RecordHash(v.payload_digest()),
-            v.signer(),
-            v.into_bytes(),
-        ))
+        verify::record(envelope, &self.members, self.digest)
     }
 
     /// Rules every record of the current round must satisfy before it is recomputed.
@@ -1803,38 +1714,17 @@ impl Engine {
 
     async fn on_gossip(&mut self, source: PeerId, data: Vec<u8>) -> MessageAcceptance {
         let current = self.current();
-        let env = match UnverifiedEnvelope::parse(data, super::network::MAX_GOSSIP_BYTES as u64) {
-            Ok(e) => e,
-            Err(e) => {
-                self.reject(
-                    RejectReason::Malformed,
-                    current,
-                    Some(source),
-                    "-",
-                    &e.to_string(),
-                );
-                return MessageAcceptance::Reject;
-            }
-        };
-        let v = match env.verify(PayloadKind::Announcement, &self.members) {
-            Ok(v) => v,
-            Err(e) => {
-                let (reason, detail) = envelope_rejection(e);
+        let (signer, a) = match verify::announcement(
+            data,
+            super::network::MAX_GOSSIP_BYTES as u64,
+            &self.members,
+        ) {
+            Ok(x) => x,
+            Err((reason, detail)) => {
                 self.reject(reason, current, Some(source), "-", &detail);
                 return MessageAcceptance::Reject;
             }
         };
-        let Ok(a) = decode_control::<Announcement>(v.payload()) else {
-            self.reject(
-                RejectReason::Malformed,
-                current,
-                Some(source),
-                "-",
-                "undecodable announcement",
-            );
-            return MessageAcceptance::Reject;
-        };
-        let signer = v.signer();
         let signer_peer = self.peer_of.get(&signer).copied().unwrap_or(source);
         let from = if self.connected.contains(&signer_peer) {
             signer_peer
@@ -2071,7 +1961,7 @@ async fn sync_from(
     max: u64,
 ) -> Result<SyncOutcome, String> {
     let open = |body: Vec<u8>| -> Result<(MergeRecord, RecordHash, Vec<u8>), String> {
-        let v = UnverifiedEnvelope::parse(body, 1 << 20)
+        let v = UnverifiedEnvelope::parse(body, MAX_RECORD_BYTES)
             .and_then(|e| e.verify(PayloadKind::MergeRecord, members))
             .map_err(|e| e.to_string())?;
         let r: MergeRecord = decode_control(v.payload()).map_err(|e| e.to_string())?;
