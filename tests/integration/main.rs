@@ -31,3 +31,6 @@ mod privacy;
 /// Hostile bytes: seeded mutations through every decode-and-verify path, with allocations
 /// measured.
 mod hostile;
+
+/// Crashes: a member killed with SIGKILL at random moments, hundreds of times.
+mod crash;

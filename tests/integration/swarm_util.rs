@@ -209,13 +209,22 @@ impl Consortium {
                 let Ok(line) = line else { break };
                 let event = LogEvent::parse(i, &line);
                 if tx.send(event).is_err() {
-                    break;
+                    return;
                 }
             }
+            let _ = tx.send(LogEvent {
+                node: i,
+                message: EXITED.into(),
+                fields: serde_json::Value::Null,
+                line: String::new(),
+            });
         });
         child
     }
 }
+
+/// The message of the event sent after a node process's last log line.
+pub(crate) const EXITED: &str = "<process exited>";
 
 /// One log line of a node process.
 #[derive(Debug, Clone)]
@@ -279,6 +288,35 @@ impl Logs {
                 seen: Vec::new(),
             },
         )
+    }
+
+    /// Waits for a new event (not one seen before) satisfying `pred`, for at most
+    /// `timeout`; `None` on timeout.
+    pub(crate) fn next_matching(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&LogEvent) -> bool,
+    ) -> Option<LogEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = self.rx.recv_timeout(left).ok()?;
+            self.seen.push(e.clone());
+            if pred(&e) {
+                return Some(e);
+            }
+        }
+    }
+
+    /// Like [`Self::next_matching`], but panics on timeout with `what`.
+    pub(crate) fn wait_for_new(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl FnMut(&LogEvent) -> bool,
+    ) -> LogEvent {
+        self.next_matching(timeout, pred)
+            .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
     }
 
     /// Waits until an event satisfying `pred` arrives (or was already seen since
