@@ -58,11 +58,19 @@ async fn get_status(State(s): State<Shared>) -> impl IntoResponse {
 
 async fn get_metrics(State(s): State<Shared>) -> impl IntoResponse {
     let round = s.status.borrow().round;
-    let body = s.metrics.prometheus(
+    let mut body = s.metrics.prometheus(
         s.traffic.bytes_in.load(Ordering::Relaxed),
         s.traffic.bytes_out.load(Ordering::Relaxed),
         round,
     );
+    body.push_str(&format!(
+        "# HELP cellswarm_abusive_disconnects_total Peers disconnected and refused for a while after repeated protocol violations.\n\
+         # TYPE cellswarm_abusive_disconnects_total counter\ncellswarm_abusive_disconnects_total {}\n\
+         # HELP cellswarm_oversize_total Messages refused for declaring more bytes than the limit.\n\
+         # TYPE cellswarm_oversize_total counter\ncellswarm_oversize_total {}\n",
+        s.traffic.abusive_disconnects.load(Ordering::Relaxed),
+        s.traffic.oversize.load(Ordering::Relaxed),
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 

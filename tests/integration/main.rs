@@ -34,3 +34,6 @@ mod hostile;
 
 /// Crashes: a member killed with SIGKILL at random moments, hundreds of times.
 mod crash;
+
+/// Resource exhaustion: a member flooding a node with connections, streams and bad frames.
+mod exhaustion;

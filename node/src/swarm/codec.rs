@@ -11,6 +11,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cellswarm_common::wire::{
     Request, ResponseHeader, decode_control, decode_frame, encode_control, encode_frame,
@@ -51,6 +52,8 @@ pub struct Traffic {
     pub bytes_out: AtomicU64,
     /// Messages refused for being over a limit.
     pub oversize: AtomicU64,
+    /// Peers disconnected for repeated protocol violations.
+    pub abusive_disconnects: AtomicU64,
     capture: Option<Mutex<std::fs::File>>,
 }
 
@@ -127,34 +130,86 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// Buffer reserved up front for a message; the rest grows as bytes actually arrive, so a
+/// peer that declares a large message and sends it slowly (or never) costs no more memory
+/// than it has sent.
+const PREALLOC: usize = 1 << 20;
+
 async fn read_exact_counted<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     len: usize,
     traffic: &Traffic,
 ) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    traffic.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+    let mut buf = Vec::with_capacity(len.min(PREALLOC));
+    let got = io.take(len as u64).read_to_end(&mut buf).await?;
+    traffic.bytes_in.fetch_add(got as u64, Ordering::Relaxed);
+    if got != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the stream ended after {got} of {len} declared bytes"),
+        ));
+    }
     Ok(buf)
 }
 
-impl request_response::Codec for SyncCodec {
-    type Protocol = StreamProtocol;
-    type Request = Request;
-    type Response = SyncResponse;
+/// A request as read from an inbound stream: the request, or how the peer broke the
+/// protocol. Violations are handed to the network layer (which knows the peer, unlike
+/// the codec) so that it can count them and disconnect an abusive peer; the stream is
+/// dropped unanswered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A well-formed request.
+    Request(Request),
+    /// Oversized, malformed, or not sent within [`REQUEST_READ_TIMEOUT`].
+    Violation(String),
+}
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Request>
+/// Time a peer has to send a whole request (at most 64 KiB) once it opened a stream.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl SyncCodec {
+    async fn read_request_inner<T>(&self, io: &mut T) -> io::Result<Inbound>
     where
         T: AsyncRead + Unpin + Send,
     {
         let mut prefix = [0u8; 4];
         io.read_exact(&mut prefix).await?;
-        let len = request_len(prefix).map_err(|e| {
-            self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
-            invalid(e.to_string())
-        })?;
+        let len = match request_len(prefix) {
+            Ok(len) => len,
+            Err(e) => {
+                self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
+                return Ok(Inbound::Violation(e.to_string()));
+            }
+        };
         let bytes = read_exact_counted(io, len, &self.traffic).await?;
-        decode_control(&bytes).map_err(|e| invalid(e.to_string()))
+        Ok(match decode_control(&bytes) {
+            Ok(r) => Inbound::Request(r),
+            Err(e) => Inbound::Violation(format!("malformed request: {e}")),
+        })
+    }
+}
+
+impl request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = Inbound;
+    type Response = SyncResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Inbound>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        // Under the node's tokio runtime a slow sender is cut off; elsewhere (unit
+        // tests on a plain executor) there is no timer to do so.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            match tokio::time::timeout(REQUEST_READ_TIMEOUT, self.read_request_inner(io)).await {
+                Ok(r) => r,
+                Err(_) => Ok(Inbound::Violation(format!(
+                    "request not sent within {REQUEST_READ_TIMEOUT:?}"
+                ))),
+            }
+        } else {
+            self.read_request_inner(io).await
+        }
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncResponse>
@@ -178,11 +233,14 @@ impl request_response::Codec for SyncCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Request,
+        req: Inbound,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
+        let Inbound::Request(req) = req else {
+            return Err(invalid("a protocol violation is not a request to send"));
+        };
         let bytes = encode_control(&req).map_err(|e| invalid(e.to_string()))?;
         let len = (bytes.len() as u32).to_le_bytes();
         self.traffic.capture(Sent::Request, &[&len, &bytes]);
@@ -234,11 +292,16 @@ mod tests {
     fn requests_and_responses_round_trip() {
         let mut c = SyncCodec::new(1 << 20, Arc::default());
         let mut buf = Cursor::new(Vec::new());
-        block_on(c.write_request(&proto(), &mut buf, Request::Record(RoundId(4)))).unwrap();
+        block_on(c.write_request(
+            &proto(),
+            &mut buf,
+            Inbound::Request(Request::Record(RoundId(4))),
+        ))
+        .unwrap();
         let mut rd = Cursor::new(buf.into_inner());
         assert_eq!(
             block_on(c.read_request(&proto(), &mut rd)).unwrap(),
-            Request::Record(RoundId(4))
+            Inbound::Request(Request::Record(RoundId(4)))
         );
         let resp = SyncResponse {
             header: ResponseHeader::Model,
@@ -259,7 +322,10 @@ mod tests {
         let err = block_on(c.read_response(&proto(), &mut rd)).unwrap_err();
         assert!(err.to_string().contains("exceeds"), "{err}");
         let mut rd = Cursor::new(u32::MAX.to_le_bytes().to_vec());
-        assert!(block_on(c.read_request(&proto(), &mut rd)).is_err());
+        assert!(matches!(
+            block_on(c.read_request(&proto(), &mut rd)),
+            Ok(Inbound::Violation(m)) if m.contains("exceeds")
+        ));
         assert_eq!(traffic.oversize.load(Ordering::Relaxed), 2);
         // Declares 100 bytes, delivers 3.
         let mut short = 100u64.to_le_bytes().to_vec();
@@ -268,6 +334,42 @@ mod tests {
         // Garbage of the declared length.
         let mut junk = 5u32.to_le_bytes().to_vec();
         junk.extend_from_slice(&[9; 5]);
-        assert!(block_on(c.read_request(&proto(), &mut Cursor::new(junk))).is_err());
+        assert!(matches!(
+            block_on(c.read_request(&proto(), &mut Cursor::new(junk))),
+            Ok(Inbound::Violation(m)) if m.contains("malformed")
+        ));
+        // A request cut short is an I/O error (the peer went away), not a violation.
+        let mut cut = 50u32.to_le_bytes().to_vec();
+        cut.extend_from_slice(&[1; 10]);
+        assert!(block_on(c.read_request(&proto(), &mut Cursor::new(cut))).is_err());
+    }
+
+    /// Sends its bytes, then stalls forever.
+    struct Stall(Vec<u8>);
+
+    impl AsyncRead for Stall {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            if self.0.is_empty() {
+                return std::task::Poll::Pending;
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0.drain(..n);
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_trickled_too_slowly_is_a_violation() {
+        // Declares 100 bytes, sends 10, then nothing.
+        let mut bytes = 100u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[1; 10]);
+        let mut c = SyncCodec::new(1000, Arc::default());
+        let got = c.read_request(&proto(), &mut Stall(bytes)).await.unwrap();
+        assert!(matches!(got, Inbound::Violation(m) if m.contains("not sent within")));
     }
 }

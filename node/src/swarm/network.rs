@@ -7,9 +7,10 @@
 //! announcements on `cellswarm/round/v1`; request-response (`/cellswarm/sync/1`, see
 //! [`super::codec`]) carries deltas, models and merge records.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use cellswarm_common::config::NetConfig;
 use cellswarm_common::protocol::{AGENT, IDENTIFY_PROTOCOL, ROUND_TOPIC, SYNC_PROTOCOL};
@@ -25,7 +26,7 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{Sent, SyncCodec, SyncResponse, Traffic};
+use super::codec::{Inbound, Sent, SyncCodec, SyncResponse, Traffic};
 
 /// Largest gossip message (announcements are a few hundred bytes).
 pub const MAX_GOSSIP_BYTES: usize = 16 * 1024;
@@ -344,6 +345,7 @@ pub fn start(
     let local = *swarm.local_peer_id();
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
+    let client_traffic = Arc::clone(&traffic);
     let client = NetClient {
         commands: cmd_tx,
         local,
@@ -358,6 +360,9 @@ pub fn start(
             events: ev_tx,
             pending: HashMap::new(),
             connected: HashSet::new(),
+            strikes: HashMap::new(),
+            banned: HashMap::new(),
+            traffic_for_loop: Arc::clone(&client_traffic),
         },
     ))
 }
@@ -369,7 +374,19 @@ pub struct EventLoop {
     events: mpsc::Sender<NetEvent>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<SyncResponse, NetError>>>,
     connected: HashSet<PeerId>,
+    /// Recent protocol violations by peer (oversized, malformed or stalled streams).
+    strikes: HashMap<PeerId, VecDeque<(Instant, String)>>,
+    /// Peers disconnected for abuse, and until when they stay refused.
+    banned: HashMap<PeerId, Instant>,
+    traffic_for_loop: Arc<Traffic>,
 }
+
+/// Protocol violations within [`ABUSE_WINDOW`] after which a peer is disconnected.
+pub const ABUSE_STRIKES: usize = 3;
+/// The window over which violations are counted.
+pub const ABUSE_WINDOW: Duration = Duration::from_secs(60);
+/// How long a peer disconnected for abuse is refused before it may connect again.
+pub const ABUSE_BAN: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for EventLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -383,9 +400,12 @@ impl std::fmt::Debug for EventLoop {
 impl EventLoop {
     /// Runs until `cancel` fires or every client is gone.
     pub async fn run(mut self, cancel: CancellationToken) {
+        let mut unban = tokio::time::interval(Duration::from_secs(1));
+        unban.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
+                _ = unban.tick(), if !self.banned.is_empty() => self.lift_bans(),
                 event = self.swarm.select_next_some() => self.handle_swarm(event).await,
                 command = self.commands.recv() => match command {
                     Some(c) => self.handle_command(c),
@@ -395,6 +415,53 @@ impl EventLoop {
         }
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(NetError::Closed));
+        }
+    }
+
+    /// Counts a protocol violation by `peer`; at [`ABUSE_STRIKES`] within
+    /// [`ABUSE_WINDOW`] the peer is disconnected and refused for [`ABUSE_BAN`].
+    fn strike(&mut self, peer: PeerId, reason: String) {
+        let now = Instant::now();
+        let list = self.strikes.entry(peer).or_default();
+        list.push_back((now, reason));
+        while list
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > ABUSE_WINDOW)
+        {
+            list.pop_front();
+        }
+        if list.len() < ABUSE_STRIKES {
+            return;
+        }
+        let reasons: Vec<String> = list.drain(..).map(|(_, r)| r).collect();
+        self.strikes.remove(&peer);
+        self.banned.insert(peer, now + ABUSE_BAN);
+        self.traffic_for_loop
+            .abusive_disconnects
+            .fetch_add(1, Ordering::Relaxed);
+        // Closes every connection of the peer and refuses new ones until the ban lifts.
+        self.swarm.behaviour_mut().allowlist.disallow_peer(peer);
+        tracing::warn!(
+            peer = %peer,
+            strikes = reasons.len(),
+            reasons = %reasons.join("; "),
+            ban_seconds = ABUSE_BAN.as_secs(),
+            "disconnected an abusive peer"
+        );
+    }
+
+    fn lift_bans(&mut self) {
+        let now = Instant::now();
+        let lifted: Vec<PeerId> = self
+            .banned
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in lifted {
+            self.banned.remove(&peer);
+            self.swarm.behaviour_mut().allowlist.allow_peer(peer);
+            tracing::info!(peer = %peer, "ban lifted; the member may connect again");
         }
     }
 
@@ -414,7 +481,7 @@ impl EventLoop {
                 request,
                 reply,
             } => {
-                let id = b.sync.send_request(&peer, request);
+                let id = b.sync.send_request(&peer, Inbound::Request(request));
                 self.pending.insert(id, reply);
             }
             Command::Respond { channel, response } => {
@@ -510,11 +577,21 @@ impl EventLoop {
         }
     }
 
-    async fn handle_sync(&mut self, event: request_response::Event<Request, SyncResponse>) {
+    async fn handle_sync(&mut self, event: request_response::Event<Inbound, SyncResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Inbound::Violation(reason),
+                    ..
+                } => {
+                    // The channel is dropped: the stream closes unanswered.
+                    tracing::warn!(peer = %peer, reason = %reason, "refused a request");
+                    self.strike(peer, reason);
+                }
+                request_response::Message::Request {
+                    request: Inbound::Request(request),
+                    channel,
+                    ..
                 } => {
                     self.emit(NetEvent::Inbound {
                         peer,
@@ -538,6 +615,9 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                if is_violation_out(&error) {
+                    self.strike(peer, format!("response: {error}"));
+                }
                 if let Some(reply) = self.pending.remove(&request_id) {
                     let _ = reply.send(Err(NetError::Request {
                         peer,
@@ -547,8 +627,32 @@ impl EventLoop {
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::warn!(peer = %peer, reason = %error, "inbound request failed");
+                if is_violation_in(&error) {
+                    self.strike(peer, format!("request: {error}"));
+                }
             }
             request_response::Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+/// An inbound stream the peer broke: oversized or malformed bytes, or a request it did
+/// not finish sending in time (a slow-frame attack).
+fn is_violation_in(e: &request_response::InboundFailure) -> bool {
+    use request_response::InboundFailure as F;
+    match e {
+        F::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        F::Timeout => true,
+        _ => false,
+    }
+}
+
+/// A response the peer broke: oversized or malformed bytes, or one not finished in time.
+fn is_violation_out(e: &request_response::OutboundFailure) -> bool {
+    use request_response::OutboundFailure as F;
+    match e {
+        F::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        F::Timeout => true,
+        _ => false,
     }
 }
