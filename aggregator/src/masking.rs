@@ -93,6 +93,12 @@ impl FixedPoint {
             .collect()
     }
 
+    /// The clamp bound of encoded values.
+    #[must_use]
+    pub fn clip(&self) -> f32 {
+        self.clip
+    }
+
     /// Largest number of members whose sum is guaranteed exact.
     #[must_use]
     pub fn max_members(&self) -> usize {

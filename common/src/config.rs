@@ -762,6 +762,23 @@ impl ConsortiumConfig {
                 );
             }
         }
+        if a.secure_aggregation && a.strategy == StrategyKind::FedAvg {
+            return bad(
+                "secure_aggregation",
+                "with secure aggregation the merge sees only the sum of the updates, so it cannot \
+                 weight them by sample count: use strategy = \"fedavg-unweighted\" (or fedadam, fedyogi, \
+                 fedadagrad on the unweighted mean)"
+                    .into(),
+            );
+        }
+        if a.secure_aggregation && a.central_dp.is_some() {
+            return bad(
+                "secure_aggregation",
+                "central_dp and secure_aggregation together are not supported by this version; \
+                 use local DP ([privacy.local_dp] in each site file) with secure aggregation"
+                    .into(),
+            );
+        }
         if a.secure_aggregation && a.strategy.needs_individual_updates() {
             return bad(
                 "secure_aggregation",

@@ -270,8 +270,45 @@ pub struct DeltaHeader {
     pub sample_count: u64,
     /// Local metrics.
     pub metrics: LocalMetrics,
-    /// Whether the values are secure-aggregation masked.
+    /// Whether the values are secure-aggregation masked (the body is then `P` wrapping
+    /// `u32` words, little-endian, instead of an encoded delta).
     pub masked: bool,
+    /// The masking epoch of the round (0, then one more per restart); 0 when not masked.
+    pub mask_epoch: u32,
+}
+
+/// A secure-aggregation message, gossiped in a [`PayloadKind::KeyShare`] envelope signed
+/// by the member's identity key.
+///
+/// [`PayloadKind::KeyShare`]: crate::envelope::PayloadKind::KeyShare
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MaskMessage {
+    /// The sender's X25519 public keys for one masking epoch of a round: one fresh key for
+    /// each other member (ring's ephemeral keys agree once each).
+    Keys {
+        /// [`crate::config::ConsortiumConfig::agreement_digest`] of the sender.
+        consortium: [u8; 32],
+        /// The round.
+        round: RoundId,
+        /// The masking epoch.
+        epoch: u32,
+        /// For each other member, the public key to agree with.
+        #[serde(deserialize_with = "grown_vec")]
+        keys: Vec<(SignerKey, [u8; 32])>,
+    },
+    /// The round restarts its masking without the members that did not deliver: a new
+    /// epoch with fresh keys among `participants`.
+    Restart {
+        /// [`crate::config::ConsortiumConfig::agreement_digest`] of the sender.
+        consortium: [u8; 32],
+        /// The round.
+        round: RoundId,
+        /// The new epoch.
+        epoch: u32,
+        /// Who takes part in the new epoch (sorted).
+        #[serde(deserialize_with = "grown_vec")]
+        participants: Vec<SignerKey>,
+    },
 }
 
 /// A small signed gossip message ([`PayloadKind::Announcement`]).
@@ -502,6 +539,7 @@ mod tests {
                 epsilon: None,
             },
             masked: false,
+            mask_epoch: 0,
         };
         let f = encode_frame(&h, b"tensor bytes").unwrap();
         let (back, body): (DeltaHeader, &[u8]) = decode_frame(&f).unwrap();

@@ -151,21 +151,6 @@ fn site_frames(config: &Config) -> Result<(Vec<Annotated>, Vec<Annotated>), Daem
     Ok((train, heldout))
 }
 
-/// Settings the schema accepts but this node does not carry out yet. A site that asks for
-/// privacy must not believe it has it: refuse to start instead of ignoring them.
-fn refuse_unimplemented(config: &Config) -> Result<(), ConfigError> {
-    if config.consortium.aggregation.secure_aggregation {
-        return Err(ConfigError::Invalid {
-            file: config.node.consortium.clone(),
-            field: "aggregation.secure_aggregation".into(),
-            problem: "not implemented by this version of the node yet; remove it (nothing would \
-                      be protected)"
-                .into(),
-        });
-    }
-    Ok(())
-}
-
 /// Local DP adds noise of norm about `sigma * C * sqrt(P)`: if that is over the
 /// consortium's `max_update_norm`, every peer would refuse every delta of this site.
 fn check_local_dp(config: &Config, params: usize) -> Result<(), ConfigError> {
@@ -253,7 +238,6 @@ impl Node {
     ) -> Result<Self, DaemonError> {
         let peer_id = identity.peer_id();
         config.own_member(&peer_id)?;
-        refuse_unimplemented(&config)?;
         let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
         let mut trainer = trainer;
         let layout: Arc<Layout> = Arc::clone(trainer.genesis(0).layout());

@@ -13,5 +13,6 @@ pub mod codec;
 pub mod engine;
 pub mod local;
 pub mod network;
+pub mod secagg;
 pub mod status;
 pub mod verify;

@@ -20,8 +20,8 @@ use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId};
 use cellswarm_common::records::{AuditEntry, Head, PeerRecord, decode_record, encode_record};
 use cellswarm_common::weights::{Layout, Limits, Weights};
 use cellswarm_common::wire::{
-    Announcement, Contribution, DeltaHeader, LocalMetrics, MergeRecord, Request, ResponseHeader,
-    decode_request_stream, decode_response_stream, encode_control, encode_frame,
+    Announcement, Contribution, DeltaHeader, LocalMetrics, MaskMessage, MergeRecord, Request,
+    ResponseHeader, decode_request_stream, decode_response_stream, encode_control, encode_frame,
 };
 use cellswarm_node::swarm::verify::{self, DeltaCheck};
 use rand::{RngExt, SeedableRng};
@@ -120,6 +120,8 @@ const FRAME_LIMIT: u64 = 256 << 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     DeltaEnvelope,
+    MaskedDelta,
+    KeyShare,
     Announcement,
     RecordEnvelope,
     RequestStream,
@@ -193,6 +195,7 @@ fn world() -> World {
             epsilon: None,
         },
         masked: false,
+        mask_epoch: 0,
     };
     for enc in [
         DeltaEncoding::F32,
@@ -208,6 +211,42 @@ fn world() -> World {
         stream.extend_from_slice(&resp);
         corpus.push((Kind::ResponseStream, stream));
         payloads.push((PayloadKind::Delta, payload));
+    }
+    // A masked delta (secure aggregation) and the key shares and restarts of its protocol.
+    let masked_header = DeltaHeader {
+        masked: true,
+        mask_epoch: 2,
+        ..header
+    };
+    let words: Vec<u8> = (0..layout.total() as u32)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
+    let payload = encode_frame(&masked_header, &words).expect("frame");
+    corpus.push((
+        Kind::MaskedDelta,
+        seal(&member, PayloadKind::Delta, &payload),
+    ));
+    payloads.push((PayloadKind::Delta, payload));
+    for m in [
+        MaskMessage::Keys {
+            consortium,
+            round: RoundId(3),
+            epoch: 0,
+            keys: vec![(member.signer_key(), [9; 32]); 4],
+        },
+        MaskMessage::Restart {
+            consortium,
+            round: RoundId(3),
+            epoch: 1,
+            participants: vec![member.signer_key(); 3],
+        },
+    ] {
+        let payload = encode_control(&m).expect("encodes");
+        corpus.push((
+            Kind::KeyShare,
+            seal(&member, PayloadKind::KeyShare, &payload),
+        ));
+        payloads.push((PayloadKind::KeyShare, payload));
     }
     for a in [
         Announcement::DeltaReady {
@@ -394,10 +433,17 @@ fn check(w: &World, kind: Kind, bytes: Vec<u8>, announced: DeltaHash) -> bool {
         limits: &w.limits,
         max_norm: 1e6,
         merged: &w.merged,
+        secure_aggregation: false,
+    };
+    let masked_check = DeltaCheck {
+        secure_aggregation: true,
+        ..delta_check
     };
     match kind {
         Kind::DeltaEnvelope => delta_check.check(announced, bytes).is_ok(),
+        Kind::MaskedDelta => masked_check.check(announced, bytes).is_ok(),
         Kind::Announcement => verify::announcement(bytes, 16 << 10, &w.members).is_ok(),
+        Kind::KeyShare => verify::gossip(bytes, 16 << 10, &w.members, w.consortium).is_ok(),
         Kind::RecordEnvelope => verify::record(bytes, &w.members, w.consortium).is_ok(),
         Kind::RequestStream => decode_request_stream(&bytes).is_ok(),
         Kind::ResponseStream => match decode_response_stream(&bytes, FRAME_LIMIT) {
@@ -471,8 +517,10 @@ fn mutated_frames_through_every_decoder_never_panic_nor_overallocate() {
             let env = seal(&w.member, *pk, &m);
             let announced = DeltaHash(*ModelHash::of(&m).as_bytes());
             let kind = match pk {
-                PayloadKind::Delta => Kind::DeltaEnvelope,
+                PayloadKind::Delta if n % 2 == 0 => Kind::DeltaEnvelope,
+                PayloadKind::Delta => Kind::MaskedDelta,
                 PayloadKind::Announcement => Kind::Announcement,
+                PayloadKind::KeyShare => Kind::KeyShare,
                 _ => Kind::RecordEnvelope,
             };
             resigned += 1;

@@ -37,3 +37,6 @@ mod crash;
 
 /// Resource exhaustion: a member flooding a node with connections, streams and bad frames.
 mod exhaustion;
+
+/// Secure aggregation: masked merges, a masked delta's secrecy, dropouts, refusals.
+mod secagg;

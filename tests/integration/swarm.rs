@@ -344,6 +344,7 @@ async fn adversary(
                             sample_count: 100,
                             metrics: LocalMetrics::default(),
                             masked: false,
+                            mask_epoch: 0,
                         };
                         let mut out = Vec::new();
                         // 1. Tampered after signing: one payload byte flipped.
@@ -673,24 +674,4 @@ fn the_status_endpoint_serves_json_prometheus_and_the_status_command() {
     });
     // Stopped: the port is closed.
     assert!(cellswarm_node::status_http::fetch(&endpoint, "/status").is_err());
-}
-
-#[test]
-fn privacy_settings_the_node_does_not_carry_out_yet_refuse_to_start() {
-    let c = Consortium::new(Setup {
-        nodes: 2,
-        aggregation: "secure_aggregation = true",
-        ..Setup::default()
-    });
-    let config = c.sites[0].config();
-    let err = runtime()
-        .block_on(Node::start(
-            config,
-            c.sites[0].identity(),
-            Box::new(VectorTrainer::new(1000, 1, Duration::ZERO)),
-        ))
-        .expect_err("secure aggregation is not carried out yet");
-    let msg = err.to_string();
-    assert!(msg.contains("aggregation.secure_aggregation"), "{msg}");
-    assert!(msg.contains("not implemented"), "{msg}");
 }

@@ -24,12 +24,13 @@
 //! A member that is behind (peers' heartbeats show a later round) fetches the chain of
 //! records, checks it, fetches the newest model and aggregator state, and rejoins.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cellswarm_aggregator::dp::{RdpAccountant, privatize};
+use cellswarm_aggregator::masking::FixedPoint;
 use cellswarm_aggregator::{AggregateError, Merged, Merger, MergerState, Update};
 use cellswarm_common::config::{Config, EncodingKind};
 use cellswarm_common::delta::{Delta, DeltaEncoding, DeltaLimits};
@@ -38,8 +39,8 @@ use cellswarm_common::identity::{Identity, signer_key_from_peer_id};
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
 use cellswarm_common::weights::{Layout, Limits, Weights};
 use cellswarm_common::wire::{
-    Announcement, Contribution, DeltaHeader, LocalMetrics, MergeRecord, Request, ResponseHeader,
-    decode_control, encode_control, encode_frame,
+    Announcement, Contribution, DeltaHeader, LocalMetrics, MaskMessage, MergeRecord, Request,
+    ResponseHeader, decode_control, encode_control, encode_frame,
 };
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
@@ -50,8 +51,9 @@ use tokio_util::task::TaskTracker;
 use super::codec::SyncResponse;
 use super::local::{LocalTrainer, TrainedRound};
 use super::network::{NetClient, NetError, NetEvent};
+use super::secagg::{self, EpochKeys};
 use super::status::{Metrics, RejectReason, Status};
-use super::verify::{self, CheckedRecord, DeltaCheck, MAX_RECORD_BYTES};
+use super::verify::{self, Checked, CheckedRecord, DeltaCheck, Gossip, MAX_RECORD_BYTES};
 use crate::store::{BlobKind, Head, RoundCommit, Store, StoreError};
 
 /// What stops a node.
@@ -105,7 +107,53 @@ impl Phase {
 #[derive(Debug, Clone)]
 struct Pooled {
     hash: DeltaHash,
-    update: Update,
+    content: Checked,
+}
+
+impl Pooled {
+    fn plain(&self) -> Option<&Update> {
+        match &self.content {
+            Checked::Plain(u) => Some(u),
+            Checked::Masked { .. } => None,
+        }
+    }
+
+    fn masked(&self) -> Option<(&[u32], u32, u64)> {
+        match &self.content {
+            Checked::Masked {
+                words,
+                epoch,
+                samples,
+            } => Some((words, *epoch, *samples)),
+            Checked::Plain(_) => None,
+        }
+    }
+
+    fn sample_count(&self) -> u64 {
+        match &self.content {
+            Checked::Plain(u) => u.sample_count,
+            Checked::Masked { samples, .. } => *samples,
+        }
+    }
+}
+
+/// Key shares of one masking epoch: by sender, the public key it made for each recipient.
+type KeyBook = BTreeMap<SignerKey, BTreeMap<SignerKey, [u8; 32]>>;
+
+/// Secure aggregation's state in a round: the masking epoch and who takes part.
+#[derive(Debug)]
+struct MaskRound {
+    epoch: u32,
+    participants: BTreeSet<SignerKey>,
+    epoch_started: Instant,
+    /// Our keys of this epoch (used up when we mask).
+    keys: Option<EpochKeys>,
+    /// Our clipped (and, under local DP, noised) update, kept to mask again after a restart.
+    plain: Option<(Vec<f32>, u64, LocalMetrics)>,
+    /// The epoch whose masked delta we sent.
+    sent_epoch: Option<u32>,
+    /// When the collection of this epoch timed out (restart turns are counted from it).
+    timed_out_at: Option<Instant>,
 }
 
 /// The state of the round being worked on.
@@ -123,11 +171,14 @@ struct RoundState {
     last_list_request: HashMap<PeerId, Instant>,
     /// Size of our own delta envelope (announced with it).
     own_bytes: u64,
+    /// Secure aggregation, when on.
+    mask: Option<MaskRound>,
 }
 
 impl RoundState {
     fn new(id: RoundId) -> Self {
         Self {
+            mask: None,
             id,
             started: Instant::now(),
             pool: BTreeMap::new(),
@@ -288,6 +339,10 @@ pub struct Engine {
     published: Option<(RoundId, Vec<u8>)>,
     /// Local-DP accounting: the privatized deltas this node has released (from the store).
     dp_spent: RdpAccountant,
+    /// Secure aggregation: the fixed-point encoding, when on.
+    fixed_point: Option<FixedPoint>,
+    /// Secure aggregation: keys received, by (round, epoch), sender, then recipient.
+    mask_keys: BTreeMap<(RoundId, u32), KeyBook>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -316,6 +371,40 @@ fn privatize_delta(delta: Delta, clip: f64, noise_multiplier: f64) -> Result<Del
     Delta::from_flat(layout, values).map_err(|e| e.to_string())
 }
 
+/// The mean of a complete epoch's masked deltas as one update for the merger (signed
+/// by the first participant, named by the hash of the contributions).
+fn masked_update(
+    fp: &FixedPoint,
+    layout: &Arc<Layout>,
+    entries: &[(SignerKey, &Pooled)],
+    base: ModelHash,
+) -> Result<Update, String> {
+    let mut words = Vec::new();
+    let mut ids = Vec::new();
+    let mut samples = 0u64;
+    for (s, p) in entries {
+        let (w, _, n) = p
+            .masked()
+            .ok_or_else(|| "an unmasked delta in a masked round".to_owned())?;
+        words.push(w);
+        ids.extend_from_slice(p.hash.as_bytes());
+        samples = samples.saturating_add(n);
+        let _ = s;
+    }
+    let first = entries
+        .first()
+        .map(|(s, _)| *s)
+        .ok_or_else(|| "no masked deltas".to_owned())?;
+    let mean = secagg::masked_mean(fp, &words, layout)?;
+    Ok(Update::new(
+        first,
+        DeltaHash(sha(&ids)),
+        base,
+        samples.max(1),
+        mean,
+    ))
+}
+
 fn sha(bytes: &[u8]) -> [u8; 32] {
     *ModelHash::of(bytes).as_bytes()
 }
@@ -336,6 +425,14 @@ impl Engine {
             }
         }
         let members = MemberKeys::new(peer_of.keys().copied());
+        let fixed_point = if p.config.consortium.aggregation.secure_aggregation {
+            Some(
+                secagg::fixed_point(&p.config.consortium.aggregation, peer_of.len())
+                    .map_err(|e| EngineError::Aggregator(AggregateError::InvalidConfig(e)))?,
+            )
+        } else {
+            None
+        };
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let merge_timeout = p.config.consortium.rounds.merge_timeout;
         let max = p.config.node.net.max_message_bytes;
@@ -386,6 +483,8 @@ impl Engine {
             last_record_request: None,
             published: None,
             dp_spent: RdpAccountant::default(),
+            fixed_point,
+            mask_keys: BTreeMap::new(),
         })
     }
 
@@ -542,6 +641,11 @@ impl Engine {
             }
         }
         self.round = Some(RoundState::new(r));
+        if self.fixed_point.is_some() {
+            self.mask_keys.retain(|(round, _), _| *round >= r);
+            let everyone: BTreeSet<SignerKey> = self.peer_of.keys().copied().collect();
+            self.begin_epoch(0, everyone).await;
+        }
         // A delta this node already proposed for r (before a restart) is re-announced
         // rather than trained again: one delta per member per round.
         if let Ok(Some(own)) = self.own_delta(r) {
@@ -586,6 +690,413 @@ impl Engine {
                 result,
             });
         });
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Secure aggregation
+    // ---------------------------------------------------------------------------------
+
+    /// Starts masking epoch `epoch` of the current round among `participants`: fresh
+    /// keys, published; then masks our update if everything is there.
+    async fn begin_epoch(&mut self, epoch: u32, participants: BTreeSet<SignerKey>) {
+        let me = self.me;
+        let Some(rs) = self.round.as_mut() else {
+            return;
+        };
+        let round = rs.id;
+        let keys = if participants.contains(&me) {
+            match EpochKeys::generate(participants.iter().copied().filter(|p| *p != me)) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::error!(round = %round, error = %e, "secure aggregation: no keys");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let public = keys.as_ref().map(|k| k.public.clone());
+        match rs.mask.as_mut() {
+            Some(m) => {
+                m.epoch = epoch;
+                m.participants = participants.clone();
+                m.epoch_started = Instant::now();
+                m.keys = keys;
+                m.timed_out_at = None;
+            }
+            None => {
+                rs.mask = Some(MaskRound {
+                    epoch,
+                    participants: participants.clone(),
+                    epoch_started: Instant::now(),
+                    keys,
+                    plain: None,
+                    sent_epoch: None,
+                    timed_out_at: None,
+                });
+            }
+        }
+        rs.ready_at = None;
+        tracing::info!(round = %round, epoch, participants = participants.len(), "secure aggregation: masking epoch begins");
+        if let Some(public) = public {
+            self.mask_keys
+                .entry((round, epoch))
+                .or_default()
+                .entry(me)
+                .or_insert_with(|| public.iter().copied().collect());
+            self.publish_keys(round, epoch, public).await;
+        }
+        self.try_mask().await;
+    }
+
+    async fn publish_keys(&self, round: RoundId, epoch: u32, keys: Vec<(SignerKey, [u8; 32])>) {
+        let msg = MaskMessage::Keys {
+            consortium: self.digest,
+            round,
+            epoch,
+            keys,
+        };
+        self.publish_mask(&msg).await;
+    }
+
+    async fn publish_mask(&self, msg: &MaskMessage) {
+        let Ok(payload) = encode_control(msg) else {
+            return;
+        };
+        let env = seal(&self.identity, PayloadKind::KeyShare, &payload);
+        if let Err(e) = self.net.publish(env).await {
+            tracing::debug!(error = %e, "key share not published (no peers yet?)");
+        }
+    }
+
+    /// Our trained update under secure aggregation: privatized if local DP is on,
+    /// clipped to `aggregation.clip_norm`, kept, and masked as soon as the keys are in.
+    async fn on_trained_masked(
+        &mut self,
+        round: RoundId,
+        base: &Weights,
+        trained: TrainedRound,
+        epsilon_after: Option<f64>,
+    ) {
+        let local_dp = self.config.node.privacy.local_dp;
+        let clip = self.config.consortium.aggregation.clip_norm;
+        let built = (|| -> Result<Vec<f32>, String> {
+            let mut delta = Delta::between(base, &trained.weights).map_err(|e| e.to_string())?;
+            if let Some(dp) = local_dp {
+                delta = privatize_delta(delta, dp.clip_norm, dp.noise_multiplier)?;
+            }
+            let norm = delta.l2_norm();
+            let mut values = delta.into_values();
+            if let Some(c) = clip
+                && norm > c
+            {
+                let scale = c / norm;
+                for v in &mut values {
+                    *v = (f64::from(*v) * scale) as f32;
+                }
+            }
+            Ok(values)
+        })();
+        let values = match built {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(round = %round, error = %e, "could not build our update");
+                self.phase = Phase::Collecting;
+                return;
+            }
+        };
+        let metrics = LocalMetrics {
+            epsilon: epsilon_after,
+            ..trained.metrics
+        };
+        self.phase = Phase::Collecting;
+        if let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut()) {
+            m.plain = Some((values, trained.samples, metrics));
+        }
+        self.try_mask().await;
+        self.publish_status(false);
+    }
+
+    /// Masks and sends our update for the current epoch once we have it and the keys of
+    /// every other participant.
+    async fn try_mask(&mut self) {
+        let me = self.me;
+        let Some(fp) = self.fixed_point else { return };
+        let Some(rs) = self.round.as_mut() else {
+            return;
+        };
+        let round = rs.id;
+        let Some(m) = rs.mask.as_mut() else { return };
+        let epoch = m.epoch;
+        if m.sent_epoch == Some(epoch) || !m.participants.contains(&me) || m.plain.is_none() {
+            return;
+        }
+        let theirs: BTreeMap<SignerKey, [u8; 32]> = m
+            .participants
+            .iter()
+            .filter(|p| **p != me)
+            .filter_map(|p| {
+                self.mask_keys
+                    .get(&(round, epoch))
+                    .and_then(|by| by.get(p))
+                    .and_then(|keys| keys.get(&me))
+                    .map(|k| (*p, *k))
+            })
+            .collect();
+        if theirs.len() + 1 < m.participants.len() {
+            return;
+        }
+        let Some(keys) = m.keys.as_mut() else { return };
+        let secrets = match keys.pair_secrets(me, &m.participants, &theirs, round, epoch) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(round = %round, epoch, error = %e, "secure aggregation: cannot mask yet");
+                return;
+            }
+        };
+        let Some((values, samples, metrics)) = m.plain.as_ref() else {
+            return;
+        };
+        let words = secagg::mask(values, &fp, &me, &secrets, round);
+        drop(secrets);
+        let header = DeltaHeader {
+            consortium: self.digest,
+            round,
+            base: self.head.map(|h| h.model).unwrap_or_default(),
+            sample_count: *samples,
+            metrics: *metrics,
+            masked: true,
+            mask_epoch: epoch,
+        };
+        let Ok(payload) = encode_frame(&header, &secagg::words_to_bytes(&words)) else {
+            return;
+        };
+        m.sent_epoch = Some(epoch);
+        let samples = *samples;
+        let (env, digest) = seal_hashed(&self.identity, PayloadKind::Delta, &payload);
+        let hash = DeltaHash(digest);
+        let local_dp = self.config.node.privacy.local_dp;
+        let mut own = vec![hash.to_hex()];
+        if let Some(dp) = local_dp {
+            own.push(format!("{LOCAL_DP_MARK}{}", dp.noise_multiplier));
+        }
+        if let Err(e) = self
+            .store
+            .put_blob(BlobKind::Delta, hash.as_bytes(), &env)
+            .and_then(|()| self.store.put_peer(&Self::own_delta_key(round), &own))
+            .and_then(|()| self.store.flush())
+        {
+            tracing::error!(round = %round, error = %e, "could not store our masked delta");
+            return;
+        }
+        let bytes = env.len() as u64;
+        if let Some(rs) = self.round.as_mut() {
+            rs.own_bytes = bytes;
+            rs.pool.insert(
+                me,
+                Pooled {
+                    hash,
+                    content: Checked::Masked {
+                        words: Arc::new(words),
+                        epoch,
+                        samples,
+                    },
+                },
+            );
+        }
+        self.publish_status(false);
+        if let Some(dp) = local_dp
+            && epoch == 0
+        {
+            self.dp_spent.step(dp.noise_multiplier);
+            let eps = self.dp_spent.epsilon(dp.delta);
+            self.metrics.set_last(None, None, Some(eps));
+            tracing::info!(round = %round, delta = %hash.short(), epsilon = eps, "local DP: clipped and noised our delta");
+        }
+        tracing::info!(round = %round, epoch, delta = %hash.short(), bytes, "proposing our masked delta");
+        self.announce_delta(round, hash, bytes).await;
+    }
+
+    /// A key share or restart from a member.
+    async fn on_mask_message(&mut self, signer: SignerKey, msg: MaskMessage) {
+        let current = self.current();
+        match msg {
+            MaskMessage::Keys {
+                round, epoch, keys, ..
+            } => {
+                if round < current || keys.len() > self.peer_of.len() {
+                    return;
+                }
+                // The first key set a member sends for an epoch is the one that counts.
+                self.mask_keys
+                    .entry((round, epoch))
+                    .or_default()
+                    .entry(signer)
+                    .or_insert_with(|| keys.into_iter().collect());
+                if round == current {
+                    self.try_mask().await;
+                }
+            }
+            MaskMessage::Restart {
+                round,
+                epoch,
+                participants,
+                ..
+            } => {
+                let quorum = self.quorum();
+                let Some(m) = self
+                    .round
+                    .as_ref()
+                    .filter(|r| r.id == round)
+                    .and_then(|r| r.mask.as_ref())
+                else {
+                    return;
+                };
+                let next: BTreeSet<SignerKey> = participants.iter().copied().collect();
+                let valid = epoch == m.epoch + 1
+                    && m.participants.contains(&signer)
+                    && next.contains(&signer)
+                    && next.is_subset(&m.participants)
+                    && next.len() == participants.len()
+                    && next.len() >= quorum;
+                if !valid {
+                    self.reject(
+                        RejectReason::BadRecord,
+                        round,
+                        self.peer_of.get(&signer).copied(),
+                        "-",
+                        "an invalid secure-aggregation restart",
+                    );
+                    return;
+                }
+                tracing::warn!(round = %round, epoch, participants = next.len(), "secure aggregation: the round restarts its masking without the members that did not deliver");
+                self.begin_epoch(epoch, next).await;
+            }
+        }
+    }
+
+    /// The merge under secure aggregation: when every participant of the epoch has
+    /// delivered its masked delta, the merger sums them; when the epoch times out, the
+    /// round restarts its masking among those who can still take part.
+    async fn check_masked_merge(&mut self) {
+        let quorum = self.quorum();
+        let collect = self.config.consortium.rounds.collect_timeout;
+        let merge_timeout = self.config.consortium.rounds.merge_timeout;
+        let me = self.me;
+        let Some(rs) = self.round.as_mut() else {
+            return;
+        };
+        let round = rs.id;
+        let Some(m) = rs.mask.as_mut() else { return };
+        let epoch = m.epoch;
+        let delivered: BTreeSet<SignerKey> = rs
+            .pool
+            .iter()
+            .filter(|(s, p)| {
+                m.participants.contains(*s) && p.masked().is_some_and(|(_, e, _)| e == epoch)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        if delivered.len() == m.participants.len() && delivered.len() >= quorum {
+            let ready = *rs.ready_at.get_or_insert_with(Instant::now);
+            let order = merger_order(round, delivered.iter().copied());
+            let attempt =
+                (ready.elapsed().as_secs_f64() / merge_timeout.as_secs_f64().max(1e-3)) as usize;
+            if order.get(attempt % order.len()) != Some(&me) {
+                return;
+            }
+            let entries: Vec<(SignerKey, &Pooled)> = delivered
+                .iter()
+                .filter_map(|s| rs.pool.get(s).map(|p| (*s, p)))
+                .collect();
+            let (Some(fp), Some(head), Some(base)) =
+                (self.fixed_point, self.head, self.model.clone())
+            else {
+                return;
+            };
+            let update = match masked_update(&fp, &self.layout, &entries, head.model) {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::error!(round = %round, epoch, error = %e, "secure aggregation: restarting the masking with fresh keys");
+                    let msg = MaskMessage::Restart {
+                        consortium: self.digest,
+                        round,
+                        epoch: epoch + 1,
+                        participants: delivered.iter().copied().collect(),
+                    };
+                    self.publish_mask(&msg).await;
+                    self.begin_epoch(epoch + 1, delivered).await;
+                    return;
+                }
+            };
+            let contributions: Vec<Contribution> = entries
+                .iter()
+                .map(|(s, p)| Contribution {
+                    signer: *s,
+                    delta: p.hash,
+                    sample_count: p.sample_count(),
+                })
+                .collect();
+            rs.merging = true;
+            self.phase = Phase::Merging;
+            self.publish_status(false);
+            tracing::info!(round = %round, attempt, epoch, deltas = contributions.len(), "merging as the round's merger");
+            let record = MergeRecord {
+                consortium: self.digest,
+                round,
+                base: head.model,
+                prev: head.record,
+                strategy: self.merger.name().to_owned(),
+                contributions,
+                model: ModelHash::default(),
+                state: [0; 32],
+                attempt: attempt as u32,
+            };
+            let delay = self.config.node.testing.merge_delay;
+            self.spawn_merge(base, vec![update], round, record, delay, None);
+            return;
+        }
+        if m.epoch_started.elapsed() < collect {
+            return;
+        }
+        // Timed out: restart among those who delivered (a member that dropped out after
+        // its keys went out), or else among those whose keys arrived (nobody could mask
+        // against a member that never sent keys). Never a partial unmasking.
+        let with_keys: BTreeSet<SignerKey> = m
+            .participants
+            .iter()
+            .copied()
+            .filter(|p| {
+                *p == me
+                    || self
+                        .mask_keys
+                        .get(&(round, epoch))
+                        .is_some_and(|by| by.contains_key(p))
+            })
+            .collect();
+        let next = if delivered.len() >= quorum {
+            delivered
+        } else {
+            with_keys
+        };
+        if next.len() < quorum || next == m.participants || !next.contains(&me) {
+            return;
+        }
+        let since = *m.timed_out_at.get_or_insert_with(Instant::now);
+        let turn = (since.elapsed().as_secs_f64() / merge_timeout.as_secs_f64().max(1e-3)) as usize;
+        let order = merger_order(round, next.iter().copied());
+        if order.get(turn % order.len()) != Some(&me) {
+            return;
+        }
+        let msg = MaskMessage::Restart {
+            consortium: self.digest,
+            round,
+            epoch: epoch + 1,
+            participants: next.iter().copied().collect(),
+        };
+        tracing::warn!(round = %round, epoch = epoch + 1, participants = next.len(), missing = m.participants.len() - next.len(), "secure aggregation: restarting the round's masking without the members that did not deliver");
+        self.publish_mask(&msg).await;
+        self.begin_epoch(epoch + 1, next).await;
     }
 
     /// Rebuilds the local-DP accountant from the own-delta records of the store: every
@@ -680,6 +1191,11 @@ impl Engine {
         let local_dp = self.config.node.privacy.local_dp;
         let epsilon_after =
             local_dp.map(|dp| self.dp_spent.after(dp.noise_multiplier).epsilon(dp.delta));
+        if self.fixed_point.is_some() {
+            self.on_trained_masked(round, &base, trained, epsilon_after)
+                .await;
+            return;
+        }
         let built = (|| -> Result<(DeltaHash, Vec<u8>, Update), String> {
             let mut delta = Delta::between(&base, &trained.weights).map_err(|e| e.to_string())?;
             drop(trained.weights);
@@ -696,6 +1212,7 @@ impl Engine {
                     ..trained.metrics
                 },
                 masked: false,
+                mask_epoch: 0,
             };
             let body = delta.encode(self.encoding()).map_err(|e| e.to_string())?;
             drop(delta);
@@ -745,7 +1262,13 @@ impl Engine {
         drop(env);
         if let Some(rs) = self.round.as_mut() {
             rs.own_bytes = bytes;
-            rs.pool.insert(self.me, Pooled { hash, update });
+            rs.pool.insert(
+                self.me,
+                Pooled {
+                    hash,
+                    content: Checked::Plain(update),
+                },
+            );
             self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
         }
         self.announce_delta(round, hash, bytes).await;
@@ -819,12 +1342,27 @@ impl Engine {
         from: Option<PeerId>,
     ) -> bool {
         match self.check_delta(round, hash, env) {
-            Ok((signer, update)) => {
+            Ok((signer, content)) => {
                 let Some(rs) = self.round.as_mut() else {
                     return false;
                 };
                 if let Some(existing) = rs.pool.get(&signer) {
-                    if existing.hash != hash {
+                    // Under secure aggregation a member sends one masked delta per epoch:
+                    // a later epoch replaces an earlier one.
+                    let newer = match (existing.masked(), &content) {
+                        (Some((_, old, _)), Checked::Masked { epoch, .. }) => *epoch > old,
+                        _ => false,
+                    };
+                    if newer {
+                        rs.pool.insert(signer, Pooled { hash, content });
+                        self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
+                        return true;
+                    }
+                    let same_epoch = match (existing.masked(), &content) {
+                        (Some((_, old, _)), Checked::Masked { epoch, .. }) => *epoch == old,
+                        _ => true,
+                    };
+                    if existing.hash != hash && same_epoch {
                         let (r, p) = (rs.id, from);
                         self.reject(
                             RejectReason::Equivocation,
@@ -838,8 +1376,9 @@ impl Engine {
                 }
                 // Others' deltas are held (decoded) for the round only; each member serves
                 // its own from its store, and the audit log keeps every merged hash.
-                rs.pool.insert(signer, Pooled { hash, update });
+                rs.pool.insert(signer, Pooled { hash, content });
                 self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
+                self.publish_status(false);
                 tracing::info!(round = %round, peer = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), delta = %hash.short(), pool = self.round.as_ref().map_or(0, |r| r.pool.len()), "accepted a delta");
                 true
             }
@@ -858,7 +1397,7 @@ impl Engine {
         round: RoundId,
         hash: DeltaHash,
         env: Vec<u8>,
-    ) -> Result<(SignerKey, Update), (RejectReason, String)> {
+    ) -> Result<(SignerKey, Checked), (RejectReason, String)> {
         DeltaCheck {
             members: &self.members,
             consortium: self.digest,
@@ -868,6 +1407,7 @@ impl Engine {
             limits: &self.limits,
             max_norm: self.config.consortium.aggregation.max_update_norm,
             merged: &self.merged_hashes,
+            secure_aggregation: self.fixed_point.is_some(),
         }
         .check(hash, env)
     }
@@ -939,6 +1479,10 @@ impl Engine {
         if rs.merging || rs.verifying.is_some() || self.phase == Phase::Syncing {
             return;
         }
+        if rs.mask.is_some() {
+            self.check_masked_merge().await;
+            return;
+        }
         if rs.ready_at.is_none() && rs.pool.len() >= quorum {
             let everyone_in = rs.pool.contains_key(&self.me)
                 && connected_members.iter().all(|s| rs.pool.contains_key(s));
@@ -960,14 +1504,18 @@ impl Engine {
         }
         rs.merging = true;
         let round = rs.id;
-        let updates: Vec<Update> = rs.pool.values().map(|p| p.update.clone()).collect();
+        let updates: Vec<Update> = rs
+            .pool
+            .values()
+            .filter_map(|p| p.plain().cloned())
+            .collect();
         let mut contributions: Vec<Contribution> = rs
             .pool
             .iter()
             .map(|(s, p)| Contribution {
                 signer: *s,
                 delta: p.hash,
-                sample_count: p.update.sample_count,
+                sample_count: p.sample_count(),
             })
             .collect();
         contributions.sort();
@@ -1342,11 +1890,39 @@ impl Engine {
             return;
         };
         rs.verifying = Some(hash);
-        let updates: Vec<Update> = record
-            .contributions
-            .iter()
-            .filter_map(|c| rs.pool.get(&c.signer).map(|p| p.update.clone()))
-            .collect();
+        let updates: Vec<Update> = if rs.mask.is_some() {
+            let entries: Vec<(SignerKey, &Pooled)> = record
+                .contributions
+                .iter()
+                .filter_map(|c| rs.pool.get(&c.signer).map(|p| (c.signer, p)))
+                .collect();
+            match self
+                .fixed_point
+                .as_ref()
+                .map(|fp| masked_update(fp, &self.layout, &entries, record.base))
+            {
+                Some(Ok(u)) => vec![u],
+                Some(Err(e)) => {
+                    rs.verifying = None;
+                    let round = record.round;
+                    self.reject(
+                        RejectReason::BadRecord,
+                        round,
+                        Some(peer),
+                        &hash.short(),
+                        &e,
+                    );
+                    return;
+                }
+                None => return,
+            }
+        } else {
+            record
+                .contributions
+                .iter()
+                .filter_map(|c| rs.pool.get(&c.signer).and_then(|p| p.plain().cloned()))
+                .collect()
+        };
         self.phase = Phase::Merging;
         tracing::info!(round = %record.round, record = %hash.short(), merger = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), "verifying a merge record");
         let Some(base) = self.model.clone() else {
@@ -1714,12 +2290,20 @@ impl Engine {
 
     async fn on_gossip(&mut self, source: PeerId, data: Vec<u8>) -> MessageAcceptance {
         let current = self.current();
-        let (signer, a) = match verify::announcement(
+        let (signer, a) = match verify::gossip(
             data,
             super::network::MAX_GOSSIP_BYTES as u64,
             &self.members,
+            self.digest,
         ) {
-            Ok(x) => x,
+            Ok((signer, Gossip::Announcement(a))) => (signer, a),
+            Ok((signer, Gossip::Mask(m))) => {
+                if self.fixed_point.is_none() {
+                    return MessageAcceptance::Ignore;
+                }
+                self.on_mask_message(signer, m).await;
+                return MessageAcceptance::Accept;
+            }
             Err((reason, detail)) => {
                 self.reject(reason, current, Some(source), "-", &detail);
                 return MessageAcceptance::Reject;
@@ -1855,8 +2439,19 @@ impl Engine {
             if let Some(rs) = &self.round {
                 let own = rs.pool.get(&self.me).map(|p| p.hash);
                 let (round, bytes) = (rs.id, rs.own_bytes);
+                // Gossip reaches only those connected when it is sent: key shares are
+                // repeated too (the first set a member sends per epoch is the one kept).
+                let keys = rs.mask.as_ref().and_then(|m| {
+                    self.mask_keys
+                        .get(&(round, m.epoch))
+                        .and_then(|by| by.get(&self.me))
+                        .map(|k| (m.epoch, k.iter().map(|(p, k)| (*p, *k)).collect::<Vec<_>>()))
+                });
                 if let Some(h) = own {
                     self.announce_delta(round, h, bytes).await;
+                }
+                if let Some((epoch, keys)) = keys {
+                    self.publish_keys(round, epoch, keys).await;
                 }
                 let peers: Vec<PeerId> = self.connected.iter().copied().collect();
                 for p in peers {
@@ -1934,6 +2529,7 @@ impl Engine {
             model: self.head.map(|h| h.model),
             head_round: self.head.map(|h| h.round).unwrap_or_default(),
             connected: self.connected.iter().map(ToString::to_string).collect(),
+            deltas: self.round.as_ref().map_or(0, |r| r.pool.len()),
             last_record: self.last_record.clone(),
             rounds_completed: self.metrics.rounds_completed.load(Ordering::Relaxed),
             epsilon: self.local_epsilon(),

@@ -239,6 +239,8 @@ pub struct Status {
     pub head_round: RoundId,
     /// Connected members' PeerIds.
     pub connected: Vec<String>,
+    /// Deltas verified and held for the current round (ours included).
+    pub deltas: usize,
     /// The last accepted merge record.
     pub last_record: Option<MergeRecord>,
     /// Rounds accepted since start.

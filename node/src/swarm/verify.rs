@@ -14,7 +14,7 @@ use cellswarm_common::envelope::{EnvelopeError, MemberKeys, PayloadKind, Unverif
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
 use cellswarm_common::weights::Layout;
 use cellswarm_common::wire::{
-    Announcement, DeltaHeader, MergeRecord, decode_control, decode_frame,
+    Announcement, DeltaHeader, MaskMessage, MergeRecord, decode_control, decode_frame,
 };
 
 use super::status::RejectReason;
@@ -56,6 +56,24 @@ pub struct DeltaCheck<'a> {
     pub max_norm: f64,
     /// Deltas merged in earlier rounds (replays).
     pub merged: &'a HashSet<DeltaHash>,
+    /// `aggregation.secure_aggregation`: masked deltas only (else plain ones only).
+    pub secure_aggregation: bool,
+}
+
+/// A verified delta: a plain update, or a masked one (secure aggregation).
+#[derive(Debug, Clone)]
+pub enum Checked {
+    /// A decoded update, checked for shapes, finiteness and norm.
+    Plain(Update),
+    /// Masked fixed-point words (their norm cannot be checked: only the sum is visible).
+    Masked {
+        /// `P` wrapping words.
+        words: Arc<Vec<u32>>,
+        /// The masking epoch.
+        epoch: u32,
+        /// The sender's sample count.
+        samples: u64,
+    },
 }
 
 impl DeltaCheck<'_> {
@@ -68,7 +86,7 @@ impl DeltaCheck<'_> {
         &self,
         announced: DeltaHash,
         envelope: Vec<u8>,
-    ) -> Result<(SignerKey, Update), Rejection> {
+    ) -> Result<(SignerKey, Checked), Rejection> {
         let env = UnverifiedEnvelope::parse(envelope, self.limits.max_bytes)
             .map_err(envelope_rejection)?;
         let v = env
@@ -114,10 +132,26 @@ impl DeltaCheck<'_> {
                 ),
             ));
         }
-        if header.masked {
+        if header.masked != self.secure_aggregation {
             return Err((
                 RejectReason::Malformed,
-                "masked delta but secure aggregation is off".into(),
+                if header.masked {
+                    "masked delta but secure aggregation is off".into()
+                } else {
+                    "unmasked delta but the consortium uses secure aggregation".into()
+                },
+            ));
+        }
+        if header.masked {
+            let words = super::secagg::words_from_bytes(body, self.layout.total())
+                .map_err(|e| (RejectReason::WrongShape, e))?;
+            return Ok((
+                v.signer(),
+                Checked::Masked {
+                    words: Arc::new(words),
+                    epoch: header.mask_epoch,
+                    samples: header.sample_count.max(1),
+                },
             ));
         }
         let delta = Delta::decode(body, self.layout, self.limits).map_err(|e| match e {
@@ -138,7 +172,7 @@ impl DeltaCheck<'_> {
                 ),
             ));
         }
-        Ok((signer, update))
+        Ok((signer, Checked::Plain(update)))
     }
 }
 
@@ -163,6 +197,60 @@ pub fn announcement(
         )
     })?;
     Ok((v.signer(), a))
+}
+
+/// A verified gossip message.
+#[derive(Debug, Clone)]
+pub enum Gossip {
+    /// A round announcement.
+    Announcement(Announcement),
+    /// A secure-aggregation message of this consortium.
+    Mask(MaskMessage),
+}
+
+/// Verifies a gossip message of at most `max_bytes` (an announcement, or a
+/// secure-aggregation key share) and decodes it.
+///
+/// # Errors
+/// Size, envelope, signature, membership, another kind, an undecodable message, or a
+/// key share of another consortium.
+pub fn gossip(
+    bytes: Vec<u8>,
+    max_bytes: u64,
+    members: &MemberKeys,
+    consortium: [u8; 32],
+) -> Result<(SignerKey, Gossip), Rejection> {
+    let env = UnverifiedEnvelope::parse(bytes, max_bytes)
+        .map_err(|e| (RejectReason::Malformed, e.to_string()))?;
+    if env.kind() != PayloadKind::KeyShare {
+        let v = env
+            .verify(PayloadKind::Announcement, members)
+            .map_err(envelope_rejection)?;
+        let a = decode_control::<Announcement>(v.payload()).map_err(|e| {
+            (
+                RejectReason::Malformed,
+                format!("undecodable announcement: {e}"),
+            )
+        })?;
+        return Ok((v.signer(), Gossip::Announcement(a)));
+    }
+    let v = env
+        .verify(PayloadKind::KeyShare, members)
+        .map_err(envelope_rejection)?;
+    let m = decode_control::<MaskMessage>(v.payload()).map_err(|e| {
+        (
+            RejectReason::Malformed,
+            format!("undecodable key share: {e}"),
+        )
+    })?;
+    let (MaskMessage::Keys { consortium: c, .. } | MaskMessage::Restart { consortium: c, .. }) = &m;
+    if *c != consortium {
+        return Err((
+            RejectReason::WrongConsortium,
+            "key share from another consortium configuration".into(),
+        ));
+    }
+    Ok((v.signer(), Gossip::Mask(m)))
 }
 
 /// A verified merge record: the record, its hash, its signer and the envelope bytes.
