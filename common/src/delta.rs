@@ -341,13 +341,27 @@ impl Delta {
     /// [`DeltaError::F16Overflow`] when F16 is asked for a value beyond its range.
     pub fn encode(&self, encoding: DeltaEncoding) -> Result<Vec<u8>, DeltaError> {
         let mut out = Vec::with_capacity(self.encoded_len(encoding));
+        self.encode_into(encoding, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the encoding to `out` (reserve [`Delta::encoded_len`] first to avoid
+    /// reallocation), so a sender can build a whole message in one buffer.
+    ///
+    /// # Errors
+    /// As [`Delta::encode`]; `out` may then hold a partial encoding.
+    pub fn encode_into(
+        &self,
+        encoding: DeltaEncoding,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DeltaError> {
         out.extend_from_slice(&DELTA_MAGIC);
         out.extend_from_slice(&DELTA_VERSION.to_le_bytes());
         out.push(encoding.tag());
         out.push(0);
         out.extend_from_slice(self.layout.table_bytes());
         match encoding {
-            DeltaEncoding::F32 => put_f32s(&mut out, &self.values),
+            DeltaEncoding::F32 => put_f32s(out, &self.values),
             DeltaEncoding::F16 => {
                 for (i, &v) in self.values.iter().enumerate() {
                     if v.abs() > F16_MAX {
@@ -373,7 +387,7 @@ impl Delta {
                         m / 127.0
                     })
                     .collect();
-                put_f32s(&mut out, &scales);
+                put_f32s(out, &scales);
                 for (e, &s) in self.layout.entries().iter().zip(&scales) {
                     for &v in &self.values[e.range()] {
                         let q = if s > 0.0 {
@@ -410,7 +424,7 @@ impl Delta {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Reads the encoding tag of an encoded delta without decoding it.

@@ -211,6 +211,30 @@ pub fn seal_hashed(identity: &Identity, kind: PayloadKind, payload: &[u8]) -> (V
     (out, digest)
 }
 
+/// Seals the payload that `buf` holds after [`ENVELOPE_HEADER_LEN`] reserved bytes, in
+/// place: the header is written into the reserved bytes, so a large payload built in
+/// its final buffer is never copied. Returns the payload's SHA-256.
+///
+/// # Panics
+/// If `buf` is shorter than [`ENVELOPE_HEADER_LEN`] (a caller's bug).
+pub fn seal_in_place(identity: &Identity, kind: PayloadKind, buf: &mut [u8]) -> [u8; 32] {
+    assert!(
+        buf.len() >= ENVELOPE_HEADER_LEN,
+        "the buffer must start with ENVELOPE_HEADER_LEN reserved bytes"
+    );
+    let (head, payload) = buf.split_at_mut(ENVELOPE_HEADER_LEN);
+    let digest = sha256(payload);
+    let sig = identity.sign(&signed_message(kind, payload.len() as u64, &digest));
+    head[0..4].copy_from_slice(&ENVELOPE_MAGIC);
+    head[4] = ENVELOPE_VERSION;
+    head[5] = kind as u8;
+    head[6..8].copy_from_slice(&0u16.to_le_bytes());
+    head[8..40].copy_from_slice(identity.signer_key().as_bytes());
+    head[40..104].copy_from_slice(&sig);
+    head[104..112].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    digest
+}
+
 /// A parsed envelope whose signature has not been checked. Its payload is unreachable.
 pub struct UnverifiedEnvelope {
     kind: PayloadKind,
@@ -403,6 +427,17 @@ mod tests {
         assert_eq!(v.signer(), id.signer_key());
         assert_eq!(v.payload_digest(), sha256(b"hello"));
         assert_eq!(v.as_bytes(), &bytes[..]);
+    }
+
+    #[test]
+    fn sealing_in_place_gives_the_same_bytes() {
+        let id = ident(3);
+        let mut buf = vec![0u8; ENVELOPE_HEADER_LEN];
+        buf.extend_from_slice(b"a large payload");
+        let digest = seal_in_place(&id, PayloadKind::Delta, &mut buf);
+        let (sealed, d2) = seal_hashed(&id, PayloadKind::Delta, b"a large payload");
+        assert_eq!(buf, sealed);
+        assert_eq!(digest, d2);
     }
 
     fn verify(bytes: Vec<u8>, members: &MemberKeys) -> Result<VerifiedEnvelope, EnvelopeError> {

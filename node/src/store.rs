@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use cellswarm_common::envelope::{PayloadKind, UnverifiedEnvelope};
 use cellswarm_common::ids::{ModelHash, RecordHash, RoundId};
 use cellswarm_common::records::{PeerRecord, decode_record, encode_record};
+use cellswarm_common::weights::Weights;
 use serde::Serialize;
 use sled::Transactional;
 
@@ -188,6 +189,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # Errors
     /// I/O errors, or bytes that do not hash to `hash`.
     fn put_blob(&self, kind: BlobKind, hash: &[u8; 32], bytes: &[u8]) -> Result<(), StoreError>;
+
+    /// Stores a model under its hash, like [`Store::put_blob`] with its canonical bytes
+    /// (a store may stream them instead of building a copy in memory).
+    ///
+    /// # Errors
+    /// As [`Store::put_blob`].
+    fn put_model(&self, hash: &ModelHash, model: &Weights) -> Result<(), StoreError> {
+        self.put_blob(BlobKind::Model, hash.as_bytes(), &model.to_bytes())
+    }
 
     /// Reads a blob, checking its hash; a mismatch quarantines the file and returns `None`.
     ///
@@ -353,6 +363,35 @@ impl DiskStore {
             .join(hex::encode(hash))
     }
 
+    /// Writes a blob to a temporary file, fsyncs it, renames it into place and fsyncs
+    /// the folder: a blob exists whole or not at all. A blob already present is kept.
+    fn write_atomically(
+        &self,
+        kind: BlobKind,
+        hash: &[u8; 32],
+        write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+    ) -> Result<(), StoreError> {
+        let path = self.blob_path(kind, hash);
+        if path.is_file() {
+            return Ok(());
+        }
+        let tmp = self.root.join("tmp").join(format!(
+            "{}.{}.{}.partial",
+            hex::encode(&hash[..8]),
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        write(&mut f).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))
+    }
+
     fn quarantine(&self, path: &Path) -> Result<PathBuf, StoreError> {
         let name = path
             .file_name()
@@ -424,25 +463,17 @@ impl Store for DiskStore {
                 actual: actual.map_or_else(|| "(not a valid blob)".into(), hex::encode),
             });
         }
-        let path = self.blob_path(kind, hash);
-        if path.is_file() {
-            return Ok(());
-        }
-        let tmp = self.root.join("tmp").join(format!(
-            "{}.{}.{}.partial",
-            hex::encode(&hash[..8]),
-            std::process::id(),
-            TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        let dir = path.parent().unwrap_or(&self.root);
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))
+        self.write_atomically(kind, hash, |f| f.write_all(bytes))
+    }
+
+    fn put_model(&self, hash: &ModelHash, model: &Weights) -> Result<(), StoreError> {
+        // The hash was computed from these weights: stream their canonical bytes
+        // instead of building (and hashing again) a copy of the whole model.
+        self.write_atomically(BlobKind::Model, hash.as_bytes(), |f| {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            model.write_to(&mut w)?;
+            w.flush()
+        })
     }
 
     fn blob(&self, kind: BlobKind, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {

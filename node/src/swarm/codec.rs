@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellswarm_common::wire::{
-    Request, ResponseHeader, decode_control, decode_frame, encode_control, encode_frame,
-    request_len, response_len,
+    Request, ResponseHeader, decode_control, decode_frame, encode_control, request_len,
+    response_len,
 };
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -222,11 +222,17 @@ impl request_response::Codec for SyncCodec {
             self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
             invalid(format!("{e} (net.max_message_bytes)"))
         })?;
-        let bytes = read_exact_counted(io, len, &self.traffic).await?;
+        let mut bytes = read_exact_counted(io, len, &self.traffic).await?;
         let (header, body): (ResponseHeader, &[u8]) =
             decode_frame(&bytes).map_err(|e| invalid(e.to_string()))?;
-        let body = body.to_vec();
-        Ok(SyncResponse { header, body })
+        // Keep the buffer and drop the frame header from its front (no second copy of a
+        // body that may be a whole model).
+        let head_len = bytes.len() - body.len();
+        bytes.drain(..head_len);
+        Ok(SyncResponse {
+            header,
+            body: bytes,
+        })
     }
 
     async fn write_request<T>(
@@ -261,14 +267,21 @@ impl request_response::Codec for SyncCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let frame = encode_frame(&res.header, &res.body).map_err(|e| invalid(e.to_string()))?;
-        let len = (frame.len() as u64).to_le_bytes();
-        self.traffic.capture(Sent::Response, &[&len, &frame]);
+        // The frame (`u32 header length | header | body`) is written in parts: the body,
+        // often a whole model or delta, is not copied into a new buffer.
+        let head = encode_control(&res.header).map_err(|e| invalid(e.to_string()))?;
+        let head_len = (head.len() as u32).to_le_bytes();
+        let frame_len = 4 + head.len() as u64 + res.body.len() as u64;
+        let len = frame_len.to_le_bytes();
+        self.traffic
+            .capture(Sent::Response, &[&len, &head_len, &head, &res.body]);
         io.write_all(&len).await?;
-        io.write_all(&frame).await?;
+        io.write_all(&head_len).await?;
+        io.write_all(&head).await?;
+        io.write_all(&res.body).await?;
         self.traffic
             .bytes_out
-            .fetch_add(8 + frame.len() as u64, Ordering::Relaxed);
+            .fetch_add(8 + frame_len, Ordering::Relaxed);
         io.close().await
     }
 }

@@ -34,7 +34,10 @@ use cellswarm_aggregator::masking::FixedPoint;
 use cellswarm_aggregator::{AggregateError, Merged, Merger, MergerState, Update};
 use cellswarm_common::config::{Config, EncodingKind};
 use cellswarm_common::delta::{Delta, DeltaEncoding, DeltaLimits};
-use cellswarm_common::envelope::{MemberKeys, PayloadKind, UnverifiedEnvelope, seal, seal_hashed};
+use cellswarm_common::envelope::{
+    ENVELOPE_HEADER_LEN, MemberKeys, PayloadKind, UnverifiedEnvelope, seal, seal_hashed,
+    seal_in_place,
+};
 use cellswarm_common::identity::{Identity, signer_key_from_peer_id};
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
 use cellswarm_common::weights::{Layout, Limits, Weights};
@@ -1214,15 +1217,30 @@ impl Engine {
                 masked: false,
                 mask_epoch: 0,
             };
-            let body = delta.encode(self.encoding()).map_err(|e| e.to_string())?;
-            drop(delta);
-            let payload = encode_frame(&header, &body).map_err(|e| e.to_string())?;
+            // The envelope is built in its final buffer: reserved envelope header, frame
+            // header, encoded delta, then signed in place (no copy of the 4P bytes).
+            let encoding = self.encoding();
+            let head = encode_control(&header).map_err(|e| e.to_string())?;
+            let mut env = Vec::with_capacity(
+                ENVELOPE_HEADER_LEN + 4 + head.len() + delta.encoded_len(encoding),
+            );
+            env.resize(ENVELOPE_HEADER_LEN, 0);
+            env.extend_from_slice(&(head.len() as u32).to_le_bytes());
+            env.extend_from_slice(&head);
+            let body_at = env.len();
+            delta
+                .encode_into(encoding, &mut env)
+                .map_err(|e| e.to_string())?;
             // What the others will merge is what they decode: decode our own encoding
-            // (lossy for f16, int8 and top-k) instead of using the exact delta.
-            let decoded =
-                Delta::decode(&body, &self.layout, &self.limits).map_err(|e| e.to_string())?;
-            drop(body);
-            let (env, digest) = seal_hashed(&self.identity, PayloadKind::Delta, &payload);
+            // when it is lossy (f16, int8, top-k); f32 decodes to the delta itself.
+            let decoded = if encoding == DeltaEncoding::F32 {
+                delta
+            } else {
+                drop(delta);
+                Delta::decode(&env[body_at..], &self.layout, &self.limits)
+                    .map_err(|e| e.to_string())?
+            };
+            let digest = seal_in_place(&self.identity, PayloadKind::Delta, &mut env);
             let hash = DeltaHash(digest);
             let update = Update::new(self.me, hash, base_hash, trained.samples.max(1), decoded);
             Ok((hash, env, update))
@@ -1575,8 +1593,7 @@ impl Engine {
             // Write the candidate model here, off the event loop; it is only referenced
             // once the round commits (and is named by its hash, so a stray file is harmless).
             if let Ok(m) = &result
-                && let Err(e) =
-                    store.put_blob(BlobKind::Model, m.hash.as_bytes(), &m.weights.to_bytes())
+                && let Err(e) = store.put_model(&m.hash, &m.weights)
             {
                 tracing::error!(round = %round, error = %e, "could not store the merged model");
             }
@@ -1667,11 +1684,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let round = record.round;
         if !self.store.has_blob(BlobKind::Model, merged.hash.as_bytes()) {
-            self.store.put_blob(
-                BlobKind::Model,
-                merged.hash.as_bytes(),
-                &merged.weights.to_bytes(),
-            )?;
+            self.store.put_model(&merged.hash, &merged.weights)?;
         }
         self.store.put_blob(BlobKind::State, &record.state, state)?;
         let commit = RoundCommit::of_record(&record, hash, envelope);
