@@ -264,6 +264,20 @@ impl Delta {
         Self::from_flat(base.layout().clone(), values)
     }
 
+    /// `updated - base`, computed in `updated`'s own buffer (no new allocation).
+    ///
+    /// # Errors
+    /// Layouts that differ, or a non-finite difference.
+    pub fn from_updated(base: &Weights, updated: Weights) -> Result<Self, DeltaError> {
+        base.layout().ensure_same(updated.layout())?;
+        let layout = Arc::clone(base.layout());
+        let mut values = updated.into_values();
+        for (u, b) in values.iter_mut().zip(base.values()) {
+            *u -= b;
+        }
+        Self::from_flat(layout, values)
+    }
+
     /// Wraps a flat vector laid out as `layout`.
     ///
     /// # Errors

@@ -190,6 +190,21 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// I/O errors, or bytes that do not hash to `hash`.
     fn put_blob(&self, kind: BlobKind, hash: &[u8; 32], bytes: &[u8]) -> Result<(), StoreError>;
 
+    /// Stores bytes whose hash the caller has just computed from these very bytes (for
+    /// example when sealing an envelope): like [`Store::put_blob`] without hashing them
+    /// again.
+    ///
+    /// # Errors
+    /// As [`Store::put_blob`].
+    fn put_blob_hashed(
+        &self,
+        kind: BlobKind,
+        hash: &[u8; 32],
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.put_blob(kind, hash, bytes)
+    }
+
     /// Stores a model under its hash, like [`Store::put_blob`] with its canonical bytes
     /// (a store may stream them instead of building a copy in memory).
     ///
@@ -463,6 +478,15 @@ impl Store for DiskStore {
                 actual: actual.map_or_else(|| "(not a valid blob)".into(), hex::encode),
             });
         }
+        self.write_atomically(kind, hash, |f| f.write_all(bytes))
+    }
+
+    fn put_blob_hashed(
+        &self,
+        kind: BlobKind,
+        hash: &[u8; 32],
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
         self.write_atomically(kind, hash, |f| f.write_all(bytes))
     }
 

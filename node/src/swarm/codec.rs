@@ -140,15 +140,26 @@ async fn read_exact_counted<T: AsyncRead + Unpin + Send>(
     len: usize,
     traffic: &Traffic,
 ) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len.min(PREALLOC));
-    let got = io.take(len as u64).read_to_end(&mut buf).await?;
-    traffic.bytes_in.fetch_add(got as u64, Ordering::Relaxed);
-    if got != len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("the stream ended after {got} of {len} declared bytes"),
-        ));
+    // Grows (doubling, never past `len`) only as bytes arrive, so the final buffer has
+    // exactly the declared size and a stalled sender holds at most twice what it sent.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut filled = 0usize;
+    while filled < len {
+        if filled == buf.len() {
+            let grow = buf.len().max(PREALLOC).min(len - filled);
+            buf.resize(filled + grow, 0);
+        }
+        let n = io.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            traffic.bytes_in.fetch_add(filled as u64, Ordering::Relaxed);
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the stream ended after {filled} of {len} declared bytes"),
+            ));
+        }
+        filled += n;
     }
+    traffic.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
     Ok(buf)
 }
 

@@ -885,7 +885,7 @@ impl Engine {
         }
         if let Err(e) = self
             .store
-            .put_blob(BlobKind::Delta, hash.as_bytes(), &env)
+            .put_blob_hashed(BlobKind::Delta, hash.as_bytes(), &env)
             .and_then(|()| self.store.put_peer(&Self::own_delta_key(round), &own))
             .and_then(|()| self.store.flush())
         {
@@ -1200,8 +1200,8 @@ impl Engine {
             return;
         }
         let built = (|| -> Result<(DeltaHash, Vec<u8>, Update), String> {
-            let mut delta = Delta::between(&base, &trained.weights).map_err(|e| e.to_string())?;
-            drop(trained.weights);
+            let mut delta =
+                Delta::from_updated(&base, trained.weights).map_err(|e| e.to_string())?;
             if let Some(dp) = local_dp {
                 delta = privatize_delta(delta, dp.clip_norm, dp.noise_multiplier)?;
             }
@@ -1261,7 +1261,7 @@ impl Engine {
         }
         if let Err(e) = self
             .store
-            .put_blob(BlobKind::Delta, hash.as_bytes(), &env)
+            .put_blob_hashed(BlobKind::Delta, hash.as_bytes(), &env)
             .and_then(|()| self.store.put_peer(&Self::own_delta_key(round), &own))
             .and_then(|()| self.store.flush())
         {
