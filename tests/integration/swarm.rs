@@ -301,7 +301,7 @@ async fn adversary(
                     Request::Delta(h) => match served.get(&h) {
                         Some(b) => SyncResponse {
                             header: ResponseHeader::Delta,
-                            body: b.clone(),
+                            body: b.clone().into(),
                         },
                         None => SyncResponse::empty(ResponseHeader::NotFound),
                     },

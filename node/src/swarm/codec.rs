@@ -28,8 +28,8 @@ pub use cellswarm_common::wire::MAX_REQUEST_BYTES;
 pub struct SyncResponse {
     /// What the body holds.
     pub header: ResponseHeader,
-    /// The bytes.
-    pub body: Vec<u8>,
+    /// The bytes (shared, so a node can serve one buffer to many peers).
+    pub body: bytes::Bytes,
 }
 
 impl SyncResponse {
@@ -38,7 +38,7 @@ impl SyncResponse {
     pub fn empty(header: ResponseHeader) -> Self {
         Self {
             header,
-            body: Vec::new(),
+            body: bytes::Bytes::new(),
         }
     }
 }
@@ -242,7 +242,7 @@ impl request_response::Codec for SyncCodec {
         bytes.drain(..head_len);
         Ok(SyncResponse {
             header,
-            body: bytes,
+            body: bytes.into(),
         })
     }
 
@@ -329,7 +329,7 @@ mod tests {
         );
         let resp = SyncResponse {
             header: ResponseHeader::Model,
-            body: vec![7; 1000],
+            body: vec![7; 1000].into(),
         };
         let mut buf = Cursor::new(Vec::new());
         block_on(c.write_response(&proto(), &mut buf, resp.clone())).unwrap();

@@ -174,6 +174,8 @@ struct RoundState {
     last_list_request: HashMap<PeerId, Instant>,
     /// Size of our own delta envelope (announced with it).
     own_bytes: u64,
+    /// Our own delta envelope, served to peers from memory (one buffer for all).
+    own_env: Option<(DeltaHash, bytes::Bytes)>,
     /// Secure aggregation, when on.
     mask: Option<MaskRound>,
 }
@@ -193,6 +195,7 @@ impl RoundState {
             seen_records: HashSet::new(),
             last_list_request: HashMap::new(),
             own_bytes: 0,
+            own_env: None,
         }
     }
 }
@@ -895,6 +898,7 @@ impl Engine {
         let bytes = env.len() as u64;
         if let Some(rs) = self.round.as_mut() {
             rs.own_bytes = bytes;
+            rs.own_env = Some((hash, env.into()));
             rs.pool.insert(
                 me,
                 Pooled {
@@ -1277,9 +1281,9 @@ impl Engine {
         tracing::info!(round = %round, delta = %hash.short(), bytes = env.len(), loss = trained.metrics.train_loss, "proposing our delta");
         self.phase = Phase::Collecting;
         let bytes = env.len() as u64;
-        drop(env);
         if let Some(rs) = self.round.as_mut() {
             rs.own_bytes = bytes;
+            rs.own_env = Some((hash, env.into()));
             rs.pool.insert(
                 self.me,
                 Pooled {
@@ -2136,7 +2140,7 @@ impl Engine {
                 }
                 match result {
                     Ok(r) if r.header == ResponseHeader::Delta => {
-                        self.accept_envelope(round, hash, r.body, Some(peer));
+                        self.accept_envelope(round, hash, r.body.into(), Some(peer));
                         self.retry_pending_records().await;
                     }
                     Ok(r) => {
@@ -2154,7 +2158,7 @@ impl Engine {
                 result,
             } => match result {
                 Ok(r) if r.header == ResponseHeader::Record => {
-                    self.on_record(r.body, expected, peer).await
+                    self.on_record(r.body.into(), expected, peer).await
                 }
                 Ok(_) => tracing::debug!(round = %round, peer = %peer, "record not available"),
                 Err(e) => {
@@ -2383,6 +2387,7 @@ impl Engine {
             .as_ref()
             .map(|r| (r.id, r.pool.iter().map(|(s, p)| (*s, p.hash)).collect()));
         let published = self.published.clone();
+        let own = self.round.as_ref().and_then(|r| r.own_env.clone());
         self.tracker.spawn(async move {
             let response =
                 tokio::task::spawn_blocking(move || -> Result<SyncResponse, StoreError> {
@@ -2391,7 +2396,10 @@ impl Engine {
                                 header: ResponseHeader|
                      -> Result<SyncResponse, StoreError> {
                         Ok(match store.blob_for_peer(kind, h)? {
-                            Some(body) => SyncResponse { header, body },
+                            Some(body) => SyncResponse {
+                                header,
+                                body: body.into(),
+                            },
                             None => SyncResponse::empty(ResponseHeader::NotFound),
                         })
                     };
@@ -2406,15 +2414,19 @@ impl Engine {
                         Ok(match stored {
                             Some(body) => SyncResponse {
                                 header: ResponseHeader::Record,
-                                body,
+                                body: body.into(),
                             },
                             None => SyncResponse::empty(ResponseHeader::NotFound),
                         })
                     };
                     match request {
-                        Request::Delta(h) => {
-                            blob(BlobKind::Delta, h.as_bytes(), ResponseHeader::Delta)
-                        }
+                        Request::Delta(h) => match own {
+                            Some((mine, body)) if mine == h => Ok(SyncResponse {
+                                header: ResponseHeader::Delta,
+                                body,
+                            }),
+                            _ => blob(BlobKind::Delta, h.as_bytes(), ResponseHeader::Delta),
+                        },
                         Request::Model(h) => {
                             blob(BlobKind::Model, h.as_bytes(), ResponseHeader::Model)
                         }
@@ -2520,7 +2532,7 @@ impl Engine {
                         && r.header == ResponseHeader::State
                         && sha(&r.body) == st
                     {
-                        state = Some(r.body);
+                        state = Some(r.body.into());
                         break;
                     }
                 }
@@ -2586,7 +2598,7 @@ async fn sync_from(
     if latest.header != ResponseHeader::Record {
         return Err("the peer has no merge record yet".into());
     }
-    let (latest, _, _) = open(latest.body)?;
+    let (latest, _, _) = open(latest.body.into())?;
     let from = head.map_or(1, |h| h.round.0 + 1);
     if latest.round.0 < from {
         return Err("the peer is not ahead of us".into());
@@ -2601,7 +2613,7 @@ async fn sync_from(
         if resp.header != ResponseHeader::Record {
             return Err(format!("the peer lacks the record of round {r}"));
         }
-        let (rec, hash, env) = open(resp.body)?;
+        let (rec, hash, env) = open(resp.body.into())?;
         if rec.round != RoundId(r) {
             return Err(format!("asked for round {r}, got round {}", rec.round));
         }
@@ -2650,7 +2662,7 @@ async fn sync_from(
     Ok(SyncOutcome {
         records,
         model: weights,
-        model_bytes: model.body,
-        state: state.body,
+        model_bytes: model.body.into(),
+        state: state.body.into(),
     })
 }
