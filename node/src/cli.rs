@@ -406,6 +406,13 @@ pub fn describe_status(v: &serde_json::Value) -> String {
             rec["attempt"]
         );
     }
+    if let Some(eps) = v["epsilon"].as_f64() {
+        let _ = writeln!(
+            out,
+            "local DP    epsilon {eps:.4} spent (delta {})",
+            s("dp_delta")
+        );
+    }
     let _ = writeln!(
         out,
         "traffic     {} bytes in, {} bytes out",

@@ -76,6 +76,7 @@ fn local_dp_sends_noise_of_the_configured_scale_reports_epsilon_and_still_learns
         .epsilon(DELTA);
     for s in &statuses {
         let eps = s.epsilon.expect("local DP reports epsilon");
+        assert_eq!(s.dp_delta, Some(DELTA));
         assert!(
             (eps - expected_eps).abs() < 1e-9 * expected_eps,
             "{eps} vs {expected_eps}"

@@ -368,7 +368,7 @@ async fn adversary(
                             && let Ok(r) = net.request(peer, Request::Delta(h)).await
                             && r.header == ResponseHeader::Delta
                         {
-                            out.push((h, r.body));
+                            out.push((h, r.body.into()));
                         }
                         for (h, env) in out {
                             served.insert(h, env);

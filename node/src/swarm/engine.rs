@@ -2558,6 +2558,7 @@ impl Engine {
             last_record: self.last_record.clone(),
             rounds_completed: self.metrics.rounds_completed.load(Ordering::Relaxed),
             epsilon: self.local_epsilon(),
+            dp_delta: self.config.node.privacy.local_dp.map(|dp| dp.delta),
             stopped: stopped || self.phase == Phase::Done,
         };
         self.status.send_if_modified(|old| {

@@ -247,6 +247,8 @@ pub struct Status {
     pub rounds_completed: u64,
     /// Local differential-privacy epsilon spent, if local DP is on.
     pub epsilon: Option<f64>,
+    /// The delta of that (epsilon, delta), if local DP is on.
+    pub dp_delta: Option<f64>,
     /// Whether the node has stopped (finished `max_rounds` or shut down).
     pub stopped: bool,
 }
