@@ -877,6 +877,9 @@ impl Engine {
         let Ok(payload) = encode_frame(&header, &secagg::words_to_bytes(&words)) else {
             return;
         };
+        // One release per round for the DP accountant, whatever the epoch it goes out
+        // in (a restart masks the same noised update again).
+        let first_release = m.sent_epoch.is_none();
         m.sent_epoch = Some(epoch);
         let samples = *samples;
         let (env, digest) = seal_hashed(&self.identity, PayloadKind::Delta, &payload);
@@ -913,7 +916,7 @@ impl Engine {
         }
         self.publish_status(false);
         if let Some(dp) = local_dp
-            && epoch == 0
+            && first_release
         {
             self.dp_spent.step(dp.noise_multiplier);
             let eps = self.dp_spent.epsilon(dp.delta);
