@@ -771,6 +771,15 @@ impl ConsortiumConfig {
                     .into(),
             );
         }
+        if a.secure_aggregation && a.clip_norm.is_none() {
+            return bad(
+                "secure_aggregation",
+                "secure aggregation needs `clip_norm`: masked updates cannot be norm-checked by \
+                 the others, so each member clips its own to clip_norm and the fixed-point range \
+                 is set by it"
+                    .into(),
+            );
+        }
         if a.secure_aggregation && a.central_dp.is_some() {
             return bad(
                 "secure_aggregation",
@@ -1487,7 +1496,9 @@ movies = ["data/01"]
 
     #[test]
     fn secure_aggregation_with_robust_strategy() {
-        let c = consortium_toml("[aggregation]\nstrategy = \"median\"\nsecure_aggregation = true");
+        let c = consortium_toml(
+            "[aggregation]\nstrategy = \"median\"\nsecure_aggregation = true\nclip_norm = 1.0",
+        );
         expect_err(
             SITE,
             &c,

@@ -263,7 +263,7 @@ fn robust_strategies_are_refused_with_secure_aggregation() {
             nodes: 5,
             min_peers: 5,
             strategy,
-            aggregation: "secure_aggregation = true",
+            aggregation: "secure_aggregation = true\nclip_norm = 10.0",
             ..Setup::default()
         });
         let err = Config::load(&c.sites[0].node_file).expect_err("refused");
@@ -271,4 +271,14 @@ fn robust_strategies_are_refused_with_secure_aggregation() {
         assert!(msg.contains("secure_aggregation"), "{msg}");
         assert!(msg.contains("must see each update"), "{msg}");
     }
+    // Without a clip norm masked updates would be unbounded: refused too.
+    let c = Consortium::new(Setup {
+        strategy: "fedavg-unweighted",
+        aggregation: "secure_aggregation = true",
+        ..Setup::default()
+    });
+    let msg = Config::load(&c.sites[0].node_file)
+        .expect_err("refused")
+        .to_string();
+    assert!(msg.contains("clip_norm"), "{msg}");
 }

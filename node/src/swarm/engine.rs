@@ -157,6 +157,11 @@ struct MaskRound {
     sent_epoch: Option<u32>,
     /// When the collection of this epoch timed out (restart turns are counted from it).
     timed_out_at: Option<Instant>,
+    /// A restart received before this member's own epoch timed out, kept until it may
+    /// be adopted: (signer, epoch, participants).
+    pending_restart: Option<(SignerKey, u32, BTreeSet<SignerKey>)>,
+    /// The signed restart that began this epoch, repeated every heartbeat.
+    restart_envelope: Option<Vec<u8>>,
 }
 
 /// The state of the round being worked on.
@@ -359,6 +364,9 @@ impl std::fmt::Debug for Engine {
             .finish_non_exhaustive()
     }
 }
+
+/// Most masking epochs of one round (restarts beyond it are refused).
+const MAX_MASK_EPOCHS: u32 = 16;
 
 /// Marks an own-delta record as released under local DP: `local-dp:z=<multiplier>`.
 const LOCAL_DP_MARK: &str = "local-dp:z=";
@@ -729,6 +737,7 @@ impl Engine {
                 m.epoch_started = Instant::now();
                 m.keys = keys;
                 m.timed_out_at = None;
+                m.pending_restart = None;
             }
             None => {
                 rs.mask = Some(MaskRound {
@@ -739,6 +748,8 @@ impl Engine {
                     plain: None,
                     sent_epoch: None,
                     timed_out_at: None,
+                    pending_restart: None,
+                    restart_envelope: None,
                 });
             }
         }
@@ -762,17 +773,16 @@ impl Engine {
             epoch,
             keys,
         };
-        self.publish_mask(&msg).await;
+        let _ = self.publish_mask(&msg).await;
     }
 
-    async fn publish_mask(&self, msg: &MaskMessage) {
-        let Ok(payload) = encode_control(msg) else {
-            return;
-        };
+    async fn publish_mask(&self, msg: &MaskMessage) -> Option<Vec<u8>> {
+        let payload = encode_control(msg).ok()?;
         let env = seal(&self.identity, PayloadKind::KeyShare, &payload);
-        if let Err(e) = self.net.publish(env).await {
+        if let Err(e) = self.net.publish(env.clone()).await {
             tracing::debug!(error = %e, "key share not published (no peers yet?)");
         }
+        Some(env)
     }
 
     /// Our trained update under secure aggregation: privatized if local DP is on,
@@ -880,7 +890,6 @@ impl Engine {
         // One release per round for the DP accountant, whatever the epoch it goes out
         // in (a restart masks the same noised update again).
         let first_release = m.sent_epoch.is_none();
-        m.sent_epoch = Some(epoch);
         let samples = *samples;
         let (env, digest) = seal_hashed(&self.identity, PayloadKind::Delta, &payload);
         let hash = DeltaHash(digest);
@@ -900,6 +909,9 @@ impl Engine {
         }
         let bytes = env.len() as u64;
         if let Some(rs) = self.round.as_mut() {
+            if let Some(m) = rs.mask.as_mut() {
+                m.sent_epoch = Some(epoch);
+            }
             rs.own_bytes = bytes;
             rs.own_env = Some((hash, env.into()));
             rs.pool.insert(
@@ -934,7 +946,13 @@ impl Engine {
             MaskMessage::Keys {
                 round, epoch, keys, ..
             } => {
-                if round < current || keys.len() > self.peer_of.len() {
+                // Only this round and the next, and a bounded number of epochs: a member
+                // cannot make the node hold unbounded key material.
+                if round < current
+                    || round.0 > current.0 + 1
+                    || epoch > MAX_MASK_EPOCHS
+                    || keys.len() > self.peer_of.len()
+                {
                     return;
                 }
                 // The first key set a member sends for an epoch is the one that counts.
@@ -956,14 +974,15 @@ impl Engine {
                 let quorum = self.quorum();
                 let Some(m) = self
                     .round
-                    .as_ref()
+                    .as_mut()
                     .filter(|r| r.id == round)
-                    .and_then(|r| r.mask.as_ref())
+                    .and_then(|r| r.mask.as_mut())
                 else {
                     return;
                 };
                 let next: BTreeSet<SignerKey> = participants.iter().copied().collect();
-                let valid = epoch == m.epoch + 1
+                let valid = epoch > m.epoch
+                    && epoch <= MAX_MASK_EPOCHS
                     && m.participants.contains(&signer)
                     && next.contains(&signer)
                     && next.is_subset(&m.participants)
@@ -979,8 +998,15 @@ impl Engine {
                     );
                     return;
                 }
-                tracing::warn!(round = %round, epoch, participants = next.len(), "secure aggregation: the round restarts its masking without the members that did not deliver");
-                self.begin_epoch(epoch, next).await;
+                // Adopted on the next check, once this member's own epoch has timed out
+                // too (a member cannot cut an epoch short for everyone).
+                if m.pending_restart
+                    .as_ref()
+                    .is_none_or(|(_, e, _)| epoch > *e)
+                {
+                    m.pending_restart = Some((signer, epoch, next));
+                }
+                self.check_merge().await;
             }
         }
     }
@@ -1028,14 +1054,21 @@ impl Engine {
                 Ok(u) => u,
                 Err(e) => {
                     tracing::error!(round = %round, epoch, error = %e, "secure aggregation: restarting the masking with fresh keys");
+                    if epoch >= MAX_MASK_EPOCHS {
+                        tracing::error!(round = %round, epoch, "secure aggregation: the masks keep failing to cancel; a participant sends inconsistent keys or masks (the round waits for the next)");
+                        return;
+                    }
                     let msg = MaskMessage::Restart {
                         consortium: self.digest,
                         round,
                         epoch: epoch + 1,
                         participants: delivered.iter().copied().collect(),
                     };
-                    self.publish_mask(&msg).await;
+                    let envelope = self.publish_mask(&msg).await;
                     self.begin_epoch(epoch + 1, delivered).await;
+                    if let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut()) {
+                        m.restart_envelope = envelope;
+                    }
                     return;
                 }
             };
@@ -1068,6 +1101,19 @@ impl Engine {
         }
         if m.epoch_started.elapsed() < collect {
             return;
+        }
+        // A restart from another participant, now that our own epoch timed out too. It is
+        // refused if it leaves out a member whose masked delta of this epoch we hold: the
+        // sum of this epoch minus the next one's would then reveal that member's update.
+        if let Some((signer, next_epoch, next)) = m.pending_restart.take() {
+            let excludes_delivered = delivered.iter().any(|d| !next.contains(d));
+            if excludes_delivered {
+                tracing::warn!(round = %round, epoch = next_epoch, "secure aggregation: refusing a restart that leaves out a member whose masked delta we hold");
+            } else {
+                tracing::warn!(round = %round, epoch = next_epoch, participants = next.len(), from = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), "secure aggregation: the round restarts its masking without the members that did not deliver");
+                self.begin_epoch(next_epoch, next).await;
+                return;
+            }
         }
         // Timed out: restart among those who delivered (a member that dropped out after
         // its keys went out), or else among those whose keys arrived (nobody could mask
@@ -1105,8 +1151,11 @@ impl Engine {
             participants: next.iter().copied().collect(),
         };
         tracing::warn!(round = %round, epoch = epoch + 1, participants = next.len(), missing = m.participants.len() - next.len(), "secure aggregation: restarting the round's masking without the members that did not deliver");
-        self.publish_mask(&msg).await;
+        let envelope = self.publish_mask(&msg).await;
         self.begin_epoch(epoch + 1, next).await;
+        if let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut()) {
+            m.restart_envelope = envelope;
+        }
     }
 
     /// Rebuilds the local-DP accountant from the own-delta records of the store: every
@@ -1820,7 +1869,8 @@ impl Engine {
             return Err("a delta already merged in an earlier round".into());
         }
         let order = merger_order(record.round, record.contributions.iter().map(|c| c.signer));
-        if order.get(record.attempt as usize) != Some(&signer) {
+        // Turns wrap around after every candidate had one (as in `check_merge`).
+        if order.get(record.attempt as usize % order.len().max(1)) != Some(&signer) {
             return Err(format!(
                 "signed by a member that is not merger candidate {} of this round",
                 record.attempt
@@ -2480,6 +2530,17 @@ impl Engine {
                 }
                 if let Some((epoch, keys)) = keys {
                     self.publish_keys(round, epoch, keys).await;
+                }
+                // A restart reaches members that were away when it was first sent.
+                let restart = self
+                    .round
+                    .as_ref()
+                    .and_then(|r| r.mask.as_ref())
+                    .and_then(|m| m.restart_envelope.clone());
+                if let Some(env) = restart
+                    && let Err(e) = self.net.publish(env).await
+                {
+                    tracing::debug!(error = %e, "restart not republished");
                 }
                 let peers: Vec<PeerId> = self.connected.iter().copied().collect();
                 for p in peers {

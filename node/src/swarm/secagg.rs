@@ -25,8 +25,8 @@ pub const PAIR_DOMAIN: &[u8] = b"cellswarm/secagg-pair/v1\0";
 /// Largest fixed-point fraction used (about 6e-8 resolution).
 const MAX_FRAC_BITS: u32 = 24;
 
-/// The per-coordinate bound of masked values: `aggregation.clip_norm` when set (no
-/// coordinate of a vector of norm C exceeds C), else `max_update_norm`.
+/// The per-coordinate bound of masked values: `aggregation.clip_norm` (required with
+/// secure aggregation; no coordinate of a vector of norm C exceeds C).
 #[must_use]
 pub fn value_bound(cfg: &AggregationConfig) -> f32 {
     cfg.clip_norm.unwrap_or(cfg.max_update_norm) as f32
