@@ -309,6 +309,31 @@ pub enum MaskMessage {
         #[serde(deserialize_with = "grown_vec")]
         participants: Vec<SignerKey>,
     },
+    /// The merger's statement that an epoch is complete: every participant's masked delta,
+    /// by hash. Only for a sealed epoch does a participant reveal its self-mask seed.
+    Seal {
+        /// [`crate::config::ConsortiumConfig::agreement_digest`] of the sender.
+        consortium: [u8; 32],
+        /// The round.
+        round: RoundId,
+        /// The epoch sealed.
+        epoch: u32,
+        /// Every participant and the hash of its masked delta (sorted by signer).
+        #[serde(deserialize_with = "grown_vec")]
+        deltas: Vec<(SignerKey, DeltaHash)>,
+    },
+    /// A participant's self-mask seed for a sealed epoch (double masking: without every
+    /// participant's seed the epoch's sum stays masked).
+    Reveal {
+        /// [`crate::config::ConsortiumConfig::agreement_digest`] of the sender.
+        consortium: [u8; 32],
+        /// The round.
+        round: RoundId,
+        /// The epoch.
+        epoch: u32,
+        /// The seed of the sender's self-mask in that epoch.
+        seed: [u8; 32],
+    },
 }
 
 /// A small signed gossip message ([`PayloadKind::Announcement`]).

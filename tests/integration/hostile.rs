@@ -240,6 +240,18 @@ fn world() -> World {
             epoch: 1,
             participants: vec![member.signer_key(); 3],
         },
+        MaskMessage::Seal {
+            consortium,
+            round: RoundId(3),
+            epoch: 1,
+            deltas: vec![(member.signer_key(), DeltaHash([5; 32])); 3],
+        },
+        MaskMessage::Reveal {
+            consortium,
+            round: RoundId(3),
+            epoch: 1,
+            seed: [6; 32],
+        },
     ] {
         let payload = encode_control(&m).expect("encodes");
         corpus.push((

@@ -162,6 +162,14 @@ struct MaskRound {
     pending_restart: Option<(SignerKey, u32, BTreeSet<SignerKey>)>,
     /// The signed restart that began this epoch, repeated every heartbeat.
     restart_envelope: Option<Vec<u8>>,
+    /// Our self-mask seed of the epoch we sent (double masking).
+    self_seed: Option<[u8; 32]>,
+    /// The epoch's seal: every participant's masked delta, by hash.
+    seal: Option<Vec<(SignerKey, DeltaHash)>>,
+    /// Self-mask seeds revealed for the sealed epoch.
+    reveals: BTreeMap<SignerKey, [u8; 32]>,
+    /// Our seal and reveal of this epoch, repeated every heartbeat.
+    seal_envelopes: Vec<Vec<u8>>,
 }
 
 /// The state of the round being worked on.
@@ -391,6 +399,9 @@ fn masked_update(
     fp: &FixedPoint,
     layout: &Arc<Layout>,
     entries: &[(SignerKey, &Pooled)],
+    self_seeds: &[[u8; 32]],
+    round: RoundId,
+    epoch: u32,
     base: ModelHash,
 ) -> Result<Update, String> {
     let mut words = Vec::new();
@@ -409,7 +420,7 @@ fn masked_update(
         .first()
         .map(|(s, _)| *s)
         .ok_or_else(|| "no masked deltas".to_owned())?;
-    let mean = secagg::masked_mean(fp, &words, layout)?;
+    let mean = secagg::unmask_mean(fp, &words, self_seeds, round, epoch, layout)?;
     Ok(Update::new(
         first,
         DeltaHash(sha(&ids)),
@@ -738,6 +749,10 @@ impl Engine {
                 m.keys = keys;
                 m.timed_out_at = None;
                 m.pending_restart = None;
+                m.self_seed = None;
+                m.seal = None;
+                m.reveals.clear();
+                m.seal_envelopes.clear();
             }
             None => {
                 rs.mask = Some(MaskRound {
@@ -750,10 +765,17 @@ impl Engine {
                     timed_out_at: None,
                     pending_restart: None,
                     restart_envelope: None,
+                    self_seed: None,
+                    seal: None,
+                    reveals: BTreeMap::new(),
+                    seal_envelopes: Vec::new(),
                 });
             }
         }
         rs.ready_at = None;
+        // Deltas of an abandoned epoch are dropped and never accepted again.
+        rs.pool
+            .retain(|_, p| p.masked().is_none_or(|(_, e, _)| e >= epoch));
         tracing::info!(round = %round, epoch, participants = participants.len(), "secure aggregation: masking epoch begins");
         if let Some(public) = public {
             self.mask_keys
@@ -873,8 +895,15 @@ impl Engine {
         let Some((values, samples, metrics)) = m.plain.as_ref() else {
             return;
         };
-        let words = secagg::mask(values, &fp, &me, &secrets, round);
+        let mut words = secagg::mask(values, &fp, &me, &secrets, round);
         drop(secrets);
+        // Double masking: a self-mask only this member can remove, revealed for this
+        // epoch only once the epoch is sealed complete.
+        let Ok(own_seed) = secagg::self_seed() else {
+            tracing::error!(round = %round, "secure aggregation: no self-mask seed");
+            return;
+        };
+        secagg::self_mask(&mut words, &own_seed, round, epoch, false);
         let header = DeltaHeader {
             consortium: self.digest,
             round,
@@ -911,6 +940,7 @@ impl Engine {
         if let Some(rs) = self.round.as_mut() {
             if let Some(m) = rs.mask.as_mut() {
                 m.sent_epoch = Some(epoch);
+                m.self_seed = Some(own_seed);
             }
             rs.own_bytes = bytes;
             rs.own_env = Some((hash, env.into()));
@@ -1008,6 +1038,88 @@ impl Engine {
                 }
                 self.check_merge().await;
             }
+            MaskMessage::Seal {
+                round,
+                epoch,
+                deltas,
+                ..
+            } => {
+                self.on_seal(signer, round, epoch, deltas).await;
+                self.check_merge().await;
+            }
+            MaskMessage::Reveal {
+                round, epoch, seed, ..
+            } => {
+                if let Some(m) = self
+                    .round
+                    .as_mut()
+                    .filter(|r| r.id == round)
+                    .and_then(|r| r.mask.as_mut())
+                    .filter(|m| m.epoch == epoch && m.participants.contains(&signer))
+                {
+                    m.reveals.entry(signer).or_insert(seed);
+                }
+                self.check_merge().await;
+            }
+        }
+    }
+
+    /// A seal of the current epoch: if it lists every participant and our own delta as
+    /// sent, we reveal our self-mask seed for this epoch (and, having revealed, never let a
+    /// restart leave out another revealer).
+    async fn on_seal(
+        &mut self,
+        signer: SignerKey,
+        round: RoundId,
+        epoch: u32,
+        deltas: Vec<(SignerKey, DeltaHash)>,
+    ) {
+        let me = self.me;
+        let digest = self.digest;
+        let Some(rs) = self.round.as_mut().filter(|r| r.id == round) else {
+            return;
+        };
+        let own_hash = rs.pool.get(&me).map(|p| p.hash);
+        let Some(m) = rs.mask.as_mut().filter(|m| m.epoch == epoch) else {
+            return;
+        };
+        let listed: BTreeSet<SignerKey> = deltas.iter().map(|(s, _)| *s).collect();
+        let valid = m.participants.contains(&signer)
+            && listed == m.participants
+            && listed.len() == deltas.len()
+            && deltas.windows(2).all(|w| w[0].0 < w[1].0);
+        if !valid {
+            self.reject(
+                RejectReason::BadRecord,
+                round,
+                self.peer_of.get(&signer).copied(),
+                "-",
+                "an invalid secure-aggregation seal",
+            );
+            return;
+        }
+        if m.seal.is_none() {
+            m.seal = Some(deltas.clone());
+        }
+        let ours_listed = deltas.iter().any(|(s, h)| *s == me && Some(*h) == own_hash);
+        let Some(seed) = m.self_seed.filter(|_| ours_listed) else {
+            return;
+        };
+        if m.reveals.contains_key(&me) {
+            return;
+        }
+        m.reveals.insert(me, seed);
+        let msg = MaskMessage::Reveal {
+            consortium: digest,
+            round,
+            epoch,
+            seed,
+        };
+        tracing::info!(round = %round, epoch, "secure aggregation: the epoch is sealed; revealing our self-mask seed");
+        if let Some(env) = self.publish_mask(&msg).await
+            && let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut())
+        {
+            m.seal_envelopes.push(env);
         }
     }
 
@@ -1038,9 +1150,67 @@ impl Engine {
             let order = merger_order(round, delivered.iter().copied());
             let attempt =
                 (ready.elapsed().as_secs_f64() / merge_timeout.as_secs_f64().max(1e-3)) as usize;
-            if order.get(attempt % order.len()) != Some(&me) {
+            let my_turn = order.get(attempt % order.len()) == Some(&me);
+            if m.seal.is_none() {
+                if my_turn {
+                    let deltas: Vec<(SignerKey, DeltaHash)> = delivered
+                        .iter()
+                        .filter_map(|s| rs.pool.get(s).map(|p| (*s, p.hash)))
+                        .collect();
+                    let msg = MaskMessage::Seal {
+                        consortium: self.digest,
+                        round,
+                        epoch,
+                        deltas: deltas.clone(),
+                    };
+                    tracing::info!(round = %round, epoch, "secure aggregation: sealing the epoch");
+                    let env = self.publish_mask(&msg).await;
+                    if let (Some(env), Some(m)) =
+                        (env, self.round.as_mut().and_then(|r| r.mask.as_mut()))
+                    {
+                        m.seal_envelopes.push(env);
+                    }
+                    self.on_seal(me, round, epoch, deltas).await;
+                }
                 return;
             }
+            let revealed: BTreeSet<SignerKey> = m.reveals.keys().copied().collect();
+            if revealed != m.participants {
+                // Sealed, but a participant has not revealed: after the epoch's time and
+                // one merge turn, restart among those who revealed (the others' seeds are
+                // never revealed, so this epoch's sum can never be unmasked).
+                if m.epoch_started.elapsed() < collect + merge_timeout
+                    || revealed.len() < quorum
+                    || !revealed.contains(&me)
+                    || epoch >= MAX_MASK_EPOCHS
+                {
+                    return;
+                }
+                let order = merger_order(round, revealed.iter().copied());
+                let since = *m.timed_out_at.get_or_insert_with(Instant::now);
+                let turn = (since.elapsed().as_secs_f64() / merge_timeout.as_secs_f64().max(1e-3))
+                    as usize;
+                if order.get(turn % order.len()) != Some(&me) {
+                    return;
+                }
+                let msg = MaskMessage::Restart {
+                    consortium: self.digest,
+                    round,
+                    epoch: epoch + 1,
+                    participants: revealed.iter().copied().collect(),
+                };
+                tracing::warn!(round = %round, epoch = epoch + 1, "secure aggregation: restarting without the members that did not reveal");
+                let envelope = self.publish_mask(&msg).await;
+                self.begin_epoch(epoch + 1, revealed).await;
+                if let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut()) {
+                    m.restart_envelope = envelope;
+                }
+                return;
+            }
+            if !my_turn {
+                return;
+            }
+            let seeds: Vec<[u8; 32]> = m.reveals.values().copied().collect();
             let entries: Vec<(SignerKey, &Pooled)> = delivered
                 .iter()
                 .filter_map(|s| rs.pool.get(s).map(|p| (*s, p)))
@@ -1050,7 +1220,15 @@ impl Engine {
             else {
                 return;
             };
-            let update = match masked_update(&fp, &self.layout, &entries, head.model) {
+            let update = match masked_update(
+                &fp,
+                &self.layout,
+                &entries,
+                &seeds,
+                round,
+                epoch,
+                head.model,
+            ) {
                 Ok(u) => u,
                 Err(e) => {
                     tracing::error!(round = %round, epoch, error = %e, "secure aggregation: restarting the masking with fresh keys");
@@ -1106,7 +1284,11 @@ impl Engine {
         // refused if it leaves out a member whose masked delta of this epoch we hold: the
         // sum of this epoch minus the next one's would then reveal that member's update.
         if let Some((signer, next_epoch, next)) = m.pending_restart.take() {
-            let excludes_delivered = delivered.iter().any(|d| !next.contains(d));
+            let excludes_delivered = if m.seal.is_some() {
+                m.reveals.keys().any(|d| !next.contains(d))
+            } else {
+                delivered.iter().any(|d| !next.contains(d))
+            };
             if excludes_delivered {
                 tracing::warn!(round = %round, epoch = next_epoch, "secure aggregation: refusing a restart that leaves out a member whose masked delta we hold");
             } else {
@@ -1420,6 +1602,12 @@ impl Engine {
                 let Some(rs) = self.round.as_mut() else {
                     return false;
                 };
+                if let (Some(m), Checked::Masked { epoch, .. }) = (rs.mask.as_ref(), &content)
+                    && *epoch < m.epoch
+                {
+                    // An abandoned epoch's delta is never pooled again.
+                    return false;
+                }
                 if let Some(existing) = rs.pool.get(&signer) {
                     // Under secure aggregation a member sends one masked delta per epoch:
                     // a later epoch replaces an earlier one.
@@ -1956,21 +2144,52 @@ impl Engine {
             self.pending_records.push((envelope, Some(hash), peer));
             return;
         }
+        // Under secure aggregation every contributor's self-mask seed must have been
+        // revealed for the sealed epoch before the sum can be unmasked.
+        let seeds_missing = self
+            .round
+            .as_ref()
+            .and_then(|r| r.mask.as_ref())
+            .is_some_and(|m| {
+                record
+                    .contributions
+                    .iter()
+                    .any(|c| !m.reveals.contains_key(&c.signer))
+            });
+        if seeds_missing {
+            if let Some(rs) = self.round.as_mut() {
+                rs.seen_records.remove(&hash);
+            }
+            self.pending_records.push((envelope, Some(hash), peer));
+            return;
+        }
         let Some(rs) = self.round.as_mut() else {
             return;
         };
         rs.verifying = Some(hash);
-        let updates: Vec<Update> = if rs.mask.is_some() {
+        let updates: Vec<Update> = if let Some(m) = rs.mask.as_ref() {
+            let seeds: Vec<[u8; 32]> = record
+                .contributions
+                .iter()
+                .filter_map(|c| m.reveals.get(&c.signer).copied())
+                .collect();
+            let epoch = m.epoch;
             let entries: Vec<(SignerKey, &Pooled)> = record
                 .contributions
                 .iter()
                 .filter_map(|c| rs.pool.get(&c.signer).map(|p| (c.signer, p)))
                 .collect();
-            match self
-                .fixed_point
-                .as_ref()
-                .map(|fp| masked_update(fp, &self.layout, &entries, record.base))
-            {
+            match self.fixed_point.as_ref().map(|fp| {
+                masked_update(
+                    fp,
+                    &self.layout,
+                    &entries,
+                    &seeds,
+                    record.round,
+                    epoch,
+                    record.base,
+                )
+            }) {
                 Some(Ok(u)) => vec![u],
                 Some(Err(e)) => {
                     rs.verifying = None;
@@ -2530,6 +2749,16 @@ impl Engine {
                 }
                 if let Some((epoch, keys)) = keys {
                     self.publish_keys(round, epoch, keys).await;
+                }
+                // Seals and reveals too (a verifier needs every seed).
+                let sealed: Vec<Vec<u8>> = self
+                    .round
+                    .as_ref()
+                    .and_then(|r| r.mask.as_ref())
+                    .map(|m| m.seal_envelopes.clone())
+                    .unwrap_or_default();
+                for env in sealed {
+                    let _ = self.net.publish(env).await;
                 }
                 // A restart reaches members that were away when it was first sent.
                 let restart = self

@@ -22,6 +22,52 @@ use ring::agreement::{EphemeralPrivateKey, UnparsedPublicKey, X25519, agree_ephe
 /// Domain string of the pair-secret derivation.
 pub const PAIR_DOMAIN: &[u8] = b"cellswarm/secagg-pair/v1\0";
 
+/// Domain string of a self-mask's keystream seed.
+pub const SELF_DOMAIN: &[u8] = b"cellswarm/secagg-self/v1\0";
+
+/// A fresh self-mask seed from the operating system's generator.
+///
+/// # Errors
+/// The generator failed.
+pub fn self_seed() -> Result<[u8; 32], String> {
+    use ring::rand::SecureRandom as _;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| "the operating system's random generator failed".to_owned())?;
+    Ok(seed)
+}
+
+/// Adds (or, with `subtract`, removes) the self-mask of `seed` for a round's epoch:
+/// ChaCha20 words keyed by `SHA-256(SELF_DOMAIN | seed | round | epoch)`, modulo 2^32.
+pub fn self_mask(words: &mut [u32], seed: &[u8; 32], round: RoundId, epoch: u32, subtract: bool) {
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::{Rng as _, SeedableRng as _};
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut msg = Vec::with_capacity(SELF_DOMAIN.len() + 44);
+    msg.extend_from_slice(SELF_DOMAIN);
+    msg.extend_from_slice(seed);
+    msg.extend_from_slice(&round.0.to_le_bytes());
+    msg.extend_from_slice(&epoch.to_le_bytes());
+    let key = *ModelHash::of(&msg).as_bytes();
+    words
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut rng = ChaCha20Rng::from_seed(key);
+            rng.set_word_pos((c * CHUNK) as u128);
+            for w in chunk {
+                let m = rng.next_u32();
+                *w = if subtract {
+                    w.wrapping_sub(m)
+                } else {
+                    w.wrapping_add(m)
+                };
+            }
+        });
+}
+
 /// Largest fixed-point fraction used (about 6e-8 resolution).
 const MAX_FRAC_BITS: u32 = 24;
 
@@ -172,7 +218,26 @@ pub fn masked_mean(
     inputs: &[&[u32]],
     layout: &Arc<Layout>,
 ) -> Result<Delta, String> {
-    let total = sum(inputs).map_err(|e| e.to_string())?;
+    unmask_mean(fp, inputs, &[], RoundId(0), 0, layout)
+}
+
+/// Like [`masked_mean`] for double-masked inputs: the self-masks of `self_seeds` (every
+/// participant's, revealed for this sealed epoch) are removed from the sum first.
+///
+/// # Errors
+/// As [`masked_mean`] (a wrong or missing seed leaves the sum out of range).
+pub fn unmask_mean(
+    fp: &FixedPoint,
+    inputs: &[&[u32]],
+    self_seeds: &[[u8; 32]],
+    round: RoundId,
+    epoch: u32,
+    layout: &Arc<Layout>,
+) -> Result<Delta, String> {
+    let mut total = sum(inputs).map_err(|e| e.to_string())?;
+    for seed in self_seeds {
+        self_mask(&mut total, seed, round, epoch, true);
+    }
     let k = inputs.len() as f64;
     let bound = f64::from(value_bound_of(fp)) * k + k / fp.scale();
     let s = fp.scale();
@@ -247,5 +312,25 @@ mod tests {
         // Two of three: the masks do not cancel, and it is noticed.
         let err = masked_mean(&fp, &refs[..2], &layout).unwrap_err();
         assert!(err.contains("did not cancel"), "{err}");
+
+        // Double masking: with self-masks added, even the complete set's sum stays masked
+        // until every participant's seed is revealed; then it is the same mean.
+        let seeds: Vec<[u8; 32]> = (0..3).map(|_| self_seed().unwrap()).collect();
+        let doubled: Vec<Vec<u32>> = masked
+            .iter()
+            .zip(&seeds)
+            .map(|(w, seed)| {
+                let mut w = w.clone();
+                self_mask(&mut w, seed, RoundId(4), 0, false);
+                w
+            })
+            .collect();
+        let drefs: Vec<&[u32]> = doubled.iter().map(Vec::as_slice).collect();
+        let err = masked_mean(&fp, &drefs, &layout).unwrap_err();
+        assert!(err.contains("did not cancel"), "{err}");
+        let err = unmask_mean(&fp, &drefs, &seeds[..2], RoundId(4), 0, &layout).unwrap_err();
+        assert!(err.contains("did not cancel"), "{err}");
+        let mean2 = unmask_mean(&fp, &drefs, &seeds, RoundId(4), 0, &layout).unwrap();
+        assert_eq!(mean2.values(), unmasked.values());
     }
 }

@@ -243,7 +243,10 @@ pub fn gossip(
             format!("undecodable key share: {e}"),
         )
     })?;
-    let (MaskMessage::Keys { consortium: c, .. } | MaskMessage::Restart { consortium: c, .. }) = &m;
+    let (MaskMessage::Keys { consortium: c, .. }
+    | MaskMessage::Restart { consortium: c, .. }
+    | MaskMessage::Seal { consortium: c, .. }
+    | MaskMessage::Reveal { consortium: c, .. }) = &m;
     if *c != consortium {
         return Err((
             RejectReason::WrongConsortium,
