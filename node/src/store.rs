@@ -566,6 +566,11 @@ impl Store for DiskStore {
     fn commit_round(&self, c: &RoundCommit) -> Result<(), StoreError> {
         let round_key = c.head.round.0.to_be_bytes();
         let head = enc(&c.head);
+        // A round committed again (a fork resolved in favour of the peers' record) must
+        // not keep audit lines of the record it replaces.
+        for key in self.audit.scan_prefix(round_key).keys() {
+            self.audit.remove(key?)?;
+        }
         (&self.meta, &self.records, &self.audit)
             .transaction(|(meta, records, audit)| {
                 records.insert(&round_key[..], c.record_envelope.as_slice())?;

@@ -315,8 +315,21 @@ impl Logs {
         timeout: Duration,
         pred: impl FnMut(&LogEvent) -> bool,
     ) -> LogEvent {
-        self.next_matching(timeout, pred)
-            .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+        if let Some(e) = self.next_matching(timeout, pred) {
+            return e;
+        }
+        let tail: Vec<&str> = self
+            .seen
+            .iter()
+            .rev()
+            .filter(|e| e.line.contains("cellswarm_node::swarm"))
+            .take(60)
+            .map(|e| e.line.as_str())
+            .collect();
+        panic!(
+            "timed out after {timeout:?} waiting for {what}; last lines (newest first):\n{}",
+            tail.join("\n")
+        );
     }
 
     /// Waits until an event satisfying `pred` arrives (or was already seen since

@@ -217,6 +217,8 @@ impl RoundState {
 #[derive(Debug)]
 struct SyncOutcome {
     records: Vec<(MergeRecord, RecordHash, Vec<u8>)>,
+    /// Our head round was replaced by the peer's record of it (a fork resolved).
+    rewound: bool,
     model: Weights,
     model_bytes: Vec<u8>,
     state: Vec<u8>,
@@ -1059,6 +1061,8 @@ impl Engine {
                 {
                     m.reveals.entry(signer).or_insert(seed);
                 }
+                // A record may be waiting for this seed.
+                self.retry_pending_records().await;
                 self.check_merge().await;
             }
         }
@@ -1309,7 +1313,8 @@ impl Engine {
                     || self
                         .mask_keys
                         .get(&(round, epoch))
-                        .is_some_and(|by| by.contains_key(p))
+                        .and_then(|by| by.get(p))
+                        .is_some_and(|keys| keys.contains_key(&me))
             })
             .collect();
         let next = if delivered.len() >= quorum {
@@ -1317,7 +1322,14 @@ impl Engine {
         } else {
             with_keys
         };
-        if next.len() < quorum || next == m.participants || !next.contains(&me) {
+        // Once the epoch is sealed, only the sealed-epoch rule (restart among those who
+        // revealed) may end it; and never past the epoch cap.
+        if m.seal.is_some()
+            || epoch >= MAX_MASK_EPOCHS
+            || next.len() < quorum
+            || next == m.participants
+            || !next.contains(&me)
+        {
             return;
         }
         let since = *m.timed_out_at.get_or_insert_with(Instant::now);
@@ -2323,11 +2335,21 @@ impl Engine {
         let members = self.members.clone();
         let digest = self.digest;
         let head = self.head;
+        let head_record = self.last_record.as_ref().map(|r| (r.base, r.prev));
         let layout = Arc::clone(&self.layout);
         let max = self.config.node.net.max_message_bytes;
         tracing::info!(peer = %peer, "catching up with a peer that is ahead");
         self.tracker.spawn(async move {
-            let r = sync_from(&net, peer, &members, digest, head, &layout, max).await;
+            let r = sync_from(
+                &net,
+                peer,
+                &members,
+                digest,
+                (head, head_record),
+                &layout,
+                max,
+            )
+            .await;
             let _ = tx.send(Internal::Synced(r)).await;
         });
     }
@@ -2354,6 +2376,11 @@ impl Engine {
             for c in &record.contributions {
                 self.merged_hashes.insert(c.delta);
             }
+        }
+        if o.rewound {
+            // The replaced round's deltas are no longer merged ones.
+            self.merged_hashes.clear();
+            self.restore_merged_hashes(last.round)?;
         }
         self.merger.load_state(&o.state, &self.layout)?;
         let head = RoundCommit::of_record(&last, last_hash, Vec::new()).head;
@@ -2871,7 +2898,7 @@ async fn sync_from(
     peer: PeerId,
     members: &MemberKeys,
     digest: [u8; 32],
-    head: Option<Head>,
+    (head, head_record): (Option<Head>, Option<(ModelHash, Option<RecordHash>)>),
     layout: &Arc<Layout>,
     max: u64,
 ) -> Result<SyncOutcome, String> {
@@ -2899,6 +2926,31 @@ async fn sync_from(
     }
     let mut records = Vec::new();
     let (mut prev_model, mut prev_record) = (head.map(|h| h.model), head.and_then(|h| h.record));
+    // Our head round may be a dead branch: a merger that committed its own record while
+    // the others committed another one for that round (a restarted node can race them).
+    // If the peer holds another record for our head round that starts from the same
+    // model and links to the same previous record, it is the consortium's: replace ours.
+    let mut rewound = false;
+    if let (Some(h), Some((base, prev))) = (head, head_record)
+        && h.round.0 >= 1
+        && let Ok(resp) = net.request(peer, Request::Record(h.round)).await
+        && resp.header == ResponseHeader::Record
+    {
+        let (rec, hash, env) = open(resp.body.into())?;
+        if Some(hash) != h.record && rec.round == h.round {
+            if rec.base != base || rec.prev != prev {
+                return Err(format!(
+                    "the peer's record of round {} forks earlier than our head",
+                    h.round
+                ));
+            }
+            tracing::warn!(round = %h.round, ours = %h.record.map(|r| r.short()).unwrap_or_default(), theirs = %hash.short(), "our last round is not the one the consortium committed; adopting the peer's record of it");
+            prev_model = Some(rec.model);
+            prev_record = Some(hash);
+            records.push((rec, hash, env));
+            rewound = true;
+        }
+    }
     for r in from..=latest.round.0 {
         let resp = net
             .request(peer, Request::Record(RoundId(r)))
@@ -2955,6 +3007,7 @@ async fn sync_from(
     }
     Ok(SyncOutcome {
         records,
+        rewound,
         model: weights,
         model_bytes: model.body.into(),
         state: state.body.into(),
