@@ -454,7 +454,10 @@ fn check(w: &World, kind: Kind, bytes: Vec<u8>, announced: DeltaHash) -> bool {
     match kind {
         Kind::DeltaEnvelope => delta_check.check(announced, bytes).is_ok(),
         Kind::MaskedDelta => masked_check.check(announced, bytes).is_ok(),
-        Kind::Announcement => verify::announcement(bytes, 16 << 10, &w.members).is_ok(),
+        Kind::Announcement => matches!(
+            verify::gossip(bytes, 16 << 10, &w.members, w.consortium),
+            Ok((_, verify::Gossip::Announcement(_)))
+        ),
         Kind::KeyShare => verify::gossip(bytes, 16 << 10, &w.members, w.consortium).is_ok(),
         Kind::RecordEnvelope => verify::record(bytes, &w.members, w.consortium).is_ok(),
         Kind::RequestStream => decode_request_stream(&bytes).is_ok(),

@@ -9,27 +9,16 @@ use std::time::Duration;
 
 use cellswarm_aggregator::dp::RdpAccountant;
 use cellswarm_common::delta::{Delta, DeltaLimits};
-use cellswarm_common::envelope::{AnySigner, PayloadKind, UnverifiedEnvelope};
 use cellswarm_common::weights::Limits;
-use cellswarm_common::wire::{DeltaHeader, decode_frame};
-use cellswarm_node::store::{BlobKind, DiskStore, Store};
 use cellswarm_node::swarm::local::{VectorTrainer, vector_layout};
 
-use crate::swarm_util::{Consortium, Setup, wait_done};
+use crate::swarm_util::{Consortium, Setup, runtime, wait_done};
 use crate::util::{cellswarm, ok_stdout};
 
 const PARAMS: usize = 4000;
 const CLIP: f64 = 10.0;
 const SIGMA: f64 = 0.01;
 const DELTA: f64 = 1e-5;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 /// Mean squared distance of `w` from `t`.
 fn mse(w: &[f32], t: &[f64]) -> f64 {
@@ -86,20 +75,8 @@ fn local_dp_sends_noise_of_the_configured_scale_reports_epsilon_and_still_learns
     // The delta site 0 actually signed and sent in round 1 (from genesis = zeros): the
     // trainer's true update is 0.5 * target; what was sent minus that update clipped to C
     // is the noise, whose standard deviation must be sigma * C.
-    let store = DiskStore::open(&c.sites[0].store, 1 << 20).expect("the store opens");
-    let own: HashMap<String, Vec<String>> =
-        store.peers().expect("peer records").into_iter().collect();
-    let rec = &own["own-delta-1"];
+    let (rec, header, body) = c.sites[0].own_delta(1);
     assert!(rec.iter().any(|v| v == "local-dp:z=0.01"), "{rec:?}");
-    let hash: [u8; 32] = hex_decode(&rec[0]);
-    let env = store
-        .blob(BlobKind::Delta, &hash)
-        .expect("blob read")
-        .expect("our round-1 delta is stored");
-    let v = UnverifiedEnvelope::parse(env, 1 << 30)
-        .and_then(|u| u.verify(PayloadKind::Delta, &AnySigner))
-        .expect("a valid signed delta");
-    let (header, body): (DeltaHeader, &[u8]) = decode_frame(v.payload()).expect("a delta frame");
     let eps1 = RdpAccountant::default().after(SIGMA).epsilon(DELTA);
     assert_eq!(
         header.metrics.epsilon,
@@ -114,7 +91,7 @@ fn local_dp_sends_noise_of_the_configured_scale_reports_epsilon_and_still_learns
             max_params: PARAMS as u64,
         },
     };
-    let sent = Delta::decode(body, &layout, &limits).expect("a delta");
+    let sent = Delta::decode(&body, &layout, &limits).expect("a delta");
     let target = VectorTrainer::new(PARAMS, 1, Duration::ZERO)
         .target()
         .to_vec();
@@ -154,33 +131,13 @@ fn local_dp_sends_noise_of_the_configured_scale_reports_epsilon_and_still_learns
     let mean_target: Vec<f64> = (0..PARAMS)
         .map(|j| targets.iter().map(|t| f64::from(t[j])).sum::<f64>() / 3.0)
         .collect();
-    let head = store.head().expect("head").expect("a head");
-    let model = store
-        .blob(BlobKind::Model, head.model.as_bytes())
-        .expect("blob read")
-        .expect("the head model");
-    let model = cellswarm_common::weights::Weights::from_bytes(
-        &model,
-        &Limits {
-            max_tensors: 16,
-            max_params: PARAMS as u64,
-        },
-    )
-    .expect("a model");
+    let (_, model) = c.sites[0].head_model();
     let before = mse(&vec![0.0; PARAMS], &mean_target);
     let after = mse(model.values(), &mean_target);
     assert!(
         after < 0.5 * before,
         "distance to the mean target {before} -> {after}"
     );
-}
-
-fn hex_decode(s: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex");
-    }
-    out
 }
 
 /// The canary block in every frame of the canary movie: rows and columns, and its corner.

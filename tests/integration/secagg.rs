@@ -14,24 +14,16 @@ use cellswarm_aggregator::{Merger, Update};
 use cellswarm_common::config::Config;
 use cellswarm_common::envelope::{AnySigner, PayloadKind, UnverifiedEnvelope};
 use cellswarm_common::ids::{DeltaHash, RoundId, SignerKey};
-use cellswarm_common::weights::{Limits, Weights};
-use cellswarm_common::wire::{DeltaHeader, MergeRecord, decode_control, decode_frame};
-use cellswarm_node::store::{BlobKind, DiskStore, Store};
+use cellswarm_common::weights::Weights;
+use cellswarm_common::wire::{MergeRecord, decode_control};
+use cellswarm_node::store::{DiskStore, Store};
 use cellswarm_node::swarm::local::{LocalTrainer, VectorTrainer, vector_layout};
 use cellswarm_node::swarm::secagg;
 
-use crate::swarm_util::{Consortium, Setup, wait_done, wait_status};
+use crate::swarm_util::{Consortium, Setup, runtime, wait_done, wait_status};
 
 const PARAMS: usize = 4000;
 const LONG: Duration = Duration::from_secs(120);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 fn secure(nodes: usize, min_peers: u32, rounds: u64, collect: &'static str) -> Setup {
     Setup {
@@ -96,23 +88,6 @@ fn unmasked_model(c: &Consortium, per_round: &[Vec<u64>]) -> Weights {
     base
 }
 
-fn head_model(c: &Consortium, i: usize) -> (RoundId, Weights) {
-    let store = DiskStore::open(&c.sites[i].store, 1 << 20).expect("the store opens");
-    let head = store.head().expect("head").expect("a head");
-    let bytes = store
-        .blob(BlobKind::Model, head.model.as_bytes())
-        .expect("reads")
-        .expect("the head model");
-    let limits = Limits {
-        max_tensors: 16,
-        max_params: PARAMS as u64,
-    };
-    (
-        head.round,
-        Weights::from_bytes(&bytes, &limits).expect("a model"),
-    )
-}
-
 fn record(c: &Consortium, i: usize, round: u64) -> MergeRecord {
     let store = DiskStore::open(&c.sites[i].store, 1 << 20).expect("the store opens");
     let env = store
@@ -147,7 +122,7 @@ fn masked_merges_equal_the_unmasked_sum_and_a_masked_delta_reveals_nothing() {
         }
     });
     // Identical with and without masking.
-    let (r, model) = head_model(&c, 0);
+    let (r, model) = c.sites[0].head_model();
     assert_eq!(r, RoundId(rounds));
     let all: Vec<u64> = vec![1, 2, 3];
     let expected = unmasked_model(&c, &vec![all; rounds as usize]);
@@ -160,25 +135,9 @@ fn masked_merges_equal_the_unmasked_sum_and_a_masked_delta_reveals_nothing() {
 
     // The masked delta site 0 sent in round 1, against its true delta (0.5 * target):
     // uncorrelated, and spread over the whole 32-bit range.
-    let store = DiskStore::open(&c.sites[0].store, 1 << 20).expect("the store opens");
-    let own = store
-        .peers()
-        .expect("peer records")
-        .into_iter()
-        .find(|(k, _)| k == "own-delta-1")
-        .expect("our round-1 delta")
-        .1;
-    let hash: DeltaHash = own[0].parse().expect("a hash");
-    let env = store
-        .blob(BlobKind::Delta, hash.as_bytes())
-        .expect("reads")
-        .expect("stored");
-    let v = UnverifiedEnvelope::parse(env, 1 << 30)
-        .and_then(|u| u.verify(PayloadKind::Delta, &AnySigner))
-        .expect("a signed delta");
-    let (header, body): (DeltaHeader, &[u8]) = decode_frame(v.payload()).expect("a frame");
+    let (_, header, body) = c.sites[0].own_delta(1);
     assert!(header.masked);
-    let words = secagg::words_from_bytes(body, PARAMS).expect("masked words");
+    let words = secagg::words_from_bytes(&body, PARAMS).expect("masked words");
     let masked: Vec<f64> = words.iter().map(|w| f64::from(w.cast_signed())).collect();
     let truth: Vec<f64> = VectorTrainer::new(PARAMS, 1, Duration::ZERO)
         .target()
@@ -245,7 +204,7 @@ fn a_member_that_drops_out_after_its_keys_went_out_makes_the_round_restart_witho
     let expected: BTreeSet<SignerKey> =
         (0..2).map(|i| c.sites[i].identity().signer_key()).collect();
     assert_eq!(signers, expected);
-    let (r, model) = head_model(&c, 0);
+    let (r, model) = c.sites[0].head_model();
     assert_eq!(r, RoundId(2));
     let pair = vec![1u64, 2];
     let expected = unmasked_model(&c, &[pair.clone(), pair]);

@@ -10,29 +10,20 @@ use cellswarm_common::delta::{Delta, DeltaEncoding};
 use cellswarm_common::envelope::{MemberKeys, PayloadKind, UnverifiedEnvelope, seal};
 use cellswarm_common::identity::Identity;
 use cellswarm_common::ids::{DeltaHash, ModelHash, RoundId, SignerKey};
-use cellswarm_common::weights::{Limits, Weights};
+use cellswarm_common::weights::Weights;
 use cellswarm_common::wire::{
     Announcement, DeltaHeader, LocalMetrics, Request, ResponseHeader, decode_control,
     encode_control, encode_frame,
 };
 use cellswarm_node::daemon::Node;
-use cellswarm_node::store::{BlobKind, DiskStore, Store};
 use cellswarm_node::swarm::codec::SyncResponse;
 use cellswarm_node::swarm::local::{LocalTrainer, TrainedRound, VectorTrainer};
 use cellswarm_node::swarm::network::{self, NetEvent, NetSettings};
 use cellswarm_node::swarm::status::RejectReason;
 
-use crate::swarm_util::{Consortium, Setup, wait_done, wait_status};
+use crate::swarm_util::{Consortium, Setup, runtime, wait_done, wait_status};
 
 const LONG: Duration = Duration::from_secs(120);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 async fn stop_all(nodes: Vec<Node>) {
     for n in &nodes {
@@ -41,24 +32,6 @@ async fn stop_all(nodes: Vec<Node>) {
     for n in nodes {
         n.wait().await.expect("the node stops cleanly");
     }
-}
-
-/// The final model in a site's store, after its node stopped.
-fn stored_model(c: &Consortium, i: usize) -> (RoundId, Weights) {
-    let store = DiskStore::open(&c.sites[i].store, 1 << 20).expect("the store opens");
-    let head = store.head().expect("head").expect("a head");
-    let bytes = store
-        .blob(BlobKind::Model, head.model.as_bytes())
-        .expect("blob")
-        .expect("the head model");
-    let limits = Limits {
-        max_tensors: 16,
-        max_params: 1 << 24,
-    };
-    (
-        head.round,
-        Weights::from_bytes(&bytes, &limits).expect("a model"),
-    )
 }
 
 /// The FedAvg of `test-vector` updates, recomputed from the audit log of site 0's store:
@@ -124,10 +97,10 @@ fn three_nodes_converge_to_bit_identical_models_over_five_rounds() {
     });
     // Every store holds the same head; the merged values are the FedAvg of the
     // contributions the audit log names (recomputed here in f64).
-    let (r0, w0) = stored_model(&c, 0);
+    let (r0, w0) = c.sites[0].head_model();
     assert_eq!(r0, RoundId(5));
     for i in 1..3 {
-        let (r, w) = stored_model(&c, i);
+        let (r, w) = c.sites[i].head_model();
         assert_eq!((r, w.hash()), (r0, w0.hash()));
     }
     let expected = expected_fedavg(&c);
@@ -205,7 +178,7 @@ async fn run_with_attacker(strategy: &'static str, aggregation: &'static str) ->
     }
     assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
     stop_all(nodes).await;
-    let (_, w) = stored_model(&c, 0);
+    let (_, w) = c.sites[0].head_model();
     let mut target = vec![0f64; params];
     let mut total = 0.0;
     for seed in 1..=4u64 {

@@ -10,10 +10,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cellswarm_common::config::Config;
+use cellswarm_common::envelope::{AnySigner, PayloadKind, UnverifiedEnvelope};
 use cellswarm_common::identity::Identity;
-use cellswarm_common::ids::{ModelHash, RoundId};
+use cellswarm_common::ids::{DeltaHash, ModelHash, RoundId};
+use cellswarm_common::weights::{Limits, Weights};
+use cellswarm_common::wire::{DeltaHeader, decode_frame};
 use cellswarm_node::daemon::{Node, build_trainer};
-use cellswarm_node::store::{AuditEntry, DiskStore, Head, Store};
+use cellswarm_node::store::{AuditEntry, BlobKind, DiskStore, Head, Store};
 use cellswarm_node::swarm::local::{LocalTrainer, VectorTrainer};
 use cellswarm_node::swarm::status::Status;
 
@@ -96,6 +99,57 @@ impl Site {
         }
         (head, audit)
     }
+}
+
+impl Site {
+    /// The head round and model in the store, read after the node stopped.
+    pub(crate) fn head_model(&self) -> (RoundId, Weights) {
+        let store = DiskStore::open(&self.store, 1 << 20).expect("the store opens");
+        let head = store.head().expect("head").expect("a head");
+        let bytes = store
+            .blob(BlobKind::Model, head.model.as_bytes())
+            .expect("blob")
+            .expect("the head model");
+        let limits = Limits {
+            max_tensors: 16,
+            max_params: 1 << 24,
+        };
+        let model = Weights::from_bytes(&bytes, &limits).expect("a model");
+        (head.round, model)
+    }
+
+    /// The node's own delta of `round` as it stored (and sent) it: the own-delta record,
+    /// the frame header and the encoded body, after the node stopped.
+    pub(crate) fn own_delta(&self, round: u64) -> (Vec<String>, DeltaHeader, Vec<u8>) {
+        let store = DiskStore::open(&self.store, 1 << 20).expect("the store opens");
+        let key = format!("own-delta-{round}");
+        let record = store
+            .peers()
+            .expect("peer records")
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .expect("an own-delta record")
+            .1;
+        let hash: DeltaHash = record[0].parse().expect("a hash");
+        let env = store
+            .blob(BlobKind::Delta, hash.as_bytes())
+            .expect("blob read")
+            .expect("the delta is stored");
+        let v = UnverifiedEnvelope::parse(env, 1 << 30)
+            .and_then(|u| u.verify(PayloadKind::Delta, &AnySigner))
+            .expect("a valid signed delta");
+        let (header, body): (DeltaHeader, &[u8]) = decode_frame(v.payload()).expect("a frame");
+        (record, header, body.to_vec())
+    }
+}
+
+/// A multi-threaded tokio runtime for in-process nodes.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }
 
 /// A consortium's files in a temporary folder.
@@ -308,6 +362,19 @@ impl Logs {
         }
     }
 
+    /// The last 60 swarm log lines seen, newest first (for failure reports).
+    fn tail(&self) -> String {
+        let lines: Vec<&str> = self
+            .seen
+            .iter()
+            .rev()
+            .filter(|e| e.line.contains("cellswarm_node::swarm"))
+            .take(60)
+            .map(|e| e.line.as_str())
+            .collect();
+        lines.join("\n")
+    }
+
     /// Like [`Self::next_matching`], but panics on timeout with `what`.
     pub(crate) fn wait_for_new(
         &mut self,
@@ -318,17 +385,9 @@ impl Logs {
         if let Some(e) = self.next_matching(timeout, pred) {
             return e;
         }
-        let tail: Vec<&str> = self
-            .seen
-            .iter()
-            .rev()
-            .filter(|e| e.line.contains("cellswarm_node::swarm"))
-            .take(60)
-            .map(|e| e.line.as_str())
-            .collect();
         panic!(
             "timed out after {timeout:?} waiting for {what}; last lines (newest first):\n{}",
-            tail.join("\n")
+            self.tail()
         );
     }
 
@@ -357,17 +416,9 @@ impl Logs {
                     }
                 }
                 Err(_) => {
-                    let tail: Vec<&str> = self
-                        .seen
-                        .iter()
-                        .rev()
-                        .filter(|e| e.line.contains("cellswarm_node::swarm::engine"))
-                        .take(60)
-                        .map(|e| e.line.as_str())
-                        .collect();
                     panic!(
                         "timed out after {timeout:?} waiting for {what}; last lines (newest first):\n{}",
-                        tail.join("\n")
+                        self.tail()
                     );
                 }
             }

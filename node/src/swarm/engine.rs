@@ -409,14 +409,13 @@ fn masked_update(
     let mut words = Vec::new();
     let mut ids = Vec::new();
     let mut samples = 0u64;
-    for (s, p) in entries {
+    for (_, p) in entries {
         let (w, _, n) = p
             .masked()
             .ok_or_else(|| "an unmasked delta in a masked round".to_owned())?;
         words.push(w);
         ids.extend_from_slice(p.hash.as_bytes());
         samples = samples.saturating_add(n);
-        let _ = s;
     }
     let first = entries
         .first()
@@ -924,17 +923,7 @@ impl Engine {
         let samples = *samples;
         let (env, digest) = seal_hashed(&self.identity, PayloadKind::Delta, &payload);
         let hash = DeltaHash(digest);
-        let local_dp = self.config.node.privacy.local_dp;
-        let mut own = vec![hash.to_hex()];
-        if let Some(dp) = local_dp {
-            own.push(format!("{LOCAL_DP_MARK}{}", dp.noise_multiplier));
-        }
-        if let Err(e) = self
-            .store
-            .put_blob_hashed(BlobKind::Delta, hash.as_bytes(), &env)
-            .and_then(|()| self.store.put_peer(&Self::own_delta_key(round), &own))
-            .and_then(|()| self.store.flush())
-        {
+        if let Err(e) = self.store_own_delta(round, hash, &env) {
             tracing::error!(round = %round, error = %e, "could not store our masked delta");
             return;
         }
@@ -959,13 +948,8 @@ impl Engine {
             );
         }
         self.publish_status(false);
-        if let Some(dp) = local_dp
-            && first_release
-        {
-            self.dp_spent.step(dp.noise_multiplier);
-            let eps = self.dp_spent.epsilon(dp.delta);
-            self.metrics.set_last(None, None, Some(eps));
-            tracing::info!(round = %round, delta = %hash.short(), epsilon = eps, "local DP: clipped and noised our delta");
+        if first_release {
+            self.account_dp_release(round, hash);
         }
         tracing::info!(round = %round, epoch, delta = %hash.short(), bytes, "proposing our masked delta");
         self.announce_delta(round, hash, bytes).await;
@@ -1393,6 +1377,36 @@ impl Engine {
             .map(|dp| self.dp_spent.epsilon(dp.delta))
     }
 
+    /// Stores our delta envelope of `round` durably, before it is announced. Under local
+    /// DP the own-delta record also marks the release for the accountant, so a restart
+    /// cannot forget privacy already spent.
+    fn store_own_delta(
+        &self,
+        round: RoundId,
+        hash: DeltaHash,
+        env: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut own = vec![hash.to_hex()];
+        if let Some(dp) = self.config.node.privacy.local_dp {
+            own.push(format!("{LOCAL_DP_MARK}{}", dp.noise_multiplier));
+        }
+        self.store
+            .put_blob_hashed(BlobKind::Delta, hash.as_bytes(), env)
+            .and_then(|()| self.store.put_peer(&Self::own_delta_key(round), &own))
+            .and_then(|()| self.store.flush())
+    }
+
+    /// Counts one local-DP release (our delta of `round` went out) in the accountant.
+    fn account_dp_release(&mut self, round: RoundId, hash: DeltaHash) {
+        let Some(dp) = self.config.node.privacy.local_dp else {
+            return;
+        };
+        self.dp_spent.step(dp.noise_multiplier);
+        let eps = self.dp_spent.epsilon(dp.delta);
+        self.metrics.set_last(None, None, Some(eps));
+        tracing::info!(round = %round, delta = %hash.short(), epsilon = eps, delta_dp = dp.delta, clip_norm = dp.clip_norm, noise_multiplier = dp.noise_multiplier, released = self.dp_spent.rounds, "local DP: clipped and noised our delta");
+    }
+
     fn own_delta_key(round: RoundId) -> String {
         format!("own-delta-{}", round.0)
     }
@@ -1503,27 +1517,11 @@ impl Engine {
                 return;
             }
         };
-        // Durable before announced; under local DP the record also counts the release
-        // for the accountant (so a restart cannot forget privacy already spent).
-        let mut own = vec![hash.to_hex()];
-        if let Some(dp) = local_dp {
-            own.push(format!("{LOCAL_DP_MARK}{}", dp.noise_multiplier));
-        }
-        if let Err(e) = self
-            .store
-            .put_blob_hashed(BlobKind::Delta, hash.as_bytes(), &env)
-            .and_then(|()| self.store.put_peer(&Self::own_delta_key(round), &own))
-            .and_then(|()| self.store.flush())
-        {
+        if let Err(e) = self.store_own_delta(round, hash, &env) {
             tracing::error!(round = %round, error = %e, "could not store our delta");
             return;
         }
-        if let Some(dp) = local_dp {
-            self.dp_spent.step(dp.noise_multiplier);
-            let eps = self.dp_spent.epsilon(dp.delta);
-            self.metrics.set_last(None, None, Some(eps));
-            tracing::info!(round = %round, delta = %hash.short(), epsilon = eps, delta_dp = dp.delta, clip_norm = dp.clip_norm, noise_multiplier = dp.noise_multiplier, released = self.dp_spent.rounds, "local DP: clipped and noised our delta");
-        }
+        self.account_dp_release(round, hash);
         tracing::info!(round = %round, delta = %hash.short(), bytes = env.len(), loss = trained.metrics.train_loss, "proposing our delta");
         self.phase = Phase::Collecting;
         let bytes = env.len() as u64;

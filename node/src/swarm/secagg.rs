@@ -239,7 +239,7 @@ pub fn unmask_mean(
         self_mask(&mut total, seed, round, epoch, true);
     }
     let k = inputs.len() as f64;
-    let bound = f64::from(value_bound_of(fp)) * k + k / fp.scale();
+    let bound = f64::from(fp.clip()) * k + k / fp.scale();
     let s = fp.scale();
     let mut values = Vec::with_capacity(total.len());
     for (i, q) in total.iter().enumerate() {
@@ -253,10 +253,6 @@ pub fn unmask_mean(
         values.push((v / k) as f32);
     }
     Delta::from_flat(Arc::clone(layout), values).map_err(|e| e.to_string())
-}
-
-fn value_bound_of(fp: &FixedPoint) -> f32 {
-    fp.clip()
 }
 
 #[cfg(test)]

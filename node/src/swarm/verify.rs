@@ -176,29 +176,6 @@ impl DeltaCheck<'_> {
     }
 }
 
-/// Verifies a gossip announcement of at most `max_bytes` and decodes it.
-///
-/// # Errors
-/// Size, envelope, signature, membership, or an undecodable announcement.
-pub fn announcement(
-    bytes: Vec<u8>,
-    max_bytes: u64,
-    members: &MemberKeys,
-) -> Result<(SignerKey, Announcement), Rejection> {
-    let env = UnverifiedEnvelope::parse(bytes, max_bytes)
-        .map_err(|e| (RejectReason::Malformed, e.to_string()))?;
-    let v = env
-        .verify(PayloadKind::Announcement, members)
-        .map_err(envelope_rejection)?;
-    let a = decode_control::<Announcement>(v.payload()).map_err(|e| {
-        (
-            RejectReason::Malformed,
-            format!("undecodable announcement: {e}"),
-        )
-    })?;
-    Ok((v.signer(), a))
-}
-
 /// A verified gossip message.
 #[derive(Debug, Clone)]
 pub enum Gossip {
