@@ -207,18 +207,74 @@ pub enum DeltaError {
 }
 
 /// `updated - base` for two models of one layout, as one flat vector of finite values.
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 pub struct Delta {
     layout: Arc<Layout>,
-    values: Vec<f32>,
+    values: Values,
+}
+
+/// Where a delta's values live: its own vector, or (f32 deltas received or sent) the
+/// envelope buffer they arrived or left in, read in place without a copy.
+#[derive(Clone)]
+enum Values {
+    Owned(Vec<f32>),
+    /// `len` little-endian f32 at byte `start` of `bytes`; `bytes.as_ptr() + start` is
+    /// 4-aligned (checked when built), so the bytes are read as `&[f32]` directly.
+    Shared {
+        bytes: ::bytes::Bytes,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Values {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Shared { bytes, start, len } => {
+                bytemuck::cast_slice(&bytes[*start..*start + 4 * *len])
+            }
+        }
+    }
+}
+
+impl PartialEq for Delta {
+    fn eq(&self, other: &Self) -> bool {
+        self.layout == other.layout && self.values() == other.values()
+    }
 }
 
 impl std::fmt::Debug for Delta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delta")
-            .field("params", &self.values.len())
+            .field("params", &self.values().len())
             .finish_non_exhaustive()
     }
+}
+
+/// `len` little-endian f32 values at byte `start` of `bytes` (the caller checked the
+/// length), viewed in place when they are 4-aligned in memory (always, after
+/// [`align_f32_tail`] on a little-endian machine), else copied out.
+fn shared_f32(bytes: ::bytes::Bytes, start: usize, len: usize) -> Values {
+    let aligned = (bytes.as_ptr() as usize + start).is_multiple_of(4);
+    if cfg!(target_endian = "little") && aligned {
+        Values::Shared { bytes, start, len }
+    } else {
+        let mut v = Vec::with_capacity(len);
+        read_f32s_into(&bytes[start..start + 4 * len], &mut v);
+        Values::Owned(v)
+    }
+}
+
+/// Moves `buf[start..start + n]` down by 0-3 bytes so that it starts 4-aligned in memory;
+/// returns the new start. The bytes before `start` (headers, already read) are overwritten.
+fn align_f32_tail(buf: &mut [u8], start: usize, n: usize) -> usize {
+    let misalign = (buf.as_ptr() as usize + start) % 4;
+    if misalign == 0 || start < misalign {
+        return start;
+    }
+    buf.copy_within(start..start + n, start - misalign);
+    start - misalign
 }
 
 /// Sum of squares in f64 with a fixed summation order, so every machine gets the same
@@ -294,7 +350,10 @@ impl Delta {
         if let Some(e) = first_non_finite(&layout, &values) {
             return Err(e.into());
         }
-        Ok(Self { layout, values })
+        Ok(Self {
+            layout,
+            values: Values::Owned(values),
+        })
     }
 
     /// The layout the delta applies to.
@@ -306,19 +365,22 @@ impl Delta {
     /// The flat values.
     #[must_use]
     pub fn values(&self) -> &[f32] {
-        &self.values
+        self.values.as_slice()
     }
 
-    /// Takes the flat values out.
+    /// Takes the flat values out (a copy when they are read in place from a buffer).
     #[must_use]
     pub fn into_values(self) -> Vec<f32> {
-        self.values
+        match self.values {
+            Values::Owned(v) => v,
+            shared @ Values::Shared { .. } => shared.as_slice().to_vec(),
+        }
     }
 
     /// Euclidean norm, `sqrt(sum_squares(values))` (deterministic).
     #[must_use]
     pub fn l2_norm(&self) -> f64 {
-        sum_squares(&self.values).sqrt()
+        sum_squares(self.values()).sqrt()
     }
 
     /// `base + self`.
@@ -330,7 +392,7 @@ impl Delta {
         let values = base
             .values()
             .iter()
-            .zip(&self.values)
+            .zip(self.values())
             .map(|(b, d)| b + d)
             .collect();
         Weights::from_flat(base.layout().clone(), values)
@@ -339,7 +401,7 @@ impl Delta {
     /// Size in bytes of this delta encoded as `encoding`.
     #[must_use]
     pub fn encoded_len(&self, encoding: DeltaEncoding) -> usize {
-        let p = self.values.len();
+        let p = self.values().len();
         8 + self.layout.table_bytes().len()
             + match encoding {
                 DeltaEncoding::F32 => 4 * p,
@@ -374,10 +436,11 @@ impl Delta {
         out.push(encoding.tag());
         out.push(0);
         out.extend_from_slice(self.layout.table_bytes());
+        let values = self.values();
         match encoding {
-            DeltaEncoding::F32 => put_f32s(out, &self.values),
+            DeltaEncoding::F32 => put_f32s(out, values),
             DeltaEncoding::F16 => {
-                for (i, &v) in self.values.iter().enumerate() {
+                for (i, &v) in values.iter().enumerate() {
                     if v.abs() > F16_MAX {
                         let (name, index) = name_at(&self.layout, i);
                         return Err(DeltaError::F16Overflow {
@@ -395,15 +458,13 @@ impl Delta {
                     .entries()
                     .iter()
                     .map(|e| {
-                        let m = self.values[e.range()]
-                            .iter()
-                            .fold(0.0f32, |m, v| m.max(v.abs()));
+                        let m = values[e.range()].iter().fold(0.0f32, |m, v| m.max(v.abs()));
                         m / 127.0
                     })
                     .collect();
                 put_f32s(out, &scales);
                 for (e, &s) in self.layout.entries().iter().zip(&scales) {
-                    for &v in &self.values[e.range()] {
+                    for &v in &values[e.range()] {
                         let q = if s > 0.0 {
                             (v / s).round().clamp(-127.0, 127.0) as i8
                         } else {
@@ -414,16 +475,11 @@ impl Delta {
                 }
             }
             DeltaEncoding::TopK { k } => {
-                let p = self.values.len();
+                let p = values.len();
                 let k = k.clamp(1, p.max(1)).min(p);
                 let mut idx: Vec<u32> = (0..p as u32).collect();
                 // Total order: larger magnitude first, then lower index.
-                let key = |&i: &u32| {
-                    (
-                        std::cmp::Reverse(self.values[i as usize].abs().to_bits()),
-                        i,
-                    )
-                };
+                let key = |&i: &u32| (std::cmp::Reverse(values[i as usize].abs().to_bits()), i);
                 if k < p {
                     idx.select_nth_unstable_by_key(k, key);
                     idx.truncate(k);
@@ -434,7 +490,7 @@ impl Delta {
                     out.extend_from_slice(&i.to_le_bytes());
                 }
                 for &i in &idx {
-                    out.extend_from_slice(&self.values[i as usize].to_le_bytes());
+                    out.extend_from_slice(&values[i as usize].to_le_bytes());
                 }
             }
         }
@@ -455,18 +511,13 @@ impl Delta {
         Ok(r.u8("encoding")?)
     }
 
-    /// Decodes untrusted bytes against the layout the receiver expects.
-    ///
-    /// Sizes are checked against `limits` and the input length, and the tensor table
-    /// against `expected`, before the output is allocated.
-    ///
-    /// # Errors
-    /// Any [`DeltaError`]; never panics.
-    pub fn decode(
-        bytes: &[u8],
+    /// Checks an encoded delta's size, magic, version, encoding and tensor table against
+    /// `expected`; returns the encoding tag and the body after the header.
+    fn header<'a>(
+        bytes: &'a [u8],
         expected: &Arc<Layout>,
         limits: &DeltaLimits,
-    ) -> Result<Self, DeltaError> {
+    ) -> Result<(u8, &'a [u8]), DeltaError> {
         if bytes.len() as u64 > limits.max_bytes {
             return Err(DeltaError::TooLarge {
                 got: bytes.len() as u64,
@@ -492,9 +543,24 @@ impl Delta {
         }
         let table = Layout::read_table(&mut r, &limits.layout)?;
         expected.ensure_same(&table)?;
+        Ok((tag, r.rest()))
+    }
+
+    /// Decodes untrusted bytes against the layout the receiver expects.
+    ///
+    /// Sizes are checked against `limits` and the input length, and the tensor table
+    /// against `expected`, before the output is allocated.
+    ///
+    /// # Errors
+    /// Any [`DeltaError`]; never panics.
+    pub fn decode(
+        bytes: &[u8],
+        expected: &Arc<Layout>,
+        limits: &DeltaLimits,
+    ) -> Result<Self, DeltaError> {
+        let (tag, body) = Self::header(bytes, expected, limits)?;
         let p = expected.total();
         let t = expected.entries().len();
-        let body = r.rest();
         let check_len = |encoding: &'static str, expected: u64| {
             if body.len() as u64 == expected {
                 Ok(())
@@ -597,6 +663,77 @@ impl Delta {
         }
         Ok(Self {
             layout: expected.clone(),
+            values: Values::Owned(values),
+        })
+    }
+
+    /// A delta whose `layout.total()` little-endian f32 values are the bytes of `bytes`
+    /// from `start` on, read in place when 4-aligned: an envelope this node encoded from
+    /// a checked [`Delta`] (so the values are not checked for finiteness again; bytes
+    /// from elsewhere go through [`Delta::decode_owned`]).
+    ///
+    /// # Errors
+    /// A length that does not match the layout.
+    pub fn view_f32(
+        bytes: ::bytes::Bytes,
+        start: usize,
+        layout: Arc<Layout>,
+    ) -> Result<Self, DeltaError> {
+        let p = layout.total();
+        let have = bytes.len().saturating_sub(start) as u64;
+        if have != 4 * p as u64 {
+            return Err(DeltaError::WrongLength {
+                encoding: "f32",
+                expected: 4 * p as u64,
+                got: have,
+            });
+        }
+        let values = shared_f32(bytes, start, p);
+        Ok(Self { layout, values })
+    }
+
+    /// Decodes the encoded delta at `body` of `buf`, which the caller hands over (a
+    /// verified envelope): an f32 delta is then read in place, its values moved by at most
+    /// three bytes to a 4-aligned address, instead of being copied into a new vector. Other
+    /// encodings decode as [`Delta::decode`].
+    ///
+    /// # Errors
+    /// As [`Delta::decode`]; never panics.
+    pub fn decode_owned(
+        mut buf: Vec<u8>,
+        body: std::ops::Range<usize>,
+        expected: &Arc<Layout>,
+        limits: &DeltaLimits,
+    ) -> Result<Self, DeltaError> {
+        let body = body.start.min(buf.len())..body.end.min(buf.len());
+        let bytes = &buf[body.clone()];
+        let p = expected.total();
+        let (tag, values) = Self::header(bytes, expected, limits)?;
+        if tag != DeltaEncoding::F32.tag() || cfg!(target_endian = "big") {
+            return Self::decode(bytes, expected, limits);
+        }
+        if values.len() as u64 != 4 * p as u64 {
+            return Err(DeltaError::WrongLength {
+                encoding: "f32",
+                expected: 4 * p as u64,
+                got: values.len() as u64,
+            });
+        }
+        // An f32 body is the last 4P bytes of the encoding.
+        let start = align_f32_tail(&mut buf, body.end - 4 * p, 4 * p);
+        let values = shared_f32(::bytes::Bytes::from(buf), start, p);
+        if let Some(e) = first_non_finite(expected, values.as_slice()) {
+            return Err(match e {
+                WeightsError::NonFinite { name, index, .. } => DeltaError::NonFinite {
+                    what: "value",
+                    name,
+                    index,
+                },
+                other => other.into(),
+            });
+        }
+        Ok(Self {
+            layout: Arc::clone(expected),
             values,
         })
     }
@@ -770,6 +907,50 @@ mod tests {
         ));
         let fewer = Arc::new(Layout::new([("t00", vec![3])]).unwrap());
         assert!(Delta::decode(&bytes, &fewer, &limits()).is_err());
+    }
+
+    #[test]
+    fn decoding_in_place_matches_decoding_a_copy() {
+        let d = sample();
+        for enc in [
+            DeltaEncoding::F32,
+            DeltaEncoding::F16,
+            DeltaEncoding::Int8,
+            DeltaEncoding::top_k_fraction(0.5, 5),
+        ] {
+            let body = d.encode(enc).unwrap();
+            let want = Delta::decode(&body, d.layout(), &limits()).unwrap();
+            // Every misalignment of the body inside the handed-over buffer.
+            for prefix in 0..9 {
+                let mut buf = vec![0xAB; prefix];
+                buf.extend_from_slice(&body);
+                let end = buf.len();
+                let got = Delta::decode_owned(buf, prefix..end, d.layout(), &limits()).unwrap();
+                assert_eq!(got, want, "{} at offset {prefix}", enc.name());
+                assert!(matches!(
+                    (&got.values, enc),
+                    (Values::Shared { .. }, DeltaEncoding::F32) | (Values::Owned(_), _)
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_in_place_refuses_what_decode_refuses() {
+        let d = sample();
+        let mut body = d.encode(DeltaEncoding::F32).unwrap();
+        let n = body.len();
+        // A NaN in the last value, a short body, a wrong layout.
+        body[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        let err = Delta::decode_owned(body.clone(), 0..n, d.layout(), &limits()).unwrap_err();
+        assert!(matches!(err, DeltaError::NonFinite { .. }), "{err}");
+        let err = Delta::decode_owned(body.clone(), 0..n - 4, d.layout(), &limits()).unwrap_err();
+        assert!(matches!(err, DeltaError::WrongLength { .. }), "{err}");
+        let other = layout(&[5]);
+        let err = Delta::decode_owned(body, 0..n, &other, &limits()).unwrap_err();
+        assert!(matches!(err, DeltaError::Layout(_)), "{err}");
+        // A range past the end is clamped, never a panic.
+        assert!(Delta::decode_owned(vec![1, 2, 3], 2..99, d.layout(), &limits()).is_err());
     }
 
     #[test]

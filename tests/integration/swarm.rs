@@ -185,7 +185,7 @@ async fn run_with_attacker(strategy: &'static str, aggregation: &'static str) ->
         let n = (100 + seed % 100) as f64;
         total += n;
         let t = VectorTrainer::new(params, seed, Duration::ZERO);
-        for (a, b) in target.iter_mut().zip(t.target()) {
+        for (a, b) in target.iter_mut().zip(&t.target()) {
             *a += n * f64::from(*b);
         }
     }

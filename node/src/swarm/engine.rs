@@ -1463,7 +1463,7 @@ impl Engine {
                 .await;
             return;
         }
-        let built = (|| -> Result<(DeltaHash, Vec<u8>, Update), String> {
+        let built = (|| -> Result<(DeltaHash, bytes::Bytes, Update), String> {
             let mut delta =
                 Delta::from_updated(&base, trained.weights).map_err(|e| e.to_string())?;
             if let Some(dp) = local_dp {
@@ -1482,32 +1482,46 @@ impl Engine {
                 mask_epoch: 0,
             };
             // The envelope is built in its final buffer: reserved envelope header, frame
-            // header, encoded delta, then signed in place (no copy of the 4P bytes).
+            // header, encoded delta, then signed in place (no copy of the 4P bytes). An
+            // f32 delta is the envelope's last 4P bytes; 0-3 bytes of padding before the
+            // envelope put them on a 4-aligned address, so that the update we merge reads
+            // them in place and the trained buffer is freed.
             let encoding = self.encoding();
             let head = encode_control(&header).map_err(|e| e.to_string())?;
-            let mut env = Vec::with_capacity(
-                ENVELOPE_HEADER_LEN + 4 + head.len() + delta.encoded_len(encoding),
-            );
-            env.resize(ENVELOPE_HEADER_LEN, 0);
-            env.extend_from_slice(&(head.len() as u32).to_le_bytes());
-            env.extend_from_slice(&head);
-            let body_at = env.len();
+            let total = ENVELOPE_HEADER_LEN + 4 + head.len() + delta.encoded_len(encoding);
+            let f32_bytes = 4 * self.layout.total();
+            let mut buf = Vec::with_capacity(total + 3);
+            let pad = if encoding == DeltaEncoding::F32 {
+                (4 - (buf.as_ptr() as usize + total - f32_bytes) % 4) % 4
+            } else {
+                0
+            };
+            buf.resize(pad + ENVELOPE_HEADER_LEN, 0);
+            buf.extend_from_slice(&(head.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&head);
+            let body_at = buf.len();
             delta
-                .encode_into(encoding, &mut env)
+                .encode_into(encoding, &mut buf)
                 .map_err(|e| e.to_string())?;
-            // What the others will merge is what they decode: decode our own encoding
-            // when it is lossy (f16, int8, top-k); f32 decodes to the delta itself.
+            let digest = seal_in_place(&self.identity, PayloadKind::Delta, &mut buf[pad..]);
+            let bytes = bytes::Bytes::from(buf);
+            // What the others will merge is what they decode: an f32 delta is the encoded
+            // bytes themselves; a lossy encoding (f16, int8, top-k) is decoded back.
             let decoded = if encoding == DeltaEncoding::F32 {
-                delta
+                drop(delta);
+                Delta::view_f32(
+                    bytes.clone(),
+                    pad + total - f32_bytes,
+                    Arc::clone(&self.layout),
+                )
             } else {
                 drop(delta);
-                Delta::decode(&env[body_at..], &self.layout, &self.limits)
-                    .map_err(|e| e.to_string())?
-            };
-            let digest = seal_in_place(&self.identity, PayloadKind::Delta, &mut env);
+                Delta::decode(&bytes[body_at..], &self.layout, &self.limits)
+            }
+            .map_err(|e| e.to_string())?;
             let hash = DeltaHash(digest);
             let update = Update::new(self.me, hash, base_hash, trained.samples.max(1), decoded);
-            Ok((hash, env, update))
+            Ok((hash, bytes.slice(pad..), update))
         })();
         let (hash, env, update) = match built {
             Ok(x) => x,
@@ -1527,7 +1541,7 @@ impl Engine {
         let bytes = env.len() as u64;
         if let Some(rs) = self.round.as_mut() {
             rs.own_bytes = bytes;
-            rs.own_env = Some((hash, env.into()));
+            rs.own_env = Some((hash, env));
             rs.pool.insert(
                 self.me,
                 Pooled {

@@ -154,14 +154,19 @@ impl DeltaCheck<'_> {
                 },
             ));
         }
-        let delta = Delta::decode(body, self.layout, self.limits).map_err(|e| match e {
-            DeltaError::NonFinite { .. } => (RejectReason::NonFinite, e.to_string()),
-            DeltaError::Layout(_) => (RejectReason::WrongShape, e.to_string()),
-            DeltaError::TooLarge { .. } => (RejectReason::Oversize, e.to_string()),
-            _ => (RejectReason::Malformed, e.to_string()),
-        })?;
-        let signer = v.signer();
-        let update = Update::new(signer, hash, self.base, header.sample_count.max(1), delta);
+        // The verified envelope is handed over: an f32 delta is read in place (no copy).
+        let at = body.as_ptr() as usize - v.as_bytes().as_ptr() as usize;
+        let body = at..at + body.len();
+        let (sample_count, signer) = (header.sample_count, v.signer());
+        let delta = Delta::decode_owned(v.into_bytes(), body, self.layout, self.limits).map_err(
+            |e| match e {
+                DeltaError::NonFinite { .. } => (RejectReason::NonFinite, e.to_string()),
+                DeltaError::Layout(_) => (RejectReason::WrongShape, e.to_string()),
+                DeltaError::TooLarge { .. } => (RejectReason::Oversize, e.to_string()),
+                _ => (RejectReason::Malformed, e.to_string()),
+            },
+        )?;
+        let update = Update::new(signer, hash, self.base, sample_count.max(1), delta);
         if update.norm() > self.max_norm {
             return Err((
                 RejectReason::NormTooLarge,
