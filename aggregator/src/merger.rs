@@ -21,6 +21,11 @@ use cellswarm_common::ids::{DeltaHash, ModelHash, RoundId, SignerKey};
 use cellswarm_common::weights::{Layout, Weights};
 use rayon::prelude::*;
 
+thread_local! {
+    /// One chunk of base values, for merges written over the base (`merge_owned`).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 use crate::dp::{GaussianStream, RdpAccountant, noise_seed};
 use crate::error::AggregateError;
 use crate::kernels::{self, CHUNK};
@@ -283,10 +288,71 @@ impl Merger {
             base_hash,
             "base_hash must be the base model's hash"
         );
-        let view = View::new(base, base_hash, updates, self.clip_norm)?;
+        // Every value is overwritten: only (re)size a buffer of the wrong length, so
+        // recycled buffers are not zeroed first (a whole extra pass over memory).
+        let p = base.values().len();
+        if out.len() != p {
+            out.clear();
+            out.resize(p, 0.0);
+        }
+        self.merge_values(
+            base.layout(),
+            Some(base.values()),
+            base_hash,
+            updates,
+            round,
+            out,
+        )
+    }
+
+    /// Like [`Merger::merge`], writing the new model over the base model's own values:
+    /// no second model-sized buffer (each chunk of the base is copied to a small scratch
+    /// buffer before its new values are written). Same bits as [`Merger::merge`]. On an
+    /// error the base is consumed (a caller that needs it again reloads it by its hash).
+    ///
+    /// # Errors
+    /// As [`Merger::merge`].
+    pub fn merge_owned(
+        &self,
+        base: Weights,
+        base_hash: ModelHash,
+        updates: &[Update],
+        round: RoundId,
+    ) -> Result<Merged, AggregateError> {
+        let layout = Arc::clone(base.layout());
+        let mut values = base.into_values();
+        let outcome = self.merge_values(&layout, None, base_hash, updates, round, &mut values)?;
+        let weights = Weights::from_flat(layout, values)
+            .map_err(|e| AggregateError::NonFinite(e.to_string()))?;
+        let hash = weights.hash();
+        Ok(Merged {
+            weights,
+            hash,
+            outcome,
+        })
+    }
+
+    /// The merge proper: `out` receives the new model; the base values are `base`, or,
+    /// when `None`, `out`'s own values on entry (merged in place).
+    fn merge_values(
+        &self,
+        layout: &Arc<Layout>,
+        base: Option<&[f32]>,
+        base_hash: ModelHash,
+        updates: &[Update],
+        round: RoundId,
+        out: &mut [f32],
+    ) -> Result<Outcome, AggregateError> {
+        let view = View::new(layout, base_hash, updates, self.clip_norm)?;
         let sel = self.strategy.select(&view)?;
         let inputs: Vec<&[f32]> = sel.members.iter().map(|&i| view.deltas[i]).collect();
-        let p = base.values().len();
+        let p = out.len();
+        if base.is_some_and(|b| b.len() != p) || layout.total() != p {
+            return Err(AggregateError::BadState(format!(
+                "a model of {} parameters, {p} values to write",
+                layout.total()
+            )));
+        }
 
         let mut next = MergerState {
             step: self.state.step + 1,
@@ -312,37 +378,44 @@ impl Merger {
             }
         };
 
-        // Every value is overwritten below: only (re)size a buffer of the wrong length,
-        // so recycled buffers are not zeroed first (a whole extra pass over memory).
-        if out.len() != p {
-            out.clear();
-            out.resize(p, 0.0);
-        }
-        let base_v = base.values();
         let strategy = &*self.strategy;
-        // The aggregate of one chunk; with `fuse_base`, base + aggregate in the same pass
-        // (only when no noise has to be added to the aggregate first). Returns the
-        // chunk's range and whether the strategy's output was finite.
-        let aggregate = |c: usize, o: &mut [f32], fuse_base: bool| {
+        // The aggregate of one chunk into `o`, given the chunk's base values `b`; with
+        // `fuse_base`, base + aggregate in the same pass (only when no noise has to be
+        // added to the aggregate first). Returns whether the strategy's output was finite.
+        let aggregate = |c: usize, b: &[f32], o: &mut [f32], fuse_base: bool| {
             let start = c * CHUNK;
             let end = start + o.len();
             let chunk_inputs: Vec<&[f32]> = inputs.iter().map(|d| &d[start..end]).collect();
-            let onto = fuse_base.then(|| &base_v[start..end]);
+            let onto = fuse_base.then_some(b);
             let finite = strategy.aggregate_chunk(&sel, &chunk_inputs, onto, o);
             if let (Some(n), Some(std)) = (&noise, noise_std) {
                 n.add_to(start, std, o);
             }
-            (start, end, finite)
+            finite
         };
+        // Runs `f(chunk's base values, chunk's output)`; merged in place, the chunk's base
+        // values are first copied to this thread's scratch buffer.
+        let with_base =
+            |c: usize, o: &mut [f32], f: &mut dyn FnMut(&[f32], &mut [f32]) -> bool| match base {
+                Some(b) => f(&b[c * CHUNK..c * CHUNK + o.len()], o),
+                None => SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    s.clear();
+                    s.extend_from_slice(o);
+                    f(&s, o)
+                }),
+            };
         let finite = match self.server {
             ServerOptimizer::Sgd => out.par_chunks_mut(CHUNK).enumerate().all(|(c, o)| {
-                if noise.is_none() {
-                    aggregate(c, o, true).2
-                } else {
-                    let (start, end, _) = aggregate(c, o, false);
-                    sgd_chunk(&base_v[start..end], o);
-                    kernels::all_finite(o)
-                }
+                with_base(c, o, &mut |b, o| {
+                    if noise.is_none() {
+                        aggregate(c, b, o, true)
+                    } else {
+                        aggregate(c, b, o, false);
+                        sgd_chunk(b, o);
+                        kernels::all_finite(o)
+                    }
+                })
             }),
             ServerOptimizer::Adaptive(kind, params) => {
                 let initial;
@@ -372,15 +445,18 @@ impl Merger {
                     .zip(v1.par_chunks_mut(CHUNK))
                     .enumerate()
                     .all(|(c, ((o, m), v))| {
-                        let (start, end, _) = aggregate(c, o, false);
-                        let moments = MomentChunk {
-                            m0: &m0[start..end],
-                            v0: &v0[start..end],
-                            m1: m,
-                            v1: v,
-                        };
-                        adaptive_chunk(kind, &params, &base_v[start..end], o, moments);
-                        kernels::all_finite(o)
+                        let (start, end) = (c * CHUNK, c * CHUNK + o.len());
+                        with_base(c, o, &mut |b, o| {
+                            aggregate(c, b, o, false);
+                            let moments = MomentChunk {
+                                m0: &m0[start..end],
+                                v0: &v0[start..end],
+                                m1: &mut *m,
+                                v1: &mut *v,
+                            };
+                            adaptive_chunk(kind, &params, b, o, moments);
+                            kernels::all_finite(o)
+                        })
                     });
                 next.moments = Some((m1, v1));
                 ok
@@ -388,8 +464,7 @@ impl Merger {
         };
         if !finite {
             let i = out.iter().position(|x| !x.is_finite()).unwrap_or(0);
-            let name = base
-                .layout()
+            let name = layout
                 .entry_at(i)
                 .map_or_else(String::new, |e| format!(" (tensor {:?})", e.name()));
             return Err(AggregateError::NonFinite(format!(
@@ -525,7 +600,7 @@ impl Merger {
         base_hash: ModelHash,
         updates: &[Update],
     ) -> Result<Selection, AggregateError> {
-        let view = View::new(base, base_hash, updates, self.clip_norm)?;
+        let view = View::new(base.layout(), base_hash, updates, self.clip_norm)?;
         self.strategy.select(&view)
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use cellswarm_common::delta::Delta;
 use cellswarm_common::ids::{DeltaHash, ModelHash, SignerKey};
-use cellswarm_common::weights::{Layout, Weights};
+use cellswarm_common::weights::Layout;
 
 use crate::error::AggregateError;
 
@@ -85,14 +85,15 @@ pub struct View<'a> {
 }
 
 impl<'a> View<'a> {
-    /// Validates `updates` against `base` (hash `base_hash`) and sorts them by signer.
+    /// Validates `updates` against the base model's layout `base` (and hash `base_hash`)
+    /// and sorts them by signer.
     ///
     /// With `clip_norm`, each update gets the factor `min(1, clip_norm / norm)`.
     ///
     /// # Errors
     /// No updates, duplicate signers, a wrong base hash or a layout mismatch.
     pub fn new(
-        base: &Weights,
+        base: &Arc<Layout>,
         base_hash: ModelHash,
         updates: &'a [Update],
         clip_norm: Option<f64>,
@@ -116,9 +117,8 @@ impl<'a> View<'a> {
                 });
             }
             let layout: &Arc<Layout> = u.delta.layout();
-            if !Arc::ptr_eq(layout, base.layout()) {
-                base.layout()
-                    .ensure_same(layout)
+            if !Arc::ptr_eq(layout, base) {
+                base.ensure_same(layout)
                     .map_err(|e| AggregateError::LayoutMismatch {
                         signer: u.signer,
                         detail: e.to_string(),

@@ -460,6 +460,38 @@ fn bad_state_bytes_are_refused() {
 // --------------------------------------------------------------------------------------
 
 #[test]
+fn merging_over_the_base_gives_the_same_bits_as_merging_into_a_new_buffer() {
+    // Every strategy and optimiser, plus central DP noise; sizes that end mid-chunk.
+    let mut mergers = all_strategies();
+    mergers.push(
+        Merger::new(
+            Box::new(FedAvg { weighted: false }),
+            ServerOptimizer::Sgd,
+            Some(0.5),
+            Some(CentralDp {
+                noise_multiplier: 1.5,
+                delta: 1e-5,
+            }),
+        )
+        .unwrap(),
+    );
+    for p in [7, CHUNK, 3 * CHUNK + 11] {
+        let inp = random_inputs(6, p, 11);
+        for m in &mergers {
+            let a = m
+                .merge(&inp.base, inp.base_hash, &inp.updates, RoundId(2))
+                .unwrap();
+            let b = m
+                .merge_owned(inp.base.clone(), inp.base_hash, &inp.updates, RoundId(2))
+                .unwrap();
+            assert_eq!(a.hash, b.hash, "{} at {p}", m.name());
+            assert_eq!(bits(a.weights.values()), bits(b.weights.values()));
+            assert_eq!(a.outcome, b.outcome);
+        }
+    }
+}
+
+#[test]
 fn central_dp_noise_has_the_configured_scale_and_is_reproducible() {
     let p = 4 * CHUNK;
     let inp = random_inputs(4, p, 5);

@@ -9,8 +9,9 @@
 //! returned to the system when freed, with transparent huge pages requested (512 times
 //! fewer page faults); smaller ones go to the system allocator unchanged.
 //!
-//! The only `unsafe` code of the crate: three system calls behind the `GlobalAlloc`
-//! contract, each with its safety argument.
+//! The only `unsafe` code of the crate: four system calls behind the `GlobalAlloc`
+//! contract, each with its safety argument. A large block that grows (a receive buffer)
+//! is moved by `mremap`, without a copy.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -75,6 +76,27 @@ fn unmap(ptr: *mut u8, size: usize) {
 #[cfg(not(target_os = "linux"))]
 fn unmap(_ptr: *mut u8, _size: usize) {}
 
+#[cfg(target_os = "linux")]
+fn remap(ptr: *mut u8, old: usize, new: usize) -> *mut u8 {
+    // SAFETY: `ptr..ptr + old` is a mapping made by `map(old)` (the layout realloc was
+    // given); MREMAP_MAYMOVE lets the kernel move it, and on failure the old mapping is
+    // left intact (the caller keeps it, as realloc's contract says).
+    let p = unsafe { libc::mremap(ptr.cast(), old, new, libc::MREMAP_MAYMOVE) };
+    if p == libc::MAP_FAILED {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: as in `map`: advice on the mapping just returned.
+    unsafe {
+        libc::madvise(p, new, libc::MADV_HUGEPAGE);
+    }
+    p.cast()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn remap(_ptr: *mut u8, _old: usize, _new: usize) -> *mut u8 {
+    std::ptr::null_mut()
+}
+
 // SAFETY: large blocks are fresh mappings of at least the requested size, page-aligned
 // (so aligned for any `align <= 4096`), zero-filled by the kernel, and unmapped only by
 // `dealloc` with the layout they were made for; everything else is `System`'s.
@@ -115,6 +137,11 @@ unsafe impl GlobalAlloc for LargeMapped {
         if !old_large && !new_large {
             // SAFETY: forwarded with the caller's guarantees.
             return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        if old_large && new_large {
+            // A growing receive buffer: the kernel moves the pages, nothing is copied and
+            // the old and new sizes are never resident together.
+            return remap(ptr, layout.size(), new_size);
         }
         // SAFETY: `new_size` with the old alignment is a valid layout (the caller's
         // guarantee for realloc).
