@@ -1031,6 +1031,9 @@ pub struct TestingConfig {
     /// Extra time this node takes to merge (to interrupt a merger while it merges).
     #[serde(with = "humantime_serde")]
     pub merge_delay: Duration,
+    /// Under secure aggregation, never send our answer to a sealed epoch (stands in for
+    /// a member that drops out right after its masked delta was sealed).
+    pub withhold_answer: bool,
 }
 
 /// The site file of one node.

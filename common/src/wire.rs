@@ -322,8 +322,11 @@ pub enum MaskMessage {
         #[serde(deserialize_with = "grown_vec")]
         deltas: Vec<(SignerKey, DeltaHash)>,
     },
-    /// A participant's self-mask seed for a sealed epoch (double masking: without every
-    /// participant's seed the epoch's sum stays masked).
+    /// A participant's answer to a sealed epoch (double masking: without every
+    /// participant's seed the epoch's sum stays masked): its own self-mask seed, and its
+    /// share of every other listed participant's seed, so that a participant that dropped
+    /// out after its delta was sealed does not hold the epoch up. A member answers at most
+    /// one epoch per round.
     Reveal {
         /// [`crate::config::ConsortiumConfig::agreement_digest`] of the sender.
         consortium: [u8; 32],
@@ -333,6 +336,26 @@ pub enum MaskMessage {
         epoch: u32,
         /// The seed of the sender's self-mask in that epoch.
         seed: [u8; 32],
+        /// For other participants of the seal, the sender's share (its y bytes; the x
+        /// coordinate is the sender's place among the participants) of their seeds.
+        #[serde(deserialize_with = "grown_vec")]
+        shares: Vec<(SignerKey, [u8; 32])>,
+    },
+    /// A participant's self-mask seed of an epoch, split into Shamir shares: its public
+    /// commitment, and each other participant's share sealed for that participant alone
+    /// (ChaCha20-Poly1305 under a key derived from their pair secret).
+    Shares {
+        /// [`crate::config::ConsortiumConfig::agreement_digest`] of the sender.
+        consortium: [u8; 32],
+        /// The round.
+        round: RoundId,
+        /// The epoch.
+        epoch: u32,
+        /// SHA-256 commitment to the seed (secagg `seed_commitment`).
+        commitment: [u8; 32],
+        /// For each other participant: the sealed 32-byte share and its 16-byte tag.
+        #[serde(deserialize_with = "grown_vec")]
+        boxes: Vec<(SignerKey, [u8; 32], [u8; 16])>,
     },
 }
 

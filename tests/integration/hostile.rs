@@ -251,6 +251,14 @@ fn world() -> World {
             round: RoundId(3),
             epoch: 1,
             seed: [6; 32],
+            shares: vec![(member.signer_key(), [8; 32]); 3],
+        },
+        MaskMessage::Shares {
+            consortium,
+            round: RoundId(3),
+            epoch: 1,
+            commitment: [4; 32],
+            boxes: vec![(member.signer_key(), [3; 32], [2; 16]); 3],
         },
     ] {
         let payload = encode_control(&m).expect("encodes");

@@ -216,6 +216,96 @@ fn a_member_that_drops_out_after_its_keys_went_out_makes_the_round_restart_witho
 }
 
 #[test]
+fn a_member_that_drops_out_after_its_delta_was_sealed_is_completed_from_seed_shares() {
+    // Four members: any 3 shares rebuild a seed (more than half of members + 1).
+    assert_eq!(secagg::share_threshold(4), 3);
+    let rounds = 2;
+    let c = Consortium::new(secure(4, 4, rounds, "20s"));
+    // Member 3 masks and delivers, then never answers the seal (it dropped out at that
+    // moment): before, the epoch restarted without it, and its answer arriving late could
+    // expose its update; now the others rebuild its self-mask seed from their shares.
+    {
+        let file = &c.sites[3].node_file;
+        let mut text = std::fs::read_to_string(file).expect("reads");
+        text.push_str("withhold_answer = true\n");
+        std::fs::write(file, text).expect("writes");
+    }
+    runtime().block_on(async {
+        let mut nodes = Vec::new();
+        for i in 0..4 {
+            nodes.push(c.start(i, None).await);
+        }
+        let mut hashes = Vec::new();
+        for n in &nodes {
+            hashes.push(wait_done(n, rounds, LONG).await);
+        }
+        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+        // Each of the three answering members rebuilt member 3's seed in each round.
+        for n in &nodes[..3] {
+            let rebuilt = n.status().borrow().seeds_rebuilt;
+            assert_eq!(rebuilt, rounds, "seeds rebuilt");
+        }
+        for n in &nodes {
+            n.shutdown();
+        }
+        for n in nodes {
+            n.wait().await.expect("a clean stop");
+        }
+    });
+    // Every round merged all four updates in the first epoch (no restart), and the model
+    // is bit for bit the unmasked mean of all four.
+    for round in 1..=rounds {
+        let rec = record(&c, 0, round);
+        assert_eq!(rec.contributions.len(), 4, "round {round}");
+    }
+    let all = vec![1u64, 2, 3, 4];
+    let expected = unmasked_model(&c, &[all.clone(), all]);
+    let (r, model) = c.sites[1].head_model();
+    assert_eq!(r, RoundId(rounds));
+    assert_eq!(model.hash(), expected.hash(), "merged something else");
+}
+
+#[test]
+fn a_member_restarted_after_its_delta_was_sealed_answers_with_its_stored_seed() {
+    // Three members: t = 3, so a missing answer cannot be rebuilt from shares; the sealed
+    // epoch waits (it is never restarted) until member 2, restarted, answers with the
+    // seed it stored beside its masked delta.
+    let c = Consortium::new(secure(3, 3, 1, "20s"));
+    let file = c.sites[2].node_file.clone();
+    let plain = std::fs::read_to_string(&file).expect("reads");
+    std::fs::write(&file, format!("{plain}withhold_answer = true\n")).expect("writes");
+    runtime().block_on(async {
+        let n0 = c.start(0, None).await;
+        let n1 = c.start(1, None).await;
+        let n2 = c.start(2, None).await;
+        for n in [&n0, &n1] {
+            wait_status(n, "all three masked deltas", LONG, |s| {
+                s.round == RoundId(1) && s.deltas >= 3
+            })
+            .await;
+        }
+        n2.shutdown();
+        n2.wait().await.expect("a clean stop");
+        std::fs::write(&file, &plain).expect("writes");
+        let n2 = c.start(2, None).await;
+        let mut hashes = Vec::new();
+        for n in [&n0, &n1, &n2] {
+            hashes.push(wait_done(n, 1, LONG).await);
+        }
+        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+        for n in [&n0, &n1, &n2] {
+            n.shutdown();
+        }
+        for n in [n0, n1, n2] {
+            n.wait().await.expect("a clean stop");
+        }
+    });
+    assert_eq!(record(&c, 0, 1).contributions.len(), 3);
+    let (_, model) = c.sites[0].head_model();
+    assert_eq!(model.hash(), unmasked_model(&c, &[vec![1, 2, 3]]).hash());
+}
+
+#[test]
 fn robust_strategies_are_refused_with_secure_aggregation() {
     for strategy in ["median", "krum", "trimmed-mean"] {
         let c = Consortium::new(Setup {

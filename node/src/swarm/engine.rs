@@ -143,6 +143,10 @@ impl Pooled {
 /// Key shares of one masking epoch: by sender, the public key it made for each recipient.
 type KeyBook = BTreeMap<SignerKey, BTreeMap<SignerKey, [u8; 32]>>;
 
+/// Seed shares of one masking epoch: by sender, the commitment to its self-mask seed and
+/// the share it sealed for us (sealed 32 bytes and tag), if any.
+type ShareBook = BTreeMap<SignerKey, ([u8; 32], Option<([u8; 32], [u8; 16])>)>;
+
 /// Secure aggregation's state in a round: the masking epoch and who takes part.
 #[derive(Debug)]
 struct MaskRound {
@@ -166,10 +170,31 @@ struct MaskRound {
     self_seed: Option<[u8; 32]>,
     /// The epoch's seal: every participant's masked delta, by hash.
     seal: Option<Vec<(SignerKey, DeltaHash)>>,
-    /// Self-mask seeds revealed for the sealed epoch.
+    /// Self-mask seeds of the sealed epoch: revealed by their owners or rebuilt from
+    /// shares.
     reveals: BTreeMap<SignerKey, [u8; 32]>,
-    /// Our seal and reveal of this epoch, repeated every heartbeat.
+    /// Shares of participants' seeds revealed for the sealed epoch: owner -> x -> y.
+    revealed_shares: BTreeMap<SignerKey, BTreeMap<u8, [u8; 32]>>,
+    /// Our pair secrets of this epoch (kept after masking to open the seed shares sealed
+    /// for us).
+    pairs: Vec<(SignerKey, [u8; 32])>,
+    /// Our seed shares, seal and answer of this epoch, repeated every heartbeat.
     seal_envelopes: Vec<Vec<u8>>,
+    /// The one epoch of this round we answered (revealed our seed and shares for); kept
+    /// across epochs, and in the store across restarts.
+    answered: Option<u32>,
+    /// Epochs whose complete unmasked sum we computed ourselves and found not to cancel
+    /// (inconsistent keys): nothing can be learnt from them, so answering a later epoch is
+    /// allowed after one.
+    burned: BTreeSet<u32>,
+}
+
+impl MaskRound {
+    /// Whether we may still answer an epoch of this round: never answered, or only an
+    /// epoch whose sum was found not to cancel.
+    fn may_answer(&self) -> bool {
+        self.answered.is_none_or(|e| self.burned.contains(&e))
+    }
 }
 
 /// The state of the round being worked on.
@@ -251,6 +276,8 @@ enum Internal {
         round: RoundId,
         record: Box<MergeRecord>,
         result: Result<Merged, AggregateError>,
+        /// The base model, when the merge did not write over it.
+        base: Option<Arc<Weights>>,
     },
     Verified {
         round: RoundId,
@@ -258,6 +285,8 @@ enum Internal {
         envelope: Vec<u8>,
         record: Box<MergeRecord>,
         result: Result<Merged, AggregateError>,
+        /// The base model, when the merge did not write over it.
+        base: Option<Arc<Weights>>,
     },
     Synced(Result<SyncOutcome, String>),
     GenesisFetched(Result<(Weights, Option<Vec<u8>>), String>),
@@ -364,6 +393,12 @@ pub struct Engine {
     fixed_point: Option<FixedPoint>,
     /// Secure aggregation: keys received, by (round, epoch), sender, then recipient.
     mask_keys: BTreeMap<(RoundId, u32), KeyBook>,
+    /// The head model is lent to a merge in flight (see `spawn_merge`).
+    model_lent: bool,
+    /// Seed shares received, by (round, epoch).
+    mask_shares: BTreeMap<(RoundId, u32), ShareBook>,
+    /// Shares that rebuild a participant's self-mask seed (from the member count).
+    share_threshold: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -380,6 +415,10 @@ const MAX_MASK_EPOCHS: u32 = 16;
 
 /// Marks an own-delta record as released under local DP: `local-dp:z=<multiplier>`.
 const LOCAL_DP_MARK: &str = "local-dp:z=";
+
+/// Marks the self-mask seed of our masked delta in its own-delta record (so that a node
+/// restarted in the round can still answer the seal of the epoch it sent it in).
+const SELF_SEED_MARK: &str = "secagg-seed:";
 
 /// Clips `delta` to norm `clip` and adds Gaussian noise (`noise_multiplier * clip`) from a
 /// fresh secret seed of the operating system's generator.
@@ -462,6 +501,7 @@ impl Engine {
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let merge_timeout = p.config.consortium.rounds.merge_timeout;
         let max = p.config.node.net.max_message_bytes;
+        let share_threshold = secagg::share_threshold(peer_of.len());
         Ok(Self {
             digest: p.config.consortium.agreement_digest(),
             me: p.identity.signer_key(),
@@ -511,6 +551,9 @@ impl Engine {
             dp_spent: RdpAccountant::default(),
             fixed_point,
             mask_keys: BTreeMap::new(),
+            mask_shares: BTreeMap::new(),
+            model_lent: false,
+            share_threshold,
         })
     }
 
@@ -632,6 +675,37 @@ impl Engine {
         ))
     }
 
+    /// The head model: held, or (while a merge writes over the lent one, or after a
+    /// merge that wrote over it was not accepted) read back from the store.
+    fn base_model(&mut self) -> Option<Arc<Weights>> {
+        if let Some(m) = &self.model {
+            return Some(Arc::clone(m));
+        }
+        let head = self.head?;
+        match self.load_model(&head.model) {
+            Ok(Some(w)) => {
+                let w = Arc::new(w);
+                if !self.model_lent {
+                    self.model = Some(Arc::clone(&w));
+                }
+                Some(w)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(model = %head.model.short(), error = %e, "could not read the head model back");
+                None
+            }
+        }
+    }
+
+    /// After a merge came back: the head model is held again (read back from the store
+    /// if the merge wrote over it and its result was not committed).
+    fn ensure_model(&mut self) {
+        if self.model.is_none() && !self.model_lent && self.head.is_some() {
+            let _ = self.base_model();
+        }
+    }
+
     fn load_record(&self, round: RoundId) -> Result<Option<MergeRecord>, EngineError> {
         Ok(self.store.record(round)?.and_then(|env| {
             let u = UnverifiedEnvelope::parse(env, MAX_RECORD_BYTES).ok()?;
@@ -669,6 +743,7 @@ impl Engine {
         self.round = Some(RoundState::new(r));
         if self.fixed_point.is_some() {
             self.mask_keys.retain(|(round, _), _| *round >= r);
+            self.mask_shares.retain(|(round, _), _| *round >= r);
             let everyone: BTreeSet<SignerKey> = self.peer_of.keys().copied().collect();
             self.begin_epoch(0, everyone).await;
         }
@@ -679,8 +754,16 @@ impl Engine {
             self.phase = Phase::Collecting;
             if let Ok(Some(env)) = self.store.blob(BlobKind::Delta, own.as_bytes()) {
                 let bytes = env.len() as u64;
+                let seed = self.own_self_seed(r);
                 if let Some(rs) = self.round.as_mut() {
                     rs.own_bytes = bytes;
+                    // A masked delta of this epoch: its seed lets us answer its seal.
+                    if let (Some(m), Some((epoch, seed))) = (rs.mask.as_mut(), seed)
+                        && m.epoch == epoch
+                    {
+                        m.sent_epoch = Some(epoch);
+                        m.self_seed = Some(seed);
+                    }
                 }
                 self.accept_envelope(r, own, env, None);
                 self.announce_delta(r, own, bytes).await;
@@ -701,7 +784,7 @@ impl Engine {
         let Some(mut trainer) = self.trainer_slot().take() else {
             return;
         };
-        let Some(model) = self.model.clone() else {
+        let Some(model) = self.base_model() else {
             return;
         };
         let cancel = Arc::new(AtomicBool::new(false));
@@ -726,6 +809,7 @@ impl Engine {
     /// keys, published; then masks our update if everything is there.
     async fn begin_epoch(&mut self, epoch: u32, participants: BTreeSet<SignerKey>) {
         let me = self.me;
+        let answered = self.round.as_ref().and_then(|r| self.stored_answer(r.id));
         let Some(rs) = self.round.as_mut() else {
             return;
         };
@@ -753,6 +837,8 @@ impl Engine {
                 m.self_seed = None;
                 m.seal = None;
                 m.reveals.clear();
+                m.revealed_shares.clear();
+                m.pairs.clear();
                 m.seal_envelopes.clear();
             }
             None => {
@@ -769,7 +855,11 @@ impl Engine {
                     self_seed: None,
                     seal: None,
                     reveals: BTreeMap::new(),
+                    revealed_shares: BTreeMap::new(),
+                    pairs: Vec::new(),
                     seal_envelopes: Vec::new(),
+                    answered,
+                    burned: BTreeSet::new(),
                 });
             }
         }
@@ -897,13 +987,28 @@ impl Engine {
             return;
         };
         let mut words = secagg::mask(values, &fp, &me, &secrets, round);
-        drop(secrets);
         // Double masking: a self-mask only this member can remove, revealed for this
         // epoch only once the epoch is sealed complete.
         let Ok(own_seed) = secagg::self_seed() else {
             tracing::error!(round = %round, "secure aggregation: no self-mask seed");
             return;
         };
+        // Its Shamir shares, one sealed for each other participant, so that the sealed
+        // epoch completes even if we drop out before answering. With fewer participants
+        // than the threshold the seed is only ever revealed by us.
+        let threshold = self.share_threshold;
+        let shares = if m.participants.len() >= threshold {
+            match secagg::deal_seed(&own_seed, threshold, &me, &m.participants, &secrets) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::error!(round = %round, epoch, error = %e, "secure aggregation: could not share our seed");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        m.pairs = secrets;
         secagg::self_mask(&mut words, &own_seed, round, epoch, false);
         let header = DeltaHeader {
             consortium: self.digest,
@@ -923,15 +1028,31 @@ impl Engine {
         let samples = *samples;
         let (env, digest) = seal_hashed(&self.identity, PayloadKind::Delta, &payload);
         let hash = DeltaHash(digest);
-        if let Err(e) = self.store_own_delta(round, hash, &env) {
+        if let Err(e) = self.store_own_delta(round, hash, &env, Some((epoch, &own_seed))) {
             tracing::error!(round = %round, error = %e, "could not store our masked delta");
             return;
         }
+        // The shares go out before the delta, so that whoever holds the delta can expect
+        // them; repeated every heartbeat with the seal and answers.
+        let shares_env = match shares {
+            Some(boxes) => {
+                let msg = MaskMessage::Shares {
+                    consortium: self.digest,
+                    round,
+                    epoch,
+                    commitment: secagg::seed_commitment(&own_seed, round, epoch, &me),
+                    boxes,
+                };
+                self.publish_mask(&msg).await
+            }
+            None => None,
+        };
         let bytes = env.len() as u64;
         if let Some(rs) = self.round.as_mut() {
             if let Some(m) = rs.mask.as_mut() {
                 m.sent_epoch = Some(epoch);
                 m.self_seed = Some(own_seed);
+                m.seal_envelopes.extend(shares_env);
             }
             rs.own_bytes = bytes;
             rs.own_env = Some((hash, env.into()));
@@ -1033,8 +1154,40 @@ impl Engine {
                 self.on_seal(signer, round, epoch, deltas).await;
                 self.check_merge().await;
             }
+            MaskMessage::Shares {
+                round,
+                epoch,
+                commitment,
+                boxes,
+                ..
+            } => {
+                if round < current
+                    || round.0 > current.0 + 1
+                    || epoch > MAX_MASK_EPOCHS
+                    || boxes.len() > self.peer_of.len()
+                {
+                    return;
+                }
+                let mine = boxes
+                    .iter()
+                    .find(|(to, _, _)| *to == self.me)
+                    .map(|(_, sealed, tag)| (*sealed, *tag));
+                // The first set a member sends for an epoch is the one that counts.
+                self.mask_shares
+                    .entry((round, epoch))
+                    .or_default()
+                    .entry(signer)
+                    .or_insert((commitment, mine));
+                self.fill_seeds();
+                self.retry_pending_records().await;
+                self.check_merge().await;
+            }
             MaskMessage::Reveal {
-                round, epoch, seed, ..
+                round,
+                epoch,
+                seed,
+                shares,
+                ..
             } => {
                 if let Some(m) = self
                     .round
@@ -1042,9 +1195,20 @@ impl Engine {
                     .filter(|r| r.id == round)
                     .and_then(|r| r.mask.as_mut())
                     .filter(|m| m.epoch == epoch && m.participants.contains(&signer))
+                    && let Some(x) = secagg::share_x(&m.participants, &signer)
                 {
                     m.reveals.entry(signer).or_insert(seed);
+                    for (owner, y) in shares {
+                        if owner != signer && m.participants.contains(&owner) {
+                            m.revealed_shares
+                                .entry(owner)
+                                .or_default()
+                                .entry(x)
+                                .or_insert(y);
+                        }
+                    }
                 }
+                self.fill_seeds();
                 // A record may be waiting for this seed.
                 self.retry_pending_records().await;
                 self.check_merge().await;
@@ -1093,21 +1257,116 @@ impl Engine {
         let Some(seed) = m.self_seed.filter(|_| ours_listed) else {
             return;
         };
-        if m.reveals.contains_key(&me) {
+        // At most one epoch per round (the same one again after a restart of this node).
+        if m.reveals.contains_key(&me) || !(m.may_answer() || m.answered == Some(epoch)) {
             return;
         }
+        // Our answer: our own seed, and our share of every other listed participant's
+        // seed (opened with our pair secret), so that the epoch completes without a
+        // participant that dropped out after its delta was sealed.
+        let Some(x) = secagg::share_x(&m.participants, &me) else {
+            return;
+        };
+        let book = self.mask_shares.get(&(round, epoch));
+        let mut shares = Vec::new();
+        for (owner, _) in deltas.iter().filter(|(o, _)| *o != me) {
+            let sealed = book
+                .and_then(|b| b.get(owner))
+                .and_then(|(_, b)| b.as_ref());
+            let pair = m.pairs.iter().find(|(p, _)| p == owner).map(|(_, s)| s);
+            if let (Some((sealed, tag)), Some(pair)) = (sealed, pair) {
+                match secagg::open_share(sealed, tag, x, pair, owner, &me) {
+                    Ok(y) => shares.push((*owner, y)),
+                    Err(e) => {
+                        tracing::warn!(round = %round, epoch, error = %e, "secure aggregation: a seed share does not open");
+                    }
+                }
+            }
+        }
+        // Recorded durably first: after a crash this node must still know it answered.
+        if let Err(e) = self
+            .store
+            .put_peer(&Self::answer_key(round), &[epoch.to_string()])
+            .and_then(|()| self.store.flush())
+        {
+            tracing::error!(round = %round, error = %e, "secure aggregation: could not record our answer; not answering");
+            return;
+        }
+        let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut()) else {
+            return;
+        };
+        m.answered = Some(epoch);
         m.reveals.insert(me, seed);
+        for (owner, y) in &shares {
+            m.revealed_shares.entry(*owner).or_default().insert(x, *y);
+        }
+        if self.config.node.testing.withhold_answer {
+            tracing::warn!(round = %round, epoch, "testing: withholding our answer to the sealed epoch");
+            return;
+        }
         let msg = MaskMessage::Reveal {
             consortium: digest,
             round,
             epoch,
             seed,
+            shares,
         };
-        tracing::info!(round = %round, epoch, "secure aggregation: the epoch is sealed; revealing our self-mask seed");
+        tracing::info!(round = %round, epoch, "secure aggregation: the epoch is sealed; answering with our self-mask seed and seed shares");
         if let Some(env) = self.publish_mask(&msg).await
             && let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut())
         {
             m.seal_envelopes.push(env);
+        }
+        self.fill_seeds();
+    }
+
+    /// The store key of the epoch this node answered in `round`.
+    fn answer_key(round: RoundId) -> String {
+        format!("secagg-answered-{}", round.0)
+    }
+
+    /// The epoch this node answered in `round` before a restart, if any.
+    fn stored_answer(&self, round: RoundId) -> Option<u32> {
+        let peers = self.store.peers().ok()?;
+        peers
+            .into_iter()
+            .find(|(k, _)| *k == Self::answer_key(round))
+            .and_then(|(_, v)| v.first().and_then(|e| e.parse().ok()))
+    }
+
+    /// Rebuilds, from the shares revealed by the others, the seed of every participant of
+    /// the sealed epoch that has not revealed its own (dropped out after its delta was
+    /// sealed), checked against the commitment it sent with its shares.
+    fn fill_seeds(&mut self) {
+        let threshold = self.share_threshold;
+        let Some(rs) = self.round.as_mut() else {
+            return;
+        };
+        let round = rs.id;
+        let Some(m) = rs.mask.as_mut().filter(|m| m.seal.is_some()) else {
+            return;
+        };
+        let book = self.mask_shares.get(&(round, m.epoch));
+        let missing: Vec<SignerKey> = m
+            .participants
+            .iter()
+            .filter(|p| !m.reveals.contains_key(p))
+            .copied()
+            .collect();
+        for owner in missing {
+            let (Some(shares), Some((commitment, _))) = (
+                m.revealed_shares.get(&owner),
+                book.and_then(|b| b.get(&owner)),
+            ) else {
+                continue;
+            };
+            if let Some(seed) =
+                secagg::recover_seed(threshold, shares, commitment, round, m.epoch, &owner)
+            {
+                tracing::warn!(round = %round, epoch = m.epoch, peer = %self.peer_of.get(&owner).map(ToString::to_string).unwrap_or_default(), shares = shares.len(), "secure aggregation: rebuilt the self-mask seed of a participant that did not answer from the others' shares");
+                m.reveals.insert(owner, seed);
+                self.metrics.seeds_rebuilt.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -1115,6 +1374,7 @@ impl Engine {
     /// delivered its masked delta, the merger sums them; when the epoch times out, the
     /// round restarts its masking among those who can still take part.
     async fn check_masked_merge(&mut self) {
+        self.fill_seeds();
         let quorum = self.quorum();
         let collect = self.config.consortium.rounds.collect_timeout;
         let merge_timeout = self.config.consortium.rounds.merge_timeout;
@@ -1162,37 +1422,12 @@ impl Engine {
                 }
                 return;
             }
-            let revealed: BTreeSet<SignerKey> = m.reveals.keys().copied().collect();
-            if revealed != m.participants {
-                // Sealed, but a participant has not revealed: after the epoch's time and
-                // one merge turn, restart among those who revealed (the others' seeds are
-                // never revealed, so this epoch's sum can never be unmasked).
-                if m.epoch_started.elapsed() < collect + merge_timeout
-                    || revealed.len() < quorum
-                    || !revealed.contains(&me)
-                    || epoch >= MAX_MASK_EPOCHS
-                {
-                    return;
-                }
-                let order = merger_order(round, revealed.iter().copied());
-                let since = *m.timed_out_at.get_or_insert_with(Instant::now);
-                let turn = (since.elapsed().as_secs_f64() / merge_timeout.as_secs_f64().max(1e-3))
-                    as usize;
-                if order.get(turn % order.len()) != Some(&me) {
-                    return;
-                }
-                let msg = MaskMessage::Restart {
-                    consortium: self.digest,
-                    round,
-                    epoch: epoch + 1,
-                    participants: revealed.iter().copied().collect(),
-                };
-                tracing::warn!(round = %round, epoch = epoch + 1, "secure aggregation: restarting without the members that did not reveal");
-                let envelope = self.publish_mask(&msg).await;
-                self.begin_epoch(epoch + 1, revealed).await;
-                if let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut()) {
-                    m.restart_envelope = envelope;
-                }
+            // Sealed: every participant's seed, revealed or rebuilt from shares, is needed.
+            // A sealed epoch is never restarted for a missing answer (the answers already
+            // given would let this epoch's sum be unmasked once the straggler answered,
+            // and the next epoch's sum minus it is the straggler's update): it waits for
+            // the answer or for enough shares.
+            if m.participants.iter().any(|p| !m.reveals.contains_key(p)) {
                 return;
             }
             if !my_turn {
@@ -1219,6 +1454,10 @@ impl Engine {
             ) {
                 Ok(u) => u,
                 Err(e) => {
+                    // Every seed is in and the sum still does not cancel: a participant
+                    // masked with other keys (it restarted and made new ones). Nothing can
+                    // be learnt from this epoch, so answering a fresh one is safe.
+                    m.burned.insert(epoch);
                     tracing::error!(round = %round, epoch, error = %e, "secure aggregation: restarting the masking with fresh keys");
                     if epoch >= MAX_MASK_EPOCHS {
                         tracing::error!(round = %round, epoch, "secure aggregation: the masks keep failing to cancel; a participant sends inconsistent keys or masks (the round waits for the next)");
@@ -1272,12 +1511,10 @@ impl Engine {
         // refused if it leaves out a member whose masked delta of this epoch we hold: the
         // sum of this epoch minus the next one's would then reveal that member's update.
         if let Some((signer, next_epoch, next)) = m.pending_restart.take() {
-            let excludes_delivered = if m.seal.is_some() {
-                m.reveals.keys().any(|d| !next.contains(d))
-            } else {
-                delivered.iter().any(|d| !next.contains(d))
-            };
-            if excludes_delivered {
+            let excludes_delivered = delivered.iter().any(|d| !next.contains(d));
+            if !m.may_answer() {
+                tracing::warn!(round = %round, epoch = next_epoch, "secure aggregation: refusing a restart: we answered a sealed epoch of this round");
+            } else if excludes_delivered {
                 tracing::warn!(round = %round, epoch = next_epoch, "secure aggregation: refusing a restart that leaves out a member whose masked delta we hold");
             } else {
                 tracing::warn!(round = %round, epoch = next_epoch, participants = next.len(), from = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), "secure aggregation: the round restarts its masking without the members that did not deliver");
@@ -1306,9 +1543,10 @@ impl Engine {
         } else {
             with_keys
         };
-        // Once the epoch is sealed, only the sealed-epoch rule (restart among those who
-        // revealed) may end it; and never past the epoch cap.
+        // A sealed epoch is never restarted, nor any epoch once we answered one; and never
+        // past the epoch cap.
         if m.seal.is_some()
+            || !m.may_answer()
             || epoch >= MAX_MASK_EPOCHS
             || next.len() < quorum
             || next == m.participants
@@ -1385,8 +1623,12 @@ impl Engine {
         round: RoundId,
         hash: DeltaHash,
         env: &[u8],
+        self_seed: Option<(u32, &[u8; 32])>,
     ) -> Result<(), StoreError> {
         let mut own = vec![hash.to_hex()];
+        if let Some((epoch, seed)) = self_seed {
+            own.push(format!("{SELF_SEED_MARK}{epoch}:{}", hex::encode(seed)));
+        }
         if let Some(dp) = self.config.node.privacy.local_dp {
             own.push(format!("{LOCAL_DP_MARK}{}", dp.noise_multiplier));
         }
@@ -1409,6 +1651,20 @@ impl Engine {
 
     fn own_delta_key(round: RoundId) -> String {
         format!("own-delta-{}", round.0)
+    }
+
+    /// The self-mask seed (and its epoch) stored with our masked delta of `round`.
+    fn own_self_seed(&self, round: RoundId) -> Option<(u32, [u8; 32])> {
+        let peers = self.store.peers().ok()?;
+        let (_, values) = peers
+            .into_iter()
+            .find(|(k, _)| *k == Self::own_delta_key(round))?;
+        let (epoch, seed) = values
+            .iter()
+            .find_map(|v| v.strip_prefix(SELF_SEED_MARK))?
+            .split_once(':')?;
+        let seed: [u8; 32] = hex::decode(seed).ok()?.try_into().ok()?;
+        Some((epoch.parse().ok()?, seed))
     }
 
     fn own_delta(&self, round: RoundId) -> Result<Option<DeltaHash>, StoreError> {
@@ -1450,7 +1706,7 @@ impl Engine {
         };
         self.metrics
             .set_last(Some(trained.metrics.train_loss), None, None);
-        let Some(base) = self.model.clone() else {
+        let Some(base) = self.base_model() else {
             return;
         };
         // The head names the model's hash: no need to hash 4P bytes again.
@@ -1531,7 +1787,7 @@ impl Engine {
                 return;
             }
         };
-        if let Err(e) = self.store_own_delta(round, hash, &env) {
+        if let Err(e) = self.store_own_delta(round, hash, &env, None) {
             tracing::error!(round = %round, error = %e, "could not store our delta");
             return;
         }
@@ -1808,7 +2064,10 @@ impl Engine {
         self.phase = Phase::Merging;
         self.publish_status(false);
         tracing::info!(round = %round, attempt, deltas = updates.len(), "merging as the round's merger");
-        let Some(base) = self.model.clone() else {
+        let Some(base) = self.base_model() else {
+            if let Some(rs) = self.round.as_mut() {
+                rs.merging = false;
+            }
             return;
         };
         let Some(head) = self.head else { return };
@@ -1830,7 +2089,7 @@ impl Engine {
     /// Runs a merge on a blocking thread and reports it: as our own merge (`verify` is
     /// None) or as the verification of a received record.
     fn spawn_merge(
-        &self,
+        &mut self,
         base: Arc<Weights>,
         updates: Vec<Update>,
         round: RoundId,
@@ -1847,16 +2106,27 @@ impl Engine {
         let head_hash = self.head.map(|h| h.model).unwrap_or_default();
         let cancel = self.cancel.clone();
         let store = Arc::clone(&self.store);
+        // The head model is lent to the merge: when nothing else holds it (no training or
+        // evaluation in flight), the new model is written over it, and a node holds one
+        // model-sized buffer fewer while merging. It comes back with the result; if the
+        // merge wrote over it and the result is not accepted, it is read back from the
+        // store (`ensure_model`).
+        self.model = None;
+        self.model_lent = true;
         self.tracker.spawn_blocking(move || {
             let start = Instant::now();
             while start.elapsed() < delay && !cancel.is_cancelled() {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let result = (|| {
-                let mut m = Merger::from_config(&cfg)?;
-                m.load_state(&state, &layout)?;
-                m.merge(&base, head_hash, &updates, round)
-            })();
+            let merger = Merger::from_config(&cfg)
+                .and_then(|mut m| m.load_state(&state, &layout).map(|()| m));
+            let (result, base) = match merger {
+                Err(e) => (Err(e), Some(base)),
+                Ok(m) => match Arc::try_unwrap(base) {
+                    Ok(owned) => (m.merge_owned(owned, head_hash, &updates, round), None),
+                    Err(shared) => (m.merge(&shared, head_hash, &updates, round), Some(shared)),
+                },
+            };
             drop(updates);
             // Write the candidate model here, off the event loop; it is only referenced
             // once the round commits (and is named by its hash, so a stray file is harmless).
@@ -1870,6 +2140,7 @@ impl Engine {
                     round,
                     record: Box::new(record),
                     result,
+                    base,
                 },
                 Some((hash, envelope)) => Internal::Verified {
                     round,
@@ -1877,6 +2148,7 @@ impl Engine {
                     envelope,
                     record: Box::new(record),
                     result,
+                    base,
                 },
             };
             let _ = tx.blocking_send(msg);
@@ -2238,7 +2510,10 @@ impl Engine {
         };
         self.phase = Phase::Merging;
         tracing::info!(round = %record.round, record = %hash.short(), merger = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), "verifying a merge record");
-        let Some(base) = self.model.clone() else {
+        let Some(base) = self.base_model() else {
+            if let Some(rs) = self.round.as_mut() {
+                rs.verifying = None;
+            }
             return;
         };
         let round = record.round;
@@ -2429,7 +2704,7 @@ impl Engine {
                     // The trainer came back from an evaluation or a cancelled round.
                     if self.restart_when_trainer_returns || self.round.is_none() {
                         self.restart_when_trainer_returns = false;
-                        if self.phase != Phase::Syncing || self.model.is_some() {
+                        if self.phase != Phase::Syncing || self.model.is_some() || self.model_lent {
                             self.start_round().await;
                         }
                     }
@@ -2506,16 +2781,30 @@ impl Engine {
                 round,
                 record,
                 result,
-            } => self.on_merged(round, *record, result).await?,
+                base,
+            } => {
+                self.model_lent = false;
+                if base.is_some() {
+                    self.model = base;
+                }
+                self.on_merged(round, *record, result).await?;
+                self.ensure_model();
+            }
             Internal::Verified {
                 round,
                 hash,
                 envelope,
                 record,
                 result,
+                base,
             } => {
+                self.model_lent = false;
+                if base.is_some() {
+                    self.model = base;
+                }
                 self.on_verified(round, hash, envelope, *record, result)
-                    .await?
+                    .await?;
+                self.ensure_model();
             }
             Internal::Synced(r) => self.on_synced(r).await?,
             Internal::GenesisFetched(r) => match r {
@@ -2815,7 +3104,7 @@ impl Engine {
                     self.ask_for_deltas(p);
                 }
             }
-            if self.model.is_none() && !self.fetching_genesis {
+            if self.model.is_none() && !self.model_lent && !self.fetching_genesis {
                 self.fetch_missing_model();
             }
         }
@@ -2889,6 +3178,7 @@ impl Engine {
             deltas: self.round.as_ref().map_or(0, |r| r.pool.len()),
             last_record: self.last_record.clone(),
             rounds_completed: self.metrics.rounds_completed.load(Ordering::Relaxed),
+            seeds_rebuilt: self.metrics.seeds_rebuilt.load(Ordering::Relaxed),
             epsilon: self.local_epsilon(),
             dp_delta: self.config.node.privacy.local_dp.map(|dp| dp.delta),
             stopped: stopped || self.phase == Phase::Done,

@@ -68,6 +68,176 @@ pub fn self_mask(words: &mut [u32], seed: &[u8; 32], round: RoundId, epoch: u32,
         });
 }
 
+/// Domain string of a self-mask seed's commitment.
+pub const COMMIT_DOMAIN: &[u8] = b"cellswarm/secagg-commit/v1\0";
+
+/// Domain string of the key that seals a seed share for one recipient.
+pub const SHARE_DOMAIN: &[u8] = b"cellswarm/secagg-share/v1\0";
+
+/// Shares of a participant's self-mask seed needed to rebuild it, for a consortium of
+/// `members`: more than half of `members + 1`, so that two epochs of one round can never
+/// both be unmasked when every honest member answers at most one of them, even with one
+/// curious member's own shares counted for both (see docs/security.md).
+#[must_use]
+pub fn share_threshold(members: usize) -> usize {
+    members.div_ceil(2) + 1
+}
+
+/// The public commitment to a self-mask seed, sent with its shares so that a seed rebuilt
+/// from shares is checked before it is used.
+#[must_use]
+pub fn seed_commitment(seed: &[u8; 32], round: RoundId, epoch: u32, owner: &SignerKey) -> [u8; 32] {
+    let mut msg = Vec::with_capacity(COMMIT_DOMAIN.len() + 76);
+    msg.extend_from_slice(COMMIT_DOMAIN);
+    msg.extend_from_slice(seed);
+    msg.extend_from_slice(&round.0.to_le_bytes());
+    msg.extend_from_slice(&epoch.to_le_bytes());
+    msg.extend_from_slice(owner.as_bytes());
+    *ModelHash::of(&msg).as_bytes()
+}
+
+/// The x coordinate of a participant's share: its 1-based place among the sorted
+/// participants (at most 255 participants; consortia are far smaller).
+#[must_use]
+pub fn share_x(participants: &BTreeSet<SignerKey>, who: &SignerKey) -> Option<u8> {
+    participants
+        .iter()
+        .position(|p| p == who)
+        .and_then(|i| u8::try_from(i + 1).ok())
+}
+
+fn share_key(pair_secret: &[u8; 32], from: &SignerKey, to: &SignerKey) -> ring::aead::LessSafeKey {
+    let mut msg = Vec::with_capacity(SHARE_DOMAIN.len() + 96);
+    msg.extend_from_slice(SHARE_DOMAIN);
+    msg.extend_from_slice(pair_secret);
+    msg.extend_from_slice(from.as_bytes());
+    msg.extend_from_slice(to.as_bytes());
+    let key = ModelHash::of(&msg);
+    let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, key.as_bytes())
+        .expect("a 32-byte ChaCha20-Poly1305 key");
+    ring::aead::LessSafeKey::new(unbound)
+}
+
+/// A seed share sealed for one participant: (recipient, sealed 32 bytes, tag).
+pub type SealedShare = (SignerKey, [u8; 32], [u8; 16]);
+
+/// Splits this member's self-mask seed into one Shamir share (over GF(256), `blahaj`)
+/// per participant, `threshold` of which rebuild it, and seals each other participant's
+/// share for it alone: ChaCha20-Poly1305 under a key derived from the pair secret and the
+/// direction (each key seals one message, so a zero nonce is safe). Returns, for each other
+/// participant, the sealed 32-byte share and its tag.
+///
+/// # Errors
+/// Fewer participants than the threshold, more than 255, or a missing pair secret.
+pub fn deal_seed(
+    seed: &[u8; 32],
+    threshold: usize,
+    me: &SignerKey,
+    participants: &BTreeSet<SignerKey>,
+    secrets: &[(SignerKey, [u8; 32])],
+) -> Result<Vec<SealedShare>, String> {
+    use rand_core::SeedableRng as _;
+    let t = u8::try_from(threshold)
+        .ok()
+        .filter(|t| *t >= 2 && usize::from(*t) <= participants.len())
+        .ok_or_else(|| {
+            format!(
+                "no threshold {threshold} of {} participants",
+                participants.len()
+            )
+        })?;
+    if participants.len() > 255 {
+        return Err("more than 255 participants".into());
+    }
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(self_seed()?);
+    let shares: Vec<blahaj::Share> = blahaj::Sharks(t)
+        .dealer_rng(seed, &mut rng)
+        .take(participants.len())
+        .collect();
+    let mut out = Vec::new();
+    for (p, share) in participants.iter().zip(&shares) {
+        if p == me {
+            continue;
+        }
+        let secret = secrets
+            .iter()
+            .find(|(q, _)| q == p)
+            .map(|(_, s)| s)
+            .ok_or_else(|| format!("no pair secret with {p}"))?;
+        let bytes = Vec::from(share);
+        let mut y = [0u8; 32];
+        y.copy_from_slice(&bytes[1..]);
+        let tag = share_key(secret, me, p)
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key([0; 12]),
+                ring::aead::Aad::from(&bytes[..1]),
+                &mut y,
+            )
+            .map_err(|_| "could not seal a share".to_owned())?;
+        let mut t16 = [0u8; 16];
+        t16.copy_from_slice(tag.as_ref());
+        out.push((*p, y, t16));
+    }
+    Ok(out)
+}
+
+/// Opens the share of `from`'s seed sealed for `to` (this member, at place `x`).
+///
+/// # Errors
+/// A share that was not sealed with this pair secret, for this recipient and place.
+pub fn open_share(
+    sealed: &[u8; 32],
+    tag: &[u8; 16],
+    x: u8,
+    pair_secret: &[u8; 32],
+    from: &SignerKey,
+    to: &SignerKey,
+) -> Result<[u8; 32], String> {
+    let mut buf = [0u8; 48];
+    buf[..32].copy_from_slice(sealed);
+    buf[32..].copy_from_slice(tag);
+    let plain = share_key(pair_secret, from, to)
+        .open_in_place(
+            ring::aead::Nonce::assume_unique_for_key([0; 12]),
+            ring::aead::Aad::from([x]),
+            &mut buf,
+        )
+        .map_err(|_| format!("the seed share from {from} does not open"))?;
+    let mut y = [0u8; 32];
+    y.copy_from_slice(plain);
+    Ok(y)
+}
+
+/// Rebuilds `owner`'s seed from shares `(x, y)` when at least `threshold` distinct ones
+/// are given and the result matches its commitment.
+#[must_use]
+pub fn recover_seed(
+    threshold: usize,
+    shares: &BTreeMap<u8, [u8; 32]>,
+    commitment: &[u8; 32],
+    round: RoundId,
+    epoch: u32,
+    owner: &SignerKey,
+) -> Option<[u8; 32]> {
+    let t = u8::try_from(threshold).ok()?;
+    if shares.len() < threshold || t < 2 {
+        return None;
+    }
+    let parsed: Vec<blahaj::Share> = shares
+        .iter()
+        .take(threshold)
+        .filter_map(|(x, y)| {
+            let mut b = Vec::with_capacity(33);
+            b.push(*x);
+            b.extend_from_slice(y);
+            blahaj::Share::try_from(b.as_slice()).ok()
+        })
+        .collect();
+    let secret = blahaj::Sharks(t).recover(parsed.as_slice()).ok()?;
+    let seed: [u8; 32] = secret.try_into().ok()?;
+    (seed_commitment(&seed, round, epoch, owner) == *commitment).then_some(seed)
+}
+
 /// Largest fixed-point fraction used (about 6e-8 resolution).
 const MAX_FRAC_BITS: u32 = 24;
 
@@ -259,6 +429,79 @@ pub fn unmask_mean(
 mod tests {
     use super::*;
     use cellswarm_common::identity::Identity;
+
+    #[test]
+    fn thresholds_exceed_half_of_members_plus_one() {
+        for (n, t) in [(2, 2), (3, 3), (4, 3), (5, 4), (6, 4), (8, 5), (16, 9)] {
+            assert_eq!(share_threshold(n), t, "{n} members");
+            // Two disjoint sets of answers plus one curious member cannot both reach it.
+            assert!(2 * t - 1 > n, "{n} members");
+        }
+    }
+
+    #[test]
+    fn seed_shares_open_only_for_their_recipient_and_any_threshold_rebuild_the_seed() {
+        // Six members: the threshold is 4 of the dealer's 5 shares for the others.
+        let ids: Vec<SignerKey> = (1..=6u8)
+            .map(|i| Identity::from_seed([i; 32]).unwrap().signer_key())
+            .collect();
+        let all: BTreeSet<SignerKey> = ids.iter().copied().collect();
+        let dealer = ids[0];
+        // Pair secrets between the dealer and each other member (any 32 bytes here).
+        let pairs: Vec<(SignerKey, [u8; 32])> = ids[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, [i as u8 + 40; 32]))
+            .collect();
+        let seed = self_seed().unwrap();
+        let round = RoundId(7);
+        let commitment = seed_commitment(&seed, round, 2, &dealer);
+        let t = share_threshold(ids.len());
+        let boxes = deal_seed(&seed, t, &dealer, &all, &pairs).unwrap();
+        assert_eq!(boxes.len(), 5);
+        let mut opened = BTreeMap::new();
+        for (to, sealed, tag) in &boxes {
+            let pair = &pairs.iter().find(|(p, _)| p == to).unwrap().1;
+            let x = share_x(&all, to).unwrap();
+            let y = open_share(sealed, tag, x, pair, &dealer, to).unwrap();
+            // Not for another recipient, place or pair secret.
+            let other = ids.iter().find(|p| *p != to && **p != dealer).unwrap();
+            assert!(open_share(sealed, tag, x, pair, &dealer, other).is_err());
+            assert!(open_share(sealed, tag, x ^ 1, pair, &dealer, to).is_err());
+            assert!(open_share(sealed, tag, x, &[0; 32], &dealer, to).is_err());
+            opened.insert(x, y);
+        }
+        // Any t of the five shares rebuild the seed; t - 1 do not; a wrong share or
+        // commitment is caught.
+        let xs: Vec<u8> = opened.keys().copied().collect();
+        for skip in &xs {
+            let some: BTreeMap<u8, [u8; 32]> = opened
+                .iter()
+                .filter(|(x, _)| *x != skip)
+                .map(|(x, y)| (*x, *y))
+                .take(t)
+                .collect();
+            assert_eq!(
+                recover_seed(t, &some, &commitment, round, 2, &dealer),
+                Some(seed)
+            );
+            let fewer: BTreeMap<u8, [u8; 32]> =
+                some.iter().take(t - 1).map(|(x, y)| (*x, *y)).collect();
+            assert_eq!(
+                recover_seed(t, &fewer, &commitment, round, 2, &dealer),
+                None
+            );
+        }
+        let mut bad = opened.clone();
+        bad.values_mut().next().unwrap()[0] ^= 1;
+        assert_eq!(recover_seed(t, &bad, &commitment, round, 2, &dealer), None);
+        assert_eq!(
+            recover_seed(t, &opened, &commitment, round, 3, &dealer),
+            None
+        );
+        // Fewer participants than the threshold: nothing is dealt.
+        assert!(deal_seed(&seed, 7, &dealer, &all, &pairs).is_err());
+    }
 
     #[test]
     fn pairwise_keys_agree_and_masks_cancel_to_the_plain_mean() {

@@ -83,6 +83,9 @@ pub struct Metrics {
     pub rounds_completed: AtomicU64,
     /// Deltas accepted into a round's pool.
     pub deltas_accepted: AtomicU64,
+    /// Secure aggregation: self-mask seeds of participants that did not answer a sealed
+    /// epoch, rebuilt from the others' shares.
+    pub seeds_rebuilt: AtomicU64,
     rejected: Mutex<BTreeMap<RejectReason, u64>>,
     round_seconds: Mutex<(Vec<u64>, f64, u64)>,
     last: Mutex<(Option<f32>, Option<f32>, Option<f64>)>,
@@ -149,6 +152,11 @@ impl Metrics {
             "cellswarm_deltas_accepted_total",
             "Deltas verified and accepted into a round.",
             self.deltas_accepted.load(Ordering::Relaxed),
+        );
+        counter(
+            "cellswarm_secagg_seeds_rebuilt_total",
+            "Self-mask seeds of participants that did not answer a sealed epoch, rebuilt from seed shares.",
+            self.seeds_rebuilt.load(Ordering::Relaxed),
         );
         counter(
             "cellswarm_bytes_in_total",
@@ -245,6 +253,9 @@ pub struct Status {
     pub last_record: Option<MergeRecord>,
     /// Rounds accepted since start.
     pub rounds_completed: u64,
+    /// Secure aggregation: seeds rebuilt from shares so far.
+    #[serde(default)]
+    pub seeds_rebuilt: u64,
     /// Local differential-privacy epsilon spent, if local DP is on.
     pub epsilon: Option<f64>,
     /// The delta of that (epsilon, delta), if local DP is on.

@@ -228,7 +228,8 @@ pub fn gossip(
     let (MaskMessage::Keys { consortium: c, .. }
     | MaskMessage::Restart { consortium: c, .. }
     | MaskMessage::Seal { consortium: c, .. }
-    | MaskMessage::Reveal { consortium: c, .. }) = &m;
+    | MaskMessage::Reveal { consortium: c, .. }
+    | MaskMessage::Shares { consortium: c, .. }) = &m;
     if *c != consortium {
         return Err((
             RejectReason::WrongConsortium,
