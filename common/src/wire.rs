@@ -140,6 +140,30 @@ pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), Wir
     Ok((decode_control(head)?, r.rest()))
 }
 
+/// The frame header length a frame of `frame_len` bytes declares in its first four
+/// bytes, if within [`CONTROL_LIMIT`] and the frame (read before the header is).
+///
+/// # Errors
+/// [`WireError::TooLarge`], or [`WireError::StreamTooLarge`] for a header longer than
+/// the frame.
+pub fn frame_head_len(prefix: [u8; 4], frame_len: usize) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > CONTROL_LIMIT {
+        return Err(WireError::TooLarge {
+            got: len,
+            max: CONTROL_LIMIT,
+        });
+    }
+    if len.saturating_add(4) > frame_len {
+        return Err(WireError::StreamTooLarge {
+            what: "frame header",
+            got: len as u64,
+            max: frame_len.saturating_sub(4) as u64,
+        });
+    }
+    Ok(len)
+}
+
 /// Largest request accepted on a sync stream, in bytes.
 pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
@@ -524,6 +548,18 @@ mod tests {
                 q
             );
         }
+    }
+
+    #[test]
+    fn frame_headers_are_bounded_before_they_are_read() {
+        let frame = encode_frame(&7u32, b"body").unwrap();
+        let prefix: [u8; 4] = frame[..4].try_into().unwrap();
+        let head = frame_head_len(prefix, frame.len()).unwrap();
+        assert_eq!(&frame[4 + head..], b"body");
+        // Longer than the frame, or than any control message: refused.
+        assert!(frame_head_len(prefix, 4 + head - 1).is_err());
+        assert!(frame_head_len((CONTROL_LIMIT as u32 + 1).to_le_bytes(), usize::MAX).is_err());
+        assert!(frame_head_len(u32::MAX.to_le_bytes(), 3).is_err());
     }
 
     #[test]

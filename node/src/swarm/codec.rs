@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cellswarm_common::wire::{
-    Request, ResponseHeader, decode_control, decode_frame, encode_control, request_len,
+    Request, ResponseHeader, decode_control, encode_control, frame_head_len, request_len,
     response_len,
 };
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -233,16 +233,23 @@ impl request_response::Codec for SyncCodec {
             self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
             invalid(format!("{e} (net.max_message_bytes)"))
         })?;
-        let mut bytes = read_exact_counted(io, len, &self.traffic).await?;
-        let (header, body): (ResponseHeader, &[u8]) =
-            decode_frame(&bytes).map_err(|e| invalid(e.to_string()))?;
-        // Keep the buffer and drop the frame header from its front (no second copy of a
-        // body that may be a whole model).
-        let head_len = bytes.len() - body.len();
-        bytes.drain(..head_len);
+        // The frame's header first, then its body straight into a buffer of its own
+        // (no copy to drop the header from the front of a body that may be a model).
+        let mut head_prefix = [0u8; 4];
+        if len < head_prefix.len() {
+            return Err(invalid(format!(
+                "a response of {len} bytes has no frame header"
+            )));
+        }
+        io.read_exact(&mut head_prefix).await?;
+        self.traffic.bytes_in.fetch_add(4, Ordering::Relaxed);
+        let head_len = frame_head_len(head_prefix, len).map_err(|e| invalid(e.to_string()))?;
+        let head = read_exact_counted(io, head_len, &self.traffic).await?;
+        let header: ResponseHeader = decode_control(&head).map_err(|e| invalid(e.to_string()))?;
+        let body = read_exact_counted(io, len - 4 - head_len, &self.traffic).await?;
         Ok(SyncResponse {
             header,
-            body: bytes.into(),
+            body: body.into(),
         })
     }
 

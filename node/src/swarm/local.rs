@@ -144,18 +144,19 @@ impl LocalTrainer for VectorTrainer {
             std::thread::sleep(Duration::from_millis(10).min(self.delay));
         }
         let key = self.key;
-        let mut loss = 0f32;
-        let values: Vec<f32> = base
-            .values()
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                let t = target_at(key, i);
-                loss += (w - t) * (w - t);
-                w + self.rate * (t - w)
-            })
-            .collect();
-        let loss = loss / base.values().len().max(1) as f32;
+        let base_v = base.values();
+        // Eight independent loss lanes so that the loop vectorises (one f32 sum in
+        // index order would chain every addition).
+        let mut values = vec![0f32; base_v.len()];
+        let mut lanes = [0f32; 8];
+        for (c, (out, w)) in values.chunks_mut(8).zip(base_v.chunks(8)).enumerate() {
+            for (j, (o, &w)) in out.iter_mut().zip(w).enumerate() {
+                let t = target_at(key, c * 8 + j);
+                lanes[j] += (w - t) * (w - t);
+                *o = w + self.rate * (t - w);
+            }
+        }
+        let loss = lanes.iter().sum::<f32>() / base_v.len().max(1) as f32;
         let weights =
             Weights::from_flat(Arc::clone(base.layout()), values).map_err(|e| e.to_string())?;
         Ok(TrainedRound {
