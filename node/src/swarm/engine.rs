@@ -183,17 +183,29 @@ struct MaskRound {
     /// The one epoch of this round we answered (revealed our seed and shares for); kept
     /// across epochs, and in the store across restarts.
     answered: Option<u32>,
+    /// The participants of the epoch we answered (unknown after a restart of this node).
+    answered_set: Option<BTreeSet<SignerKey>>,
     /// Epochs whose complete unmasked sum we computed ourselves and found not to cancel
-    /// (inconsistent keys): nothing can be learnt from them, so answering a later epoch is
-    /// allowed after one.
+    /// (inconsistent keys): nothing can be learnt from them, so answering a later epoch
+    /// among the same participants is allowed after one.
     burned: BTreeSet<u32>,
 }
 
 impl MaskRound {
-    /// Whether we may still answer an epoch of this round: never answered, or only an
-    /// epoch whose sum was found not to cancel.
+    /// Whether we may still answer an epoch of this round among `participants`: never
+    /// answered, or only an epoch whose sum was found not to cancel and among the very
+    /// same participants (so that no two epochs' sums over different sets can both be
+    /// unmasked, even when a malicious member forces a burn).
+    fn may_answer_with(&self, participants: &BTreeSet<SignerKey>) -> bool {
+        match self.answered {
+            None => true,
+            Some(e) => self.burned.contains(&e) && self.answered_set.as_ref() == Some(participants),
+        }
+    }
+
+    /// [`MaskRound::may_answer_with`] the current epoch's participants.
     fn may_answer(&self) -> bool {
-        self.answered.is_none_or(|e| self.burned.contains(&e))
+        self.may_answer_with(&self.participants)
     }
 }
 
@@ -395,6 +407,8 @@ pub struct Engine {
     mask_keys: BTreeMap<(RoundId, u32), KeyBook>,
     /// The head model is lent to a merge in flight (see `spawn_merge`).
     model_lent: bool,
+    /// The head model's hash when it was lent (it comes back only to the same head).
+    lent_head: Option<ModelHash>,
     /// Seed shares received, by (round, epoch).
     mask_shares: BTreeMap<(RoundId, u32), ShareBook>,
     /// Shares that rebuild a participant's self-mask seed (from the member count).
@@ -553,6 +567,7 @@ impl Engine {
             mask_keys: BTreeMap::new(),
             mask_shares: BTreeMap::new(),
             model_lent: false,
+            lent_head: None,
             share_threshold,
         })
     }
@@ -698,6 +713,14 @@ impl Engine {
         }
     }
 
+    /// A lent model comes back: held again unless the head moved on meanwhile (a sync).
+    fn take_back(&mut self, base: Option<Arc<Weights>>) {
+        self.model_lent = false;
+        if self.model.is_none() && self.head.map(|h| h.model) == self.lent_head.take() {
+            self.model = base;
+        }
+    }
+
     /// After a merge came back: the head model is held again (read back from the store
     /// if the merge wrote over it and its result was not committed).
     fn ensure_model(&mut self) {
@@ -810,6 +833,13 @@ impl Engine {
     async fn begin_epoch(&mut self, epoch: u32, participants: BTreeSet<SignerKey>) {
         let me = self.me;
         let answered = self.round.as_ref().and_then(|r| self.stored_answer(r.id));
+        // After a restart of this node within the round: the seed of the masked delta it
+        // sent in this epoch, to answer the epoch's seal.
+        let stored_seed = self
+            .round
+            .as_ref()
+            .and_then(|r| self.own_self_seed(r.id))
+            .filter(|(e, _)| *e == epoch);
         let Some(rs) = self.round.as_mut() else {
             return;
         };
@@ -859,9 +889,17 @@ impl Engine {
                     pairs: Vec::new(),
                     seal_envelopes: Vec::new(),
                     answered,
+                    answered_set: None,
                     burned: BTreeSet::new(),
                 });
             }
+        }
+        if let (Some(m), Some((e, seed))) = (rs.mask.as_mut(), stored_seed)
+            && m.sent_epoch.is_none_or(|s| s < e)
+            && m.plain.is_none()
+        {
+            m.sent_epoch = Some(e);
+            m.self_seed = Some(seed);
         }
         rs.ready_at = None;
         // Deltas of an abandoned epoch are dropped and never accepted again.
@@ -1197,6 +1235,19 @@ impl Engine {
                     .filter(|m| m.epoch == epoch && m.participants.contains(&signer))
                     && let Some(x) = secagg::share_x(&m.participants, &signer)
                 {
+                    // A seed that does not match the commitment its owner sent with its
+                    // shares is refused (it would make the sum fail to cancel: a burn).
+                    let committed = self
+                        .mask_shares
+                        .get(&(round, epoch))
+                        .and_then(|b| b.get(&signer))
+                        .map(|(c, _)| *c);
+                    if committed
+                        .is_some_and(|c| secagg::seed_commitment(&seed, round, epoch, &signer) != c)
+                    {
+                        tracing::warn!(round = %round, epoch, peer = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), "secure aggregation: a revealed seed does not match its commitment; ignored");
+                        return;
+                    }
                     m.reveals.entry(signer).or_insert(seed);
                     for (owner, y) in shares {
                         if owner != signer && m.participants.contains(&owner) {
@@ -1296,6 +1347,7 @@ impl Engine {
             return;
         };
         m.answered = Some(epoch);
+        m.answered_set = Some(m.participants.clone());
         m.reveals.insert(me, seed);
         for (owner, y) in &shares {
             m.revealed_shares.entry(*owner).or_default().insert(x, *y);
@@ -1512,7 +1564,7 @@ impl Engine {
         // sum of this epoch minus the next one's would then reveal that member's update.
         if let Some((signer, next_epoch, next)) = m.pending_restart.take() {
             let excludes_delivered = delivered.iter().any(|d| !next.contains(d));
-            if !m.may_answer() {
+            if !m.may_answer_with(&next) && m.answered != Some(next_epoch) {
                 tracing::warn!(round = %round, epoch = next_epoch, "secure aggregation: refusing a restart: we answered a sealed epoch of this round");
             } else if excludes_delivered {
                 tracing::warn!(round = %round, epoch = next_epoch, "secure aggregation: refusing a restart that leaves out a member whose masked delta we hold");
@@ -1546,7 +1598,7 @@ impl Engine {
         // A sealed epoch is never restarted, nor any epoch once we answered one; and never
         // past the epoch cap.
         if m.seal.is_some()
-            || !m.may_answer()
+            || !m.may_answer_with(&next)
             || epoch >= MAX_MASK_EPOCHS
             || next.len() < quorum
             || next == m.participants
@@ -2113,6 +2165,7 @@ impl Engine {
         // store (`ensure_model`).
         self.model = None;
         self.model_lent = true;
+        self.lent_head = self.head.map(|h| h.model);
         self.tracker.spawn_blocking(move || {
             let start = Instant::now();
             while start.elapsed() < delay && !cancel.is_cancelled() {
@@ -2783,10 +2836,7 @@ impl Engine {
                 result,
                 base,
             } => {
-                self.model_lent = false;
-                if base.is_some() {
-                    self.model = base;
-                }
+                self.take_back(base);
                 self.on_merged(round, *record, result).await?;
                 self.ensure_model();
             }
@@ -2798,10 +2848,7 @@ impl Engine {
                 result,
                 base,
             } => {
-                self.model_lent = false;
-                if base.is_some() {
-                    self.model = base;
-                }
+                self.take_back(base);
                 self.on_verified(round, hash, envelope, *record, result)
                     .await?;
                 self.ensure_model();

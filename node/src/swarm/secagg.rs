@@ -225,7 +225,6 @@ pub fn recover_seed(
     }
     let parsed: Vec<blahaj::Share> = shares
         .iter()
-        .take(threshold)
         .filter_map(|(x, y)| {
             let mut b = Vec::with_capacity(33);
             b.push(*x);
@@ -233,9 +232,28 @@ pub fn recover_seed(
             blahaj::Share::try_from(b.as_slice()).ok()
         })
         .collect();
-    let secret = blahaj::Sharks(t).recover(parsed.as_slice()).ok()?;
-    let seed: [u8; 32] = secret.try_into().ok()?;
-    (seed_commitment(&seed, round, epoch, owner) == *commitment).then_some(seed)
+    let attempt = |subset: Vec<&blahaj::Share>| {
+        let secret = blahaj::Sharks(t).recover(subset).ok()?;
+        let seed: [u8; 32] = secret.try_into().ok()?;
+        (seed_commitment(&seed, round, epoch, owner) == *commitment).then_some(seed)
+    };
+    // The first t shares; if one of them is bad (and more arrived), t of the others.
+    attempt(parsed.iter().take(threshold).collect()).or_else(|| {
+        (0..parsed.len().min(threshold)).find_map(|skip| {
+            let rest: Vec<&blahaj::Share> = parsed
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, s)| s)
+                .take(threshold)
+                .collect();
+            if rest.len() == threshold {
+                attempt(rest)
+            } else {
+                None
+            }
+        })
+    })
 }
 
 /// Largest fixed-point fraction used (about 6e-8 resolution).
@@ -492,9 +510,18 @@ mod tests {
                 None
             );
         }
+        // One bad share among t + 1: the others still rebuild it; among t: not.
         let mut bad = opened.clone();
         bad.values_mut().next().unwrap()[0] ^= 1;
-        assert_eq!(recover_seed(t, &bad, &commitment, round, 2, &dealer), None);
+        assert_eq!(
+            recover_seed(t, &bad, &commitment, round, 2, &dealer),
+            Some(seed)
+        );
+        let bad_t: BTreeMap<u8, [u8; 32]> = bad.into_iter().take(t).collect();
+        assert_eq!(
+            recover_seed(t, &bad_t, &commitment, round, 2, &dealer),
+            None
+        );
         assert_eq!(
             recover_seed(t, &opened, &commitment, round, 3, &dealer),
             None
