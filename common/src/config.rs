@@ -1034,6 +1034,13 @@ pub struct TestingConfig {
     /// Under secure aggregation, never send our answer to a sealed epoch (stands in for
     /// a member that drops out right after its masked delta was sealed).
     pub withhold_answer: bool,
+    /// Under secure aggregation, wait this long after our view of an epoch is complete
+    /// before sealing it as the merger (to let other members restart first in tests).
+    #[serde(with = "humantime_serde")]
+    pub seal_delay: Duration,
+    /// Drop verified deltas signed by these members (PeerIds) as if they never arrived
+    /// (to give members different views of a round in tests).
+    pub ignore_deltas_from: Vec<String>,
 }
 
 /// The site file of one node.

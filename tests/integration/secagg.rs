@@ -306,6 +306,50 @@ fn a_member_restarted_after_its_delta_was_sealed_answers_with_its_stored_seed() 
 }
 
 #[test]
+fn a_seal_racing_a_restart_is_answered_by_the_members_that_restarted() {
+    // Four members. Member 3's delta reaches members 1 and 3 only: members 0 and 2 time
+    // out and restart the masking without it, while members 1 and 3, whose view is
+    // complete, seal the first epoch a few seconds later. Members 0 and 2 have answered
+    // nothing, so they answer the sealed epoch they left; it completes with all four
+    // updates, and 0 and 2 catch up from the record.
+    let c = Consortium::new(Setup {
+        merge: "2s",
+        ..secure(4, 3, 1, "2s")
+    });
+    let d = c.sites[3].identity().peer_id().to_string();
+    for (i, extra) in [
+        (0, format!("ignore_deltas_from = [\"{d}\"]\n")),
+        (2, format!("ignore_deltas_from = [\"{d}\"]\n")),
+        (1, "seal_delay = \"6s\"\n".to_owned()),
+        (3, "seal_delay = \"6s\"\n".to_owned()),
+    ] {
+        let file = &c.sites[i].node_file;
+        let text = std::fs::read_to_string(file).expect("reads");
+        std::fs::write(file, format!("{text}{extra}")).expect("writes");
+    }
+    runtime().block_on(async {
+        let mut nodes = Vec::new();
+        for i in 0..4 {
+            nodes.push(c.start(i, None).await);
+        }
+        let mut hashes = Vec::new();
+        for n in &nodes {
+            hashes.push(wait_done(n, 1, LONG).await);
+        }
+        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+        for n in &nodes {
+            n.shutdown();
+        }
+        for n in nodes {
+            n.wait().await.expect("a clean stop");
+        }
+    });
+    assert_eq!(record(&c, 1, 1).contributions.len(), 4);
+    let (_, model) = c.sites[0].head_model();
+    assert_eq!(model.hash(), unmasked_model(&c, &[vec![1, 2, 3, 4]]).hash());
+}
+
+#[test]
 fn robust_strategies_are_refused_with_secure_aggregation() {
     for strategy in ["median", "krum", "trimmed-mean"] {
         let c = Consortium::new(Setup {

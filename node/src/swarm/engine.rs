@@ -147,6 +147,16 @@ type KeyBook = BTreeMap<SignerKey, BTreeMap<SignerKey, [u8; 32]>>;
 /// the share it sealed for us (sealed 32 bytes and tag), if any.
 type ShareBook = BTreeMap<SignerKey, ([u8; 32], Option<([u8; 32], [u8; 16])>)>;
 
+/// What a member keeps of an epoch it left for a restart after sending its masked delta
+/// in it, to answer that epoch's seal should a member with a complete view send one.
+#[derive(Debug)]
+struct PastEpoch {
+    participants: BTreeSet<SignerKey>,
+    seed: [u8; 32],
+    own_hash: DeltaHash,
+    pairs: Vec<(SignerKey, [u8; 32])>,
+}
+
 /// Secure aggregation's state in a round: the masking epoch and who takes part.
 #[derive(Debug)]
 struct MaskRound {
@@ -185,6 +195,8 @@ struct MaskRound {
     answered: Option<u32>,
     /// The participants of the epoch we answered (unknown after a restart of this node).
     answered_set: Option<BTreeSet<SignerKey>>,
+    /// Epochs of this round we sent a masked delta in and then left for a restart.
+    past: BTreeMap<u32, PastEpoch>,
     /// Epochs whose complete unmasked sum we computed ourselves and found not to cancel
     /// (inconsistent keys): nothing can be learnt from them, so answering a later epoch
     /// among the same participants is allowed after one.
@@ -201,11 +213,6 @@ impl MaskRound {
             None => true,
             Some(e) => self.burned.contains(&e) && self.answered_set.as_ref() == Some(participants),
         }
-    }
-
-    /// [`MaskRound::may_answer_with`] the current epoch's participants.
-    fn may_answer(&self) -> bool {
-        self.may_answer_with(&self.participants)
     }
 }
 
@@ -858,6 +865,22 @@ impl Engine {
         let public = keys.as_ref().map(|k| k.public.clone());
         match rs.mask.as_mut() {
             Some(m) => {
+                // Keep what answering the epoch we leave needs, if we sent a delta in it.
+                if let (Some(sent), Some(seed), Some(own)) =
+                    (m.sent_epoch, m.self_seed, rs.pool.get(&me))
+                    && sent == m.epoch
+                    && m.epoch < epoch
+                {
+                    m.past.insert(
+                        sent,
+                        PastEpoch {
+                            participants: m.participants.clone(),
+                            seed,
+                            own_hash: own.hash,
+                            pairs: std::mem::take(&mut m.pairs),
+                        },
+                    );
+                }
                 m.epoch = epoch;
                 m.participants = participants.clone();
                 m.epoch_started = Instant::now();
@@ -890,6 +913,7 @@ impl Engine {
                     seal_envelopes: Vec::new(),
                     answered,
                     answered_set: None,
+                    past: BTreeMap::new(),
                     burned: BTreeSet::new(),
                 });
             }
@@ -1267,9 +1291,11 @@ impl Engine {
         }
     }
 
-    /// A seal of the current epoch: if it lists every participant and our own delta as
-    /// sent, we reveal our self-mask seed for this epoch (and, having revealed, never let a
-    /// restart leave out another revealer).
+    /// A seal of an epoch of this round: if it lists every participant and our own delta
+    /// as sent, we answer (our self-mask seed and our seed shares), at most one epoch per
+    /// round. A seal of an epoch we already left for a restart is answered too, from what
+    /// we kept of it, when we have answered nothing yet: a member whose view was complete
+    /// sealed it while ours was not, and only our answer lets it complete.
     async fn on_seal(
         &mut self,
         signer: SignerKey,
@@ -1283,12 +1309,30 @@ impl Engine {
             return;
         };
         let own_hash = rs.pool.get(&me).map(|p| p.hash);
-        let Some(m) = rs.mask.as_mut().filter(|m| m.epoch == epoch) else {
+        let Some(m) = rs.mask.as_mut() else {
+            return;
+        };
+        let current = m.epoch == epoch;
+        let (participants, self_seed, own_hash, pairs) = if current {
+            (
+                m.participants.clone(),
+                m.self_seed,
+                own_hash,
+                m.pairs.clone(),
+            )
+        } else if let Some(p) = m.past.get(&epoch) {
+            (
+                p.participants.clone(),
+                Some(p.seed),
+                Some(p.own_hash),
+                p.pairs.clone(),
+            )
+        } else {
             return;
         };
         let listed: BTreeSet<SignerKey> = deltas.iter().map(|(s, _)| *s).collect();
-        let valid = m.participants.contains(&signer)
-            && listed == m.participants
+        let valid = participants.contains(&signer)
+            && listed == participants
             && listed.len() == deltas.len()
             && deltas.windows(2).all(|w| w[0].0 < w[1].0);
         if !valid {
@@ -1301,21 +1345,26 @@ impl Engine {
             );
             return;
         }
-        if m.seal.is_none() {
+        if current && m.seal.is_none() {
             m.seal = Some(deltas.clone());
         }
         let ours_listed = deltas.iter().any(|(s, h)| *s == me && Some(*h) == own_hash);
-        let Some(seed) = m.self_seed.filter(|_| ours_listed) else {
+        let Some(seed) = self_seed.filter(|_| ours_listed) else {
             return;
         };
         // At most one epoch per round (the same one again after a restart of this node).
-        if m.reveals.contains_key(&me) || !(m.may_answer() || m.answered == Some(epoch)) {
+        let answered_here = if current {
+            m.reveals.contains_key(&me)
+        } else {
+            m.answered == Some(epoch)
+        };
+        if answered_here || !(m.may_answer_with(&participants) || m.answered == Some(epoch)) {
             return;
         }
         // Our answer: our own seed, and our share of every other listed participant's
         // seed (opened with our pair secret), so that the epoch completes without a
         // participant that dropped out after its delta was sealed.
-        let Some(x) = secagg::share_x(&m.participants, &me) else {
+        let Some(x) = secagg::share_x(&participants, &me) else {
             return;
         };
         let book = self.mask_shares.get(&(round, epoch));
@@ -1324,7 +1373,7 @@ impl Engine {
             let sealed = book
                 .and_then(|b| b.get(owner))
                 .and_then(|(_, b)| b.as_ref());
-            let pair = m.pairs.iter().find(|(p, _)| p == owner).map(|(_, s)| s);
+            let pair = pairs.iter().find(|(p, _)| p == owner).map(|(_, s)| s);
             if let (Some((sealed, tag)), Some(pair)) = (sealed, pair) {
                 match secagg::open_share(sealed, tag, x, pair, owner, &me) {
                     Ok(y) => shares.push((*owner, y)),
@@ -1347,10 +1396,12 @@ impl Engine {
             return;
         };
         m.answered = Some(epoch);
-        m.answered_set = Some(m.participants.clone());
-        m.reveals.insert(me, seed);
-        for (owner, y) in &shares {
-            m.revealed_shares.entry(*owner).or_default().insert(x, *y);
+        m.answered_set = Some(participants);
+        if current {
+            m.reveals.insert(me, seed);
+            for (owner, y) in &shares {
+                m.revealed_shares.entry(*owner).or_default().insert(x, *y);
+            }
         }
         if self.config.node.testing.withhold_answer {
             tracing::warn!(round = %round, epoch, "testing: withholding our answer to the sealed epoch");
@@ -1363,7 +1414,11 @@ impl Engine {
             seed,
             shares,
         };
-        tracing::info!(round = %round, epoch, "secure aggregation: the epoch is sealed; answering with our self-mask seed and seed shares");
+        if current {
+            tracing::info!(round = %round, epoch, "secure aggregation: the epoch is sealed; answering with our self-mask seed and seed shares");
+        } else {
+            tracing::warn!(round = %round, epoch, now = self.round.as_ref().and_then(|r| r.mask.as_ref()).map_or(0, |m| m.epoch), "secure aggregation: an epoch we had left was sealed by a member with a complete view; answering it (this round's later epochs stay unanswered)");
+        }
         if let Some(env) = self.publish_mask(&msg).await
             && let Some(m) = self.round.as_mut().and_then(|r| r.mask.as_mut())
         {
@@ -1452,7 +1507,7 @@ impl Engine {
                 (ready.elapsed().as_secs_f64() / merge_timeout.as_secs_f64().max(1e-3)) as usize;
             let my_turn = order.get(attempt % order.len()) == Some(&me);
             if m.seal.is_none() {
-                if my_turn {
+                if my_turn && ready.elapsed() >= self.config.node.testing.seal_delay {
                     let deltas: Vec<(SignerKey, DeltaHash)> = delivered
                         .iter()
                         .filter_map(|s| rs.pool.get(s).map(|p| (*s, p.hash)))
@@ -1930,6 +1985,17 @@ impl Engine {
         from: Option<PeerId>,
     ) -> bool {
         match self.check_delta(round, hash, env) {
+            Ok((signer, _))
+                if self.peer_of.get(&signer).is_some_and(|p| {
+                    self.config
+                        .node
+                        .testing
+                        .ignore_deltas_from
+                        .contains(&p.to_string())
+                }) =>
+            {
+                false
+            }
             Ok((signer, content)) => {
                 let Some(rs) = self.round.as_mut() else {
                     return false;
