@@ -86,6 +86,24 @@ pub struct Merged {
     pub outcome: Outcome,
 }
 
+impl Merged {
+    /// The merged model of these values, hashed.
+    fn new(
+        layout: Arc<Layout>,
+        values: Vec<f32>,
+        outcome: Outcome,
+    ) -> Result<Self, AggregateError> {
+        let weights = Weights::from_flat(layout, values)
+            .map_err(|e| AggregateError::NonFinite(e.to_string()))?;
+        let hash = weights.hash();
+        Ok(Self {
+            weights,
+            hash,
+            outcome,
+        })
+    }
+}
+
 /// A configured merge pipeline with its committed state.
 #[derive(Debug)]
 pub struct Merger {
@@ -260,14 +278,7 @@ impl Merger {
         // calloc'd: the pages are zeroed lazily by the kernel as the merge first writes them.
         let mut out = vec![0f32; base.values().len()];
         let outcome = self.merge_into(base, base_hash, updates, round, &mut out)?;
-        let weights = Weights::from_flat(Arc::clone(base.layout()), out)
-            .map_err(|e| AggregateError::NonFinite(e.to_string()))?;
-        let hash = weights.hash();
-        Ok(Merged {
-            weights,
-            hash,
-            outcome,
-        })
+        Merged::new(Arc::clone(base.layout()), out, outcome)
     }
 
     /// Like [`Merger::merge`], writing the new model's flat values into `out` (its
@@ -322,14 +333,7 @@ impl Merger {
         let layout = Arc::clone(base.layout());
         let mut values = base.into_values();
         let outcome = self.merge_values(&layout, None, base_hash, updates, round, &mut values)?;
-        let weights = Weights::from_flat(layout, values)
-            .map_err(|e| AggregateError::NonFinite(e.to_string()))?;
-        let hash = weights.hash();
-        Ok(Merged {
-            weights,
-            hash,
-            outcome,
-        })
+        Merged::new(layout, values, outcome)
     }
 
     /// The merge proper: `out` receives the new model; the base values are `base`, or,

@@ -58,15 +58,21 @@ fn map(size: usize) -> *mut u8 {
     if p == libc::MAP_FAILED {
         return std::ptr::null_mut();
     }
+    advise(p, size);
+    p.cast()
+}
+
+/// Asks for transparent huge pages on a mapping of [`HUGE`] bytes or more.
+#[cfg(target_os = "linux")]
+fn advise(p: *mut libc::c_void, size: usize) {
     if size >= HUGE {
-        // SAFETY: `p..p + size` is the mapping just made; the advice only changes how it
-        // is backed (huge pages where the kernel allows), never its contents. Failure is
-        // harmless.
+        // SAFETY: `p..p + size` is a mapping just made or moved by this allocator; the
+        // advice only changes how it is backed (huge pages where the kernel allows),
+        // never its contents. Failure is harmless.
         unsafe {
             libc::madvise(p, size, libc::MADV_HUGEPAGE);
         }
     }
-    p.cast()
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -95,12 +101,7 @@ fn remap(ptr: *mut u8, old: usize, new: usize) -> *mut u8 {
     if p == libc::MAP_FAILED {
         return std::ptr::null_mut();
     }
-    if new >= HUGE {
-        // SAFETY: as in `map`: advice on the mapping just returned.
-        unsafe {
-            libc::madvise(p, new, libc::MADV_HUGEPAGE);
-        }
-    }
+    advise(p, new);
     p.cast()
 }
 

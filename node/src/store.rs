@@ -274,6 +274,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Database errors.
     fn peers(&self) -> Result<Vec<(String, Vec<String>)>, StoreError>;
 
+    /// The record stored under `peer`, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn peer(&self, peer: &str) -> Result<Option<Vec<String>>, StoreError>;
+
     /// Flushes everything to disk.
     ///
     /// # Errors
@@ -319,7 +325,7 @@ fn dec<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T
 
 /// Block size of direct writes: buffers, lengths and file offsets are multiples of it.
 const DIRECT_BLOCK: usize = 4096;
-/// Bytes a direct writer gathers before each write.
+/// Bytes a blob writer gathers before each write.
 const DIRECT_PIECE: usize = 1 << 20;
 
 /// A blob writer. Where the file system supports it (probed when the store opens), blobs
@@ -349,13 +355,8 @@ impl BlobWriter {
             o.custom_flags(O_DIRECT);
         }
         let file = o.open(path)?;
-        let (buf, at) = if direct {
-            let buf = vec![0u8; DIRECT_PIECE + DIRECT_BLOCK];
-            let at = buf.as_ptr().align_offset(DIRECT_BLOCK);
-            (buf, at)
-        } else {
-            (Vec::new(), 0)
-        };
+        let buf = vec![0u8; DIRECT_PIECE + DIRECT_BLOCK];
+        let at = buf.as_ptr().align_offset(DIRECT_BLOCK);
         Ok(Self {
             file,
             direct,
@@ -366,35 +367,26 @@ impl BlobWriter {
         })
     }
 
-    /// Writes the gathered piece, whole blocks only unless `last` (then padded with
-    /// zeros to a block; `finish` cuts the file back to its length).
-    fn drain(&mut self, last: bool) -> std::io::Result<()> {
-        let n = if last {
+    /// Writes the gathered bytes: a full piece (a whole number of blocks), or the last,
+    /// padded with zeros to a block when direct (`finish` cuts the file back).
+    fn drain(&mut self) -> std::io::Result<()> {
+        let n = if self.direct {
             self.len.next_multiple_of(DIRECT_BLOCK)
         } else {
-            self.len - self.len % DIRECT_BLOCK
+            self.len
         };
-        if n == 0 {
-            return Ok(());
-        }
-        if last {
-            self.buf[self.at + self.len..self.at + n].fill(0);
-        }
+        self.buf[self.at + self.len..self.at + n].fill(0);
         self.file.write_all(&self.buf[self.at..self.at + n])?;
-        let kept = self.len.saturating_sub(n);
-        self.buf
-            .copy_within(self.at + n..self.at + n + kept, self.at);
-        self.written += (self.len - kept) as u64;
-        self.len = kept;
+        self.written += self.len as u64;
+        self.len = 0;
         Ok(())
     }
 
     /// Flushes what is left and leaves the file exactly as long as what was written.
     fn finish(mut self) -> std::io::Result<fs::File> {
+        self.drain()?;
         if self.direct {
-            let total = self.written + self.len as u64;
-            self.drain(true)?;
-            self.file.set_len(total)?;
+            self.file.set_len(self.written)?;
         }
         Ok(self.file)
     }
@@ -402,16 +394,11 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if !self.direct {
-            // Pieces of at most 1 MiB into the page cache.
-            let n = bytes.len().min(DIRECT_PIECE);
-            return self.file.write(&bytes[..n]);
-        }
         let n = bytes.len().min(DIRECT_PIECE - self.len);
         self.buf[self.at + self.len..self.at + self.len + n].copy_from_slice(&bytes[..n]);
         self.len += n;
         if self.len == DIRECT_PIECE {
-            self.drain(false)?;
+            self.drain()?;
         }
         Ok(n)
     }
@@ -635,15 +622,7 @@ impl Store for DiskStore {
     fn put_model(&self, hash: &ModelHash, model: &Weights) -> Result<(), StoreError> {
         // The hash was computed from these weights: stream their canonical bytes
         // instead of building (and hashing again) a copy of the whole model.
-        self.write_atomically(BlobKind::Model, hash.as_bytes(), |f| {
-            if f.direct {
-                model.write_to(f)
-            } else {
-                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-                model.write_to(&mut w)?;
-                w.flush()
-            }
-        })
+        self.write_atomically(BlobKind::Model, hash.as_bytes(), |f| model.write_to(f))
     }
 
     fn blob(&self, kind: BlobKind, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -752,6 +731,13 @@ impl Store for DiskStore {
                 Ok((String::from_utf8_lossy(&k).into_owned(), addresses))
             })
             .collect()
+    }
+
+    fn peer(&self, peer: &str) -> Result<Option<Vec<String>>, StoreError> {
+        self.peers
+            .get(peer.as_bytes())?
+            .map(|v| dec("peer", &v).map(|PeerRecord(values)| values))
+            .transpose()
     }
 
     fn flush(&self) -> Result<(), StoreError> {

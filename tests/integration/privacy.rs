@@ -12,7 +12,7 @@ use cellswarm_common::delta::{Delta, DeltaLimits};
 use cellswarm_common::weights::Limits;
 use cellswarm_node::swarm::local::{VectorTrainer, vector_layout};
 
-use crate::swarm_util::{Consortium, Setup, runtime, wait_done};
+use crate::swarm_util::{Consortium, Setup, runtime, stop_all, wait_all_agree};
 use crate::util::{cellswarm, ok_stdout};
 
 const PARAMS: usize = 4000;
@@ -40,22 +40,10 @@ fn local_dp_sends_noise_of_the_configured_scale_reports_epsilon_and_still_learns
         ..Setup::default()
     });
     let statuses = runtime().block_on(async {
-        let mut nodes = Vec::new();
-        for i in 0..3 {
-            nodes.push(c.start(i, None).await);
-        }
-        let mut hashes = Vec::new();
-        for n in &nodes {
-            hashes.push(wait_done(n, rounds, Duration::from_secs(120)).await);
-        }
-        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+        let nodes = c.start_all().await;
+        wait_all_agree(&nodes, rounds, Duration::from_secs(120)).await;
         let statuses: Vec<_> = nodes.iter().map(|n| n.status().borrow().clone()).collect();
-        for n in &nodes {
-            n.shutdown();
-        }
-        for n in nodes {
-            n.wait().await.expect("a clean stop");
-        }
+        stop_all(nodes).await;
         statuses
     });
     // Each site released one privatized delta per round: the epsilon in /status is the

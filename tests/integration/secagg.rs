@@ -20,7 +20,9 @@ use cellswarm_node::store::{DiskStore, Store};
 use cellswarm_node::swarm::local::{LocalTrainer, VectorTrainer, vector_layout};
 use cellswarm_node::swarm::secagg;
 
-use crate::swarm_util::{Consortium, Setup, runtime, wait_done, wait_status};
+use crate::swarm_util::{
+    Consortium, Setup, runtime, stop_all, wait_all_agree, wait_done, wait_status,
+};
 
 const PARAMS: usize = 4000;
 const LONG: Duration = Duration::from_secs(120);
@@ -105,21 +107,9 @@ fn masked_merges_equal_the_unmasked_sum_and_a_masked_delta_reveals_nothing() {
     let rounds = 3;
     let c = Consortium::new(secure(3, 3, rounds, "20s"));
     runtime().block_on(async {
-        let mut nodes = Vec::new();
-        for i in 0..3 {
-            nodes.push(c.start(i, None).await);
-        }
-        let mut hashes = Vec::new();
-        for n in &nodes {
-            hashes.push(wait_done(n, rounds, LONG).await);
-        }
-        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
-        for n in &nodes {
-            n.shutdown();
-        }
-        for n in nodes {
-            n.wait().await.expect("a clean stop");
-        }
+        let nodes = c.start_all().await;
+        wait_all_agree(&nodes, rounds, LONG).await;
+        stop_all(nodes).await;
     });
     // Identical with and without masking.
     let (r, model) = c.sites[0].head_model();
@@ -224,33 +214,16 @@ fn a_member_that_drops_out_after_its_delta_was_sealed_is_completed_from_seed_sha
     // Member 3 masks and delivers, then never answers the seal (it dropped out at that
     // moment): before, the epoch restarted without it, and its answer arriving late could
     // expose its update; now the others rebuild its self-mask seed from their shares.
-    {
-        let file = &c.sites[3].node_file;
-        let mut text = std::fs::read_to_string(file).expect("reads");
-        text.push_str("withhold_answer = true\n");
-        std::fs::write(file, text).expect("writes");
-    }
+    c.append_site(3, "withhold_answer = true\n");
     runtime().block_on(async {
-        let mut nodes = Vec::new();
-        for i in 0..4 {
-            nodes.push(c.start(i, None).await);
-        }
-        let mut hashes = Vec::new();
-        for n in &nodes {
-            hashes.push(wait_done(n, rounds, LONG).await);
-        }
-        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+        let nodes = c.start_all().await;
+        wait_all_agree(&nodes, rounds, LONG).await;
         // Each of the three answering members rebuilt member 3's seed in each round.
         for n in &nodes[..3] {
             let rebuilt = n.status().borrow().seeds_rebuilt;
             assert_eq!(rebuilt, rounds, "seeds rebuilt");
         }
-        for n in &nodes {
-            n.shutdown();
-        }
-        for n in nodes {
-            n.wait().await.expect("a clean stop");
-        }
+        stop_all(nodes).await;
     });
     // Every round merged all four updates in the first epoch (no restart), and the model
     // is bit for bit the unmasked mean of all four.
@@ -273,7 +246,7 @@ fn a_member_restarted_after_its_delta_was_sealed_answers_with_its_stored_seed() 
     let c = Consortium::new(secure(3, 3, 1, "20s"));
     let file = c.sites[2].node_file.clone();
     let plain = std::fs::read_to_string(&file).expect("reads");
-    std::fs::write(&file, format!("{plain}withhold_answer = true\n")).expect("writes");
+    c.append_site(2, "withhold_answer = true\n");
     runtime().block_on(async {
         let n0 = c.start(0, None).await;
         let n1 = c.start(1, None).await;
@@ -287,18 +260,9 @@ fn a_member_restarted_after_its_delta_was_sealed_answers_with_its_stored_seed() 
         n2.shutdown();
         n2.wait().await.expect("a clean stop");
         std::fs::write(&file, &plain).expect("writes");
-        let n2 = c.start(2, None).await;
-        let mut hashes = Vec::new();
-        for n in [&n0, &n1, &n2] {
-            hashes.push(wait_done(n, 1, LONG).await);
-        }
-        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
-        for n in [&n0, &n1, &n2] {
-            n.shutdown();
-        }
-        for n in [n0, n1, n2] {
-            n.wait().await.expect("a clean stop");
-        }
+        let nodes = vec![n0, n1, c.start(2, None).await];
+        wait_all_agree(&nodes, 1, LONG).await;
+        stop_all(nodes).await;
     });
     assert_eq!(record(&c, 0, 1).contributions.len(), 3);
     let (_, model) = c.sites[0].head_model();
@@ -323,26 +287,12 @@ fn a_seal_racing_a_restart_is_answered_by_the_members_that_restarted() {
         (1, "seal_delay = \"6s\"\n".to_owned()),
         (3, "seal_delay = \"6s\"\n".to_owned()),
     ] {
-        let file = &c.sites[i].node_file;
-        let text = std::fs::read_to_string(file).expect("reads");
-        std::fs::write(file, format!("{text}{extra}")).expect("writes");
+        c.append_site(i, &extra);
     }
     runtime().block_on(async {
-        let mut nodes = Vec::new();
-        for i in 0..4 {
-            nodes.push(c.start(i, None).await);
-        }
-        let mut hashes = Vec::new();
-        for n in &nodes {
-            hashes.push(wait_done(n, 1, LONG).await);
-        }
-        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
-        for n in &nodes {
-            n.shutdown();
-        }
-        for n in nodes {
-            n.wait().await.expect("a clean stop");
-        }
+        let nodes = c.start_all().await;
+        wait_all_agree(&nodes, 1, LONG).await;
+        stop_all(nodes).await;
     });
     assert_eq!(record(&c, 1, 1).contributions.len(), 4);
     let (_, model) = c.sites[0].head_model();

@@ -21,18 +21,11 @@ use cellswarm_node::swarm::local::{LocalTrainer, TrainedRound, VectorTrainer};
 use cellswarm_node::swarm::network::{self, NetEvent, NetSettings};
 use cellswarm_node::swarm::status::RejectReason;
 
-use crate::swarm_util::{Consortium, Setup, runtime, wait_done, wait_status};
+use crate::swarm_util::{
+    Consortium, Setup, runtime, stop_all, wait_all_agree, wait_done, wait_status,
+};
 
 const LONG: Duration = Duration::from_secs(120);
-
-async fn stop_all(nodes: Vec<Node>) {
-    for n in &nodes {
-        n.shutdown();
-    }
-    for n in nodes {
-        n.wait().await.expect("the node stops cleanly");
-    }
-}
 
 /// The FedAvg of `test-vector` updates, recomputed from the audit log of site 0's store:
 /// each round every contributor i moves the model half-way to its target t_i, and the
@@ -74,16 +67,9 @@ fn expected_fedavg(c: &Consortium) -> Vec<f64> {
 fn three_nodes_converge_to_bit_identical_models_over_five_rounds() {
     let c = Consortium::new(Setup::default());
     runtime().block_on(async {
-        let mut nodes = Vec::new();
-        for i in 0..3 {
-            nodes.push(c.start(i, None).await);
-        }
-        let mut hashes = Vec::new();
-        for n in &nodes {
-            hashes.push(wait_done(n, 5, LONG).await);
-        }
-        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
-        assert_ne!(hashes[0], c.genesis, "the model moved");
+        let nodes = c.start_all().await;
+        let hash = wait_all_agree(&nodes, 5, LONG).await;
+        assert_ne!(hash, c.genesis, "the model moved");
         let accepted: u64 = nodes
             .iter()
             .map(|n| {

@@ -246,6 +246,22 @@ impl Consortium {
             .expect("the node starts")
     }
 
+    /// Starts every member in this process with its configured trainer.
+    pub(crate) async fn start_all(&self) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        for i in 0..self.sites.len() {
+            nodes.push(self.start(i, None).await);
+        }
+        nodes
+    }
+
+    /// Appends `lines` to member `i`'s site file (its `[testing]` section comes last).
+    pub(crate) fn append_site(&self, i: usize, lines: &str) {
+        let file = &self.sites[i].node_file;
+        let text = std::fs::read_to_string(file).expect("the site file reads");
+        std::fs::write(file, format!("{text}{lines}")).expect("the site file is written");
+    }
+
     /// Starts member `i` as a `cellswarm run` process logging JSON lines to `events`.
     pub(crate) fn spawn(&self, i: usize, events: &mpsc::Sender<LogEvent>) -> Child {
         let mut child = Command::new(CELLSWARM)
@@ -454,6 +470,27 @@ pub(crate) async fn wait_done(node: &Node, rounds: u64, timeout: Duration) -> Mo
     })
     .await;
     s.model.expect("a finished node has a model")
+}
+
+/// Waits until every node finished `rounds` rounds; asserts they hold the same model and
+/// returns its hash.
+pub(crate) async fn wait_all_agree(nodes: &[Node], rounds: u64, timeout: Duration) -> ModelHash {
+    let mut hashes = Vec::new();
+    for n in nodes {
+        hashes.push(wait_done(n, rounds, timeout).await);
+    }
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+    hashes[0]
+}
+
+/// Stops in-process nodes and waits for each to stop cleanly.
+pub(crate) async fn stop_all(nodes: Vec<Node>) {
+    for n in &nodes {
+        n.shutdown();
+    }
+    for n in nodes {
+        n.wait().await.expect("the node stops cleanly");
+    }
 }
 
 /// Stops a child with SIGTERM and returns whether it exited 0 within `timeout`.

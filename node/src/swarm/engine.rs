@@ -420,6 +420,8 @@ pub struct Engine {
     mask_shares: BTreeMap<(RoundId, u32), ShareBook>,
     /// Shares that rebuild a participant's self-mask seed (from the member count).
     share_threshold: usize,
+    /// `testing.ignore_deltas_from`, as signer keys.
+    ignore_deltas_from: BTreeSet<SignerKey>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -523,6 +525,17 @@ impl Engine {
         let merge_timeout = p.config.consortium.rounds.merge_timeout;
         let max = p.config.node.net.max_message_bytes;
         let share_threshold = secagg::share_threshold(peer_of.len());
+        let ignore_deltas_from = peer_of
+            .iter()
+            .filter(|(_, id)| {
+                p.config
+                    .node
+                    .testing
+                    .ignore_deltas_from
+                    .contains(&id.to_string())
+            })
+            .map(|(k, _)| *k)
+            .collect();
         Ok(Self {
             digest: p.config.consortium.agreement_digest(),
             me: p.identity.signer_key(),
@@ -576,6 +589,7 @@ impl Engine {
             model_lent: false,
             lent_head: None,
             share_threshold,
+            ignore_deltas_from,
         })
     }
 
@@ -1434,11 +1448,8 @@ impl Engine {
 
     /// The epoch this node answered in `round` before a restart, if any.
     fn stored_answer(&self, round: RoundId) -> Option<u32> {
-        let peers = self.store.peers().ok()?;
-        peers
-            .into_iter()
-            .find(|(k, _)| *k == Self::answer_key(round))
-            .and_then(|(_, v)| v.first().and_then(|e| e.parse().ok()))
+        let values = self.store.peer(&Self::answer_key(round)).ok()??;
+        values.first()?.parse().ok()
     }
 
     /// Rebuilds, from the shares revealed by the others, the seed of every participant of
@@ -1596,19 +1607,7 @@ impl Engine {
             self.phase = Phase::Merging;
             self.publish_status(false);
             tracing::info!(round = %round, attempt, epoch, deltas = contributions.len(), "merging as the round's merger");
-            let record = MergeRecord {
-                consortium: self.digest,
-                round,
-                base: head.model,
-                prev: head.record,
-                strategy: self.merger.name().to_owned(),
-                contributions,
-                model: ModelHash::default(),
-                state: [0; 32],
-                attempt: attempt as u32,
-            };
-            let delay = self.config.node.testing.merge_delay;
-            self.spawn_merge(base, vec![update], round, record, delay, None);
+            self.spawn_own_merge(base, head, vec![update], contributions, round, attempt);
             return;
         }
         if m.epoch_started.elapsed() < collect {
@@ -1762,10 +1761,7 @@ impl Engine {
 
     /// The self-mask seed (and its epoch) stored with our masked delta of `round`.
     fn own_self_seed(&self, round: RoundId) -> Option<(u32, [u8; 32])> {
-        let peers = self.store.peers().ok()?;
-        let (_, values) = peers
-            .into_iter()
-            .find(|(k, _)| *k == Self::own_delta_key(round))?;
+        let values = self.store.peer(&Self::own_delta_key(round)).ok()??;
         let (epoch, seed) = values
             .iter()
             .find_map(|v| v.strip_prefix(SELF_SEED_MARK))?
@@ -1775,11 +1771,10 @@ impl Engine {
     }
 
     fn own_delta(&self, round: RoundId) -> Result<Option<DeltaHash>, StoreError> {
-        let peers = self.store.peers()?;
-        Ok(peers
-            .into_iter()
-            .find(|(k, _)| *k == Self::own_delta_key(round))
-            .and_then(|(_, v)| v.first().and_then(|h| h.parse().ok())))
+        Ok(self
+            .store
+            .peer(&Self::own_delta_key(round))?
+            .and_then(|v| v.first().and_then(|h| h.parse().ok())))
     }
 
     fn encoding(&self) -> DeltaEncoding {
@@ -1869,16 +1864,16 @@ impl Engine {
             let digest = seal_in_place(&self.identity, PayloadKind::Delta, &mut buf[pad..]);
             let bytes = bytes::Bytes::from(buf);
             // What the others will merge is what they decode: an f32 delta is the encoded
-            // bytes themselves; a lossy encoding (f16, int8, top-k) is decoded back.
+            // bytes themselves; a lossy encoding (f16, int8, top-k) is decoded back. The
+            // trained buffer is freed first.
+            drop(delta);
             let decoded = if encoding == DeltaEncoding::F32 {
-                drop(delta);
                 Delta::view_f32(
                     bytes.clone(),
                     pad + total - f32_bytes,
                     Arc::clone(&self.layout),
                 )
             } else {
-                drop(delta);
                 Delta::decode(&bytes[body_at..], &self.layout, &self.limits)
             }
             .map_err(|e| e.to_string())?;
@@ -1985,17 +1980,7 @@ impl Engine {
         from: Option<PeerId>,
     ) -> bool {
         match self.check_delta(round, hash, env) {
-            Ok((signer, _))
-                if self.peer_of.get(&signer).is_some_and(|p| {
-                    self.config
-                        .node
-                        .testing
-                        .ignore_deltas_from
-                        .contains(&p.to_string())
-                }) =>
-            {
-                false
-            }
+            Ok((signer, _)) if self.ignore_deltas_from.contains(&signer) => false,
             Ok((signer, content)) => {
                 let Some(rs) = self.round.as_mut() else {
                     return false;
@@ -2189,6 +2174,20 @@ impl Engine {
             return;
         };
         let Some(head) = self.head else { return };
+        self.spawn_own_merge(base, head, updates, contributions, round, attempt);
+    }
+
+    /// Our merge as the round's merger: the record to fill in with the result, and the
+    /// merge on a blocking thread.
+    fn spawn_own_merge(
+        &mut self,
+        base: Arc<Weights>,
+        head: Head,
+        updates: Vec<Update>,
+        contributions: Vec<Contribution>,
+        round: RoundId,
+        attempt: usize,
+    ) {
         let record = MergeRecord {
             consortium: self.digest,
             round,
