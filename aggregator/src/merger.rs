@@ -182,7 +182,7 @@ impl Merger {
     /// # Errors
     /// As [`Merger::new`], and secure aggregation with a strategy that must see each update.
     pub fn from_config(cfg: &AggregationConfig) -> Result<Self, AggregateError> {
-        let weighted = FedAvg { weighted: true };
+        let weighted = FedAvg::new(true);
         let adaptive = |kind| {
             ServerOptimizer::Adaptive(
                 kind,
@@ -196,10 +196,20 @@ impl Merger {
         };
         let f = cfg.byzantine as usize;
         let (strategy, server): (Box<dyn Strategy>, ServerOptimizer) = match cfg.strategy {
-            StrategyKind::FedAvg => (Box::new(weighted), ServerOptimizer::Sgd),
-            StrategyKind::FedAvgUnweighted => {
-                (Box::new(FedAvg { weighted: false }), ServerOptimizer::Sgd)
-            }
+            StrategyKind::FedAvg => (
+                Box::new(FedAvg {
+                    step: cfg.server_step,
+                    ..weighted
+                }),
+                ServerOptimizer::Sgd,
+            ),
+            StrategyKind::FedAvgUnweighted => (
+                Box::new(FedAvg {
+                    weighted: false,
+                    step: cfg.server_step,
+                }),
+                ServerOptimizer::Sgd,
+            ),
             StrategyKind::FedAdam => (Box::new(weighted), adaptive(Adaptive::Adam)),
             StrategyKind::FedYogi => (Box::new(weighted), adaptive(Adaptive::Yogi)),
             StrategyKind::FedAdagrad => (Box::new(weighted), adaptive(Adaptive::Adagrad)),

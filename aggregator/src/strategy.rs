@@ -79,11 +79,26 @@ fn linear_selection(view: &View<'_>, weights: Vec<f64>) -> Selection {
 
 /// FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from
 /// Decentralized Data", AISTATS 2017): the mean of the updates weighted by sample count
-/// `n_k / sum(n)`, or with equal weights `1 / K` when `weighted` is false.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `n_k / sum(n)`, or with equal weights `1 / K` when `weighted` is false, times the
+/// server step size `step` (1: the plain mean).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FedAvg {
     /// Weight by sample count (true) or equally (false).
     pub weighted: bool,
+    /// Server step size eta_g: every weight is multiplied by it (1 keeps the bits of the
+    /// plain mean, since `w * 1.0 == w`).
+    pub step: f64,
+}
+
+impl FedAvg {
+    /// Plain FedAvg (server step 1), weighted by sample count or not.
+    #[must_use]
+    pub fn new(weighted: bool) -> Self {
+        Self {
+            weighted,
+            step: 1.0,
+        }
+    }
 }
 
 impl Strategy for FedAvg {
@@ -104,10 +119,10 @@ impl Strategy for FedAvg {
             let total: f64 = view.sample_counts.iter().map(|&c| c as f64).sum();
             view.sample_counts
                 .iter()
-                .map(|&c| c as f64 / total)
+                .map(|&c| c as f64 / total * self.step)
                 .collect()
         } else {
-            vec![1.0 / n as f64; n]
+            vec![1.0 / n as f64 * self.step; n]
         };
         Ok(linear_selection(view, weights))
     }

@@ -24,18 +24,18 @@ fn all_strategies() -> Vec<Merger> {
         tau: 1e-3,
     };
     let parts: Vec<(Box<dyn Strategy>, ServerOptimizer)> = vec![
-        (Box::new(FedAvg { weighted: true }), ServerOptimizer::Sgd),
-        (Box::new(FedAvg { weighted: false }), ServerOptimizer::Sgd),
+        (Box::new(FedAvg::new(true)), ServerOptimizer::Sgd),
+        (Box::new(FedAvg::new(false)), ServerOptimizer::Sgd),
         (
-            Box::new(FedAvg { weighted: true }),
+            Box::new(FedAvg::new(true)),
             ServerOptimizer::Adaptive(Adaptive::Adam, adam),
         ),
         (
-            Box::new(FedAvg { weighted: true }),
+            Box::new(FedAvg::new(true)),
             ServerOptimizer::Adaptive(Adaptive::Yogi, adam),
         ),
         (
-            Box::new(FedAvg { weighted: true }),
+            Box::new(FedAvg::new(true)),
             ServerOptimizer::Adaptive(Adaptive::Adagrad, adam),
         ),
         (Box::new(Median), ServerOptimizer::Sgd),
@@ -196,7 +196,7 @@ fn robust_merges_contain_malicious_updates_and_fedavg_does_not() {
                 let merged = m.merge(&base, h, &updates, RoundId(1)).unwrap();
                 relative_distance(merged.weights.values(), &honest)
             };
-            let fedavg = dist(Box::new(FedAvg { weighted: true }));
+            let fedavg = dist(Box::new(FedAvg::new(true)));
             assert!(
                 fedavg > 0.2,
                 "f={f} {attack:?}: FedAvg should be visibly damaged, distance {fedavg:.3}"
@@ -332,19 +332,11 @@ fn configurations_that_exclude_each_other_are_refused() {
         noise_multiplier: 1.0,
         delta: 1e-5,
     });
-    assert!(
-        Merger::new(
-            Box::new(FedAvg { weighted: true }),
-            ServerOptimizer::Sgd,
-            None,
-            dp
-        )
-        .is_err()
-    );
+    assert!(Merger::new(Box::new(FedAvg::new(true)), ServerOptimizer::Sgd, None, dp).is_err());
     assert!(Merger::new(Box::new(Median), ServerOptimizer::Sgd, Some(1.0), dp).is_err());
     assert!(
         Merger::new(
-            Box::new(FedAvg { weighted: true }),
+            Box::new(FedAvg::new(true)),
             ServerOptimizer::Sgd,
             Some(-1.0),
             None
@@ -465,7 +457,7 @@ fn merging_over_the_base_gives_the_same_bits_as_merging_into_a_new_buffer() {
     let mut mergers = all_strategies();
     mergers.push(
         Merger::new(
-            Box::new(FedAvg { weighted: false }),
+            Box::new(FedAvg::new(false)),
             ServerOptimizer::Sgd,
             Some(0.5),
             Some(CentralDp {
@@ -498,7 +490,7 @@ fn central_dp_noise_has_the_configured_scale_and_is_reproducible() {
     let clip = 0.5;
     let z = 2.0;
     let plain = Merger::new(
-        Box::new(FedAvg { weighted: false }),
+        Box::new(FedAvg::new(false)),
         ServerOptimizer::Sgd,
         Some(clip),
         None,
@@ -509,7 +501,7 @@ fn central_dp_noise_has_the_configured_scale_and_is_reproducible() {
         delta: 1e-5,
     };
     let noisy = Merger::new(
-        Box::new(FedAvg { weighted: false }),
+        Box::new(FedAvg::new(false)),
         ServerOptimizer::Sgd,
         Some(clip),
         Some(dp),
@@ -573,7 +565,7 @@ fn clipping_bounds_each_update() {
     assert!((updates[0].norm() - big).abs() / big < 1e-5);
     let clip = inp.updates[1].norm() * 1.01;
     let m = Merger::new(
-        Box::new(FedAvg { weighted: false }),
+        Box::new(FedAvg::new(false)),
         ServerOptimizer::Sgd,
         Some(clip),
         None,
@@ -678,4 +670,44 @@ fn fedavg_agrees_with_numpy() {
         worst < 1e-5,
         "worst element-wise relative difference {worst:e}"
     );
+}
+
+#[test]
+fn fedavg_server_step_scales_the_mean_update_and_step_one_is_plain_fedavg() {
+    let inp = random_inputs(3, 2 * CHUNK + 5, 21);
+    let merge = |step: f64, strategy: StrategyKind| {
+        let cfg = AggregationConfig {
+            strategy,
+            server_step: step,
+            ..AggregationConfig::default()
+        };
+        Merger::from_config(&cfg)
+            .unwrap()
+            .merge(&inp.base, inp.base_hash, &inp.updates, RoundId(1))
+            .unwrap()
+    };
+    for strategy in [StrategyKind::FedAvg, StrategyKind::FedAvgUnweighted] {
+        // Step 1 is the plain mean, to the bit.
+        let plain = Merger::new(
+            Box::new(FedAvg::new(strategy == StrategyKind::FedAvg)),
+            ServerOptimizer::Sgd,
+            None,
+            None,
+        )
+        .unwrap()
+        .merge(&inp.base, inp.base_hash, &inp.updates, RoundId(1))
+        .unwrap();
+        assert_eq!(merge(1.0, strategy).hash, plain.hash);
+        // Step 2.5 moves the model 2.5 times as far along the same mean update.
+        let far = merge(2.5, strategy);
+        let base = inp.base.values();
+        for ((b, p), f) in base
+            .iter()
+            .zip(plain.weights.values())
+            .zip(far.weights.values())
+        {
+            let (dp, df) = (f64::from(p - b), f64::from(f - b));
+            assert!((df - 2.5 * dp).abs() <= 1e-6 + 1e-4 * dp.abs(), "{dp} {df}");
+        }
+    }
 }

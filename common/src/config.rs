@@ -440,6 +440,10 @@ pub struct AggregationConfig {
     pub multi_krum_keep: Option<u32>,
     /// Server optimisers: learning rate (eta).
     pub server_learning_rate: f64,
+    /// FedAvg (weighted or not): the server step size eta_g. The model moves by eta_g
+    /// times the weighted mean of the updates (1: plain FedAvg; above 1 extrapolates
+    /// along the members' common direction, as in Reddi et al., ICLR 2021).
+    pub server_step: f64,
     /// Server optimisers: first-moment decay (beta1).
     pub server_beta1: f64,
     /// Server optimisers: second-moment decay (beta2).
@@ -464,6 +468,7 @@ impl Default for AggregationConfig {
             byzantine: 1,
             multi_krum_keep: None,
             server_learning_rate: 0.01,
+            server_step: 1.0,
             server_beta1: 0.9,
             server_beta2: 0.99,
             server_tau: 1e-3,
@@ -716,6 +721,35 @@ impl ConsortiumConfig {
             return bad(
                 "server_learning_rate",
                 format!("must be a positive number, got {}", a.server_learning_rate),
+            );
+        }
+        if !(a.server_step.is_finite() && a.server_step > 0.0 && a.server_step <= 10.0) {
+            return bad(
+                "server_step",
+                format!("must be in (0, 10], got {}", a.server_step),
+            );
+        }
+        if a.server_step != 1.0
+            && !matches!(
+                a.strategy,
+                StrategyKind::FedAvg | StrategyKind::FedAvgUnweighted
+            )
+        {
+            return bad(
+                "server_step",
+                format!(
+                    "applies to fedavg and fedavg-unweighted only (strategy is {}); the server \
+                     optimisers take server_learning_rate",
+                    a.strategy.name()
+                ),
+            );
+        }
+        if a.server_step != 1.0 && a.secure_aggregation {
+            return bad(
+                "server_step",
+                "secure aggregation merges the plain mean of the masked updates: leave server_step \
+                 at 1"
+                    .into(),
             );
         }
         for (name, v) in [
@@ -1516,6 +1550,40 @@ movies = ["data/01"]
             "aggregation.secure_aggregation",
             "must see each update",
         );
+    }
+
+    #[test]
+    fn server_step_only_for_plain_fedavg() {
+        let ok = consortium_toml("[aggregation]\nstrategy = \"fedavg\"\nserver_step = 2.5");
+        let c = load(SITE, &ok).unwrap();
+        assert_eq!(c.consortium.aggregation.server_step, 2.5);
+        for (extra, words) in [
+            (
+                "strategy = \"fedavg\"\nserver_step = 0.0",
+                "must be in (0, 10]",
+            ),
+            (
+                "strategy = \"fedavg\"\nserver_step = 11.0",
+                "must be in (0, 10]",
+            ),
+            (
+                "strategy = \"fedadam\"\nserver_step = 2.0",
+                "fedavg and fedavg-unweighted only",
+            ),
+            (
+                "strategy = \"fedavg-unweighted\"\nserver_step = 2.0\nsecure_aggregation = true\nclip_norm = 1.0",
+                "leave server_step at 1",
+            ),
+        ] {
+            let c = consortium_toml(&format!("[aggregation]\n{extra}"));
+            expect_err(
+                SITE,
+                &c,
+                "consortium.toml",
+                "aggregation.server_step",
+                words,
+            );
+        }
     }
 
     #[test]

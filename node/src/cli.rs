@@ -131,7 +131,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Optimiser steps per site per round.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().steps)]
     pub steps: u64,
     /// Frames per synthetic movie.
     #[arg(long, default_value_t = 12)]
@@ -147,6 +147,33 @@ pub struct DemoArgs {
     /// (needs --local-dp-clip).
     #[arg(long, requires = "local_dp_clip")]
     pub local_dp_noise: Option<f64>,
+    /// Adam learning rate of every site (and of the local-only and pooled models).
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().learning_rate)]
+    pub lr: f64,
+    /// Patches per optimiser step.
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().batch)]
+    pub batch: usize,
+    /// Patch side in pixels (a multiple of 8).
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().patch)]
+    pub patch: usize,
+    /// The consortium's merge strategy, as in the consortium file (fedavg, fedadam, ...).
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().strategy)]
+    pub strategy: String,
+    /// Server learning rate of fedadam, fedyogi and fedadagrad.
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().server_learning_rate)]
+    pub server_lr: f64,
+    /// FedAvg's server step size: the model moves by this times the mean update.
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().server_step)]
+    pub server_step: f64,
+    /// FedProx mu of every site (0: off).
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().fedprox_mu)]
+    pub fedprox_mu: f64,
+    /// Train without zoom, blur and noise augmentation (for comparison).
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Keep the learning rate constant instead of decaying it over the rounds.
+    #[arg(long)]
+    pub constant_lr: bool,
     /// Privacy audit: append every message the first site's node sends (before transport
     /// encryption) to this file; see docs/security.md.
     #[arg(long)]
@@ -276,6 +303,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             anyhow::ensure!(a.rounds >= 1, "--rounds must be at least 1");
             anyhow::ensure!(a.frames >= 2, "--frames must be at least 2");
+            anyhow::ensure!(
+                a.batch >= 1 && a.patch >= 8 && a.patch.is_multiple_of(8),
+                "--batch must be at least 1 and --patch a multiple of 8"
+            );
+            anyhow::ensure!(
+                a.lr > 0.0 && a.lr.is_finite(),
+                "--lr must be a positive number"
+            );
             let options = crate::demo::DemoOptions {
                 sites: a.sites,
                 rounds: a.rounds,
@@ -287,7 +322,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 width: a.width,
                 local_dp: a.local_dp_clip.zip(a.local_dp_noise),
                 capture_sent: a.capture_sent,
-                ..crate::demo::DemoOptions::default()
+                learning_rate: a.lr,
+                batch: a.batch,
+                patch: a.patch,
+                strategy: a.strategy,
+                server_learning_rate: a.server_lr,
+                server_step: a.server_step,
+                fedprox_mu: a.fedprox_mu,
+                augment: !a.no_augment,
+                lr_decay: !a.constant_lr,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -4,8 +4,11 @@
 //! the real CTC movies given with `--data`; its node runs in this process with its own
 //! libp2p swarm on loopback, its own sled store and its own key, and trains the U-Net on
 //! its frames only. Beside the swarm, each site also trains a *local-only* model with the
-//! same steps from the same start, so the report can show what the swarm adds. After each
-//! round the merged model and the local models are scored on every site's held-out frames.
+//! same steps from the same start, and one *pooled* model trains on all sites' training
+//! frames together (what a consortium could do if data could move: the same network, seed
+//! and total optimiser steps as the whole swarm), so the report can show what the swarm
+//! adds and what it leaves on the table. After each round the merged, pooled and local
+//! models are scored on every site's held-out frames and on their union.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -63,6 +66,20 @@ pub struct DemoOptions {
     /// Privacy audit: every message the first site's node sends is appended to this file
     /// (`net.capture_sent`).
     pub capture_sent: Option<PathBuf>,
+    /// Adam learning rate of every site (and of the local and pooled models).
+    pub learning_rate: f64,
+    /// The consortium's merge strategy (`[aggregation] strategy`).
+    pub strategy: String,
+    /// Server learning rate of the server optimisers (FedAdam, FedYogi, FedAdagrad).
+    pub server_learning_rate: f64,
+    /// FedAvg's server step size (`[aggregation] server_step`).
+    pub server_step: f64,
+    /// FedProx mu of every site (0: off).
+    pub fedprox_mu: f64,
+    /// Zoom, blur and noise augmentation (rotations, flips and intensity changes always).
+    pub augment: bool,
+    /// Decay every model's learning rate along one cosine over all rounds.
+    pub lr_decay: bool,
 }
 
 impl Default for DemoOptions {
@@ -70,16 +87,26 @@ impl Default for DemoOptions {
         Self {
             sites: 3,
             rounds: 6,
-            steps: 40,
+            // 30 steps of 8 patches of 64 x 64: batches of 4 or fewer patches hit a slow
+            // direct convolution in burn-flex's weight gradient (3x slower per patch;
+            // docs/benchmarks.md).
+            steps: 30,
             data: Vec::new(),
             frames: 12,
             out: PathBuf::from("cellswarm-demo"),
             seed: 1,
             width: 8,
-            batch: 4,
-            patch: 96,
+            batch: 8,
+            patch: 64,
             local_dp: None,
             capture_sent: None,
+            learning_rate: 3e-3,
+            strategy: "fedavg".to_owned(),
+            server_learning_rate: 0.01,
+            server_step: 1.0,
+            fedprox_mu: 0.0,
+            augment: true,
+            lr_decay: true,
         }
     }
 }
@@ -97,6 +124,10 @@ pub struct RoundReport {
     pub f1_swarm: BTreeMap<String, f64>,
     /// Each site's local-only model's F1 on its own held-out frames.
     pub f1_local: BTreeMap<String, f64>,
+    /// The pooled model's F1 on each site's held-out frames.
+    pub f1_pooled: BTreeMap<String, f64>,
+    /// F1 on the union of all sites' held-out frames: `swarm` and `pooled`.
+    pub union: BTreeMap<String, f64>,
     /// Seconds since the start.
     pub elapsed_s: f64,
     /// Each site's local-DP epsilon spent after this round (empty without local DP).
@@ -113,12 +144,18 @@ pub struct Report {
     pub movies: Vec<String>,
     /// Per-round results.
     pub rounds: Vec<RoundReport>,
-    /// Row labels of the cross-site matrix: `swarm`, then `local:<site>`.
+    /// Row labels of the cross-site matrix: `swarm`, `pooled`, then `local:<site>`.
     pub cross_site_models: Vec<String>,
     /// F1 of every model (rows) on every site's held-out frames (columns).
     pub cross_site_f1: Vec<Vec<f64>>,
+    /// F1 of every model on the union of all sites' held-out frames (objects matched on
+    /// each frame, counts summed over all frames of all sites): `swarm`, `pooled`,
+    /// `local:<site>`.
+    pub union: BTreeMap<String, f64>,
     /// Mean over sites of the swarm model's F1.
     pub swarm_mean_f1: f64,
+    /// Mean over sites of the pooled model's F1.
+    pub pooled_mean_f1: f64,
     /// The best mean over sites of any local-only model's F1.
     pub best_local_mean_f1: f64,
     /// The final model's hash.
@@ -249,18 +286,54 @@ fn unet_config(o: &DemoOptions) -> UNetConfig {
     UNetConfig::new().with_depth(3).with_base_channels(o.width)
 }
 
+/// Training options of site `site`; the pooled model is "site" `o.sites`.
 fn train_options(o: &DemoOptions, site: usize) -> TrainOptions {
     TrainOptions {
         batch: o.batch,
-        learning_rate: 1e-3,
+        learning_rate: o.learning_rate,
+        fedprox_mu: o.fedprox_mu as f32,
         seed: o.seed * 1000 + site as u64,
-        sampler: SamplerConfig {
-            patch: o.patch,
-            ..SamplerConfig::default()
+        sampler: if o.augment {
+            SamplerConfig {
+                patch: o.patch,
+                ..SamplerConfig::default()
+            }
+        } else {
+            SamplerConfig {
+                patch: o.patch,
+                zoom: 1.0,
+                blur: 0.0,
+                noise: 0.0,
+                ..SamplerConfig::default()
+            }
         },
         cosine_decay: false,
         ..TrainOptions::default()
     }
+}
+
+/// The trainer of site `index` (the pooled model is "site" `o.sites`) taking `steps`
+/// steps a round.
+fn trainer(
+    o: &DemoOptions,
+    config: &UNetConfig,
+    frames: &[Annotated],
+    index: usize,
+    steps: u64,
+) -> Result<UNetTrainer, DaemonError> {
+    let t = UNetTrainer::new(
+        config.clone(),
+        frames,
+        Vec::new(),
+        train_options(o, index),
+        steps,
+    )
+    .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    Ok(if o.lr_decay {
+        t.with_cosine_rounds(o.rounds)
+    } else {
+        t
+    })
 }
 
 /// Writes key files, site files and the consortium file; returns the site files.
@@ -274,11 +347,14 @@ fn write_configs(
     let mut consortium = format!(
         "name = \"cellswarm-demo\"\ngenesis = \"{genesis}\"\n\n[model]\narchitecture = \"unet\"\n\
          depth = 3\nbase_channels = {}\n\n[rounds]\nmin_peers = {}\ncollect_timeout = \"30m\"\n\
-         merge_timeout = \"2m\"\nmax_rounds = {}\n\n[aggregation]\nstrategy = \"fedavg\"\n\
-         max_update_norm = 1e6\n",
+         merge_timeout = \"2m\"\nmax_rounds = {}\n\n[aggregation]\nstrategy = {:?}\n\
+         server_learning_rate = {:?}\nserver_step = {:?}\nmax_update_norm = 1e6\n",
         o.width,
         sites.len(),
-        o.rounds
+        o.rounds,
+        o.strategy,
+        o.server_learning_rate,
+        o.server_step,
     );
     let mut out = Vec::new();
     for (i, s) in sites.iter().enumerate() {
@@ -301,7 +377,7 @@ fn write_configs(
             format!(
                 "consortium = \"../consortium.toml\"\n\n[net]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n{}\n\
                  [data]\nmovies = [{:?}]\n\n[training]\nsteps_per_round = {}\nbatch_size = {}\n\
-                 patch_size = {}\nseed = {}\n\n[store]\npath = \"store\"\n\n[status]\nenabled = false\n{}",
+                 patch_size = {}\nseed = {}\nlearning_rate = {:?}\nfedprox_mu = {:?}\n\n[store]\npath = \"store\"\n\n[status]\nenabled = false\n{}",
                 o.capture_sent
                     .as_ref()
                     .filter(|_| i == 0)
@@ -314,6 +390,8 @@ fn write_configs(
                 o.batch,
                 o.patch,
                 i,
+                o.learning_rate,
+                o.fedprox_mu,
                 o.local_dp.map_or(String::new(), |(c, z)| format!(
                     "\n[privacy.local_dp]\nclip_norm = {c:?}\nnoise_multiplier = {z:?}\ndelta = {DEMO_DP_DELTA:?}\n"
                 )),
@@ -327,8 +405,13 @@ fn write_configs(
     Ok(out)
 }
 
-/// F1 at IoU 0.5 of `model` on `frames`.
-fn score(config: &UNetConfig, model: &Weights, frames: &[Annotated]) -> Result<f64, DaemonError> {
+/// Object matches at IoU 0.5 of `model` on `frames` (F1 from `.scores(0.5).f1`; counts
+/// add up over sites for the union).
+fn score(
+    config: &UNetConfig,
+    model: &Weights,
+    frames: &[Annotated],
+) -> Result<MatchCounts, DaemonError> {
     let device = default_device();
     let mut net = config.init(&device);
     load_weights(&mut net, model)
@@ -339,7 +422,23 @@ fn score(config: &UNetConfig, model: &Weights, frames: &[Annotated]) -> Result<f
         let pred = segment(&net, config, &device, &a.image, &opts);
         counts += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);
     }
-    Ok(counts.scores(0.5).f1)
+    Ok(counts)
+}
+
+/// Scores of one model on each site and on the union of all sites' held-out frames.
+fn score_sites(
+    config: &UNetConfig,
+    model: &Weights,
+    held: &[Vec<Annotated>],
+) -> Result<(Vec<f64>, f64), DaemonError> {
+    let mut union = MatchCounts::default();
+    let mut per_site = Vec::with_capacity(held.len());
+    for h in held {
+        let c = score(config, model, h)?;
+        per_site.push(c.scores(0.5).f1);
+        union += c;
+    }
+    Ok((per_site, union.scores(0.5).f1))
 }
 
 fn read_model(store: &Path, hash: ModelHash) -> Result<Weights, DaemonError> {
@@ -430,14 +529,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                     source,
                 })?;
         }
-        let inner = UNetTrainer::new(
-            config.clone(),
-            &sites[i].train,
-            Vec::new(),
-            train_options(&o, i),
-            o.steps,
-        )
-        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        let inner = trainer(&o, &config, &sites[i].train, i, o.steps)?;
         let l = Arc::new(Mutex::new(BTreeMap::new()));
         losses.push(Arc::clone(&l));
         stores.push(store_path);
@@ -468,57 +560,66 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
     }
 
     // Local-only models, trained beside the swarm with the same steps per round, round
-    // by round, so each round's line can compare the two.
+    // by round, so each round's line can compare the two; and the pooled model, trained
+    // on every site's training frames with as many steps per round as all sites
+    // together.
     let heldout: Arc<Vec<Vec<Annotated>>> =
         Arc::new(sites.iter().map(|s| s.heldout.clone()).collect());
     let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
-    let (local_tx, mut local_rx) =
-        tokio::sync::mpsc::unbounded_channel::<Result<Vec<Weights>, DaemonError>>();
-    let local_task = {
-        let o = o.clone();
-        let config = config.clone();
-        let genesis_weights = genesis_weights.clone();
+    // One thread per model (the last one pooled), each sending its model after every
+    // round, so no model waits for another.
+    let mut model_rx = Vec::new();
+    let mut local_tasks = Vec::new();
+    {
         let train: Vec<Vec<Annotated>> = sites.iter().map(|s| s.train.clone()).collect();
-        tokio::task::spawn_blocking(move || {
-            let built: Result<Vec<UNetTrainer>, DaemonError> = train
-                .iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    UNetTrainer::new(config.clone(), t, Vec::new(), train_options(&o, i), o.steps)
-                        .map_err(|e| DaemonError::Setup(e.to_string()))
-                })
-                .collect();
-            let mut trainers = match built {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = local_tx.send(Err(e));
-                    return;
-                }
-            };
-            let mut current = vec![genesis_weights; trainers.len()];
-            for r in 1..=o.rounds {
-                let mut next = Vec::new();
-                for (t, w) in trainers.iter_mut().zip(&current) {
-                    match t.train_round(w, RoundId(r), &AtomicBool::new(false)) {
-                        Ok(x) => next.push(x.weights),
+        let all: Vec<Annotated> = train.iter().flatten().cloned().collect();
+        let jobs = train
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i, o.steps))
+            .chain(std::iter::once((
+                all,
+                sites.len(),
+                o.steps * sites.len() as u64,
+            )));
+        for (frames, index, steps) in jobs {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Weights, DaemonError>>();
+            model_rx.push(rx);
+            let config = config.clone();
+            let genesis_weights = genesis_weights.clone();
+            let o = o.clone();
+            let rounds = o.rounds;
+            local_tasks.push(tokio::task::spawn_blocking(move || {
+                let mut t = match trainer(&o, &config, &frames, index, steps) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = tx.send(Err(DaemonError::Setup(e.to_string())));
+                        return;
+                    }
+                };
+                drop(frames);
+                let mut current = genesis_weights;
+                for r in 1..=rounds {
+                    match t.train_round(&current, RoundId(r), &AtomicBool::new(false)) {
+                        Ok(x) => current = x.weights,
                         Err(e) => {
-                            let _ = local_tx.send(Err(DaemonError::Setup(e)));
+                            let _ = tx.send(Err(DaemonError::Setup(e)));
                             return;
                         }
                     }
+                    if tx.send(Ok(current.clone())).is_err() {
+                        return;
+                    }
                 }
-                current = next;
-                if local_tx.send(Ok(current.clone())).is_err() {
-                    return;
-                }
-            }
-        })
-    };
+            }));
+        }
+    }
 
     // Follow the swarm round by round (waiting on status changes).
     let mut status = nodes[0].status();
     let mut rounds = Vec::new();
     let mut last_local: Vec<Weights> = Vec::new();
+    let mut last_pooled: Option<Weights> = None;
     let mut last_swarm: Option<(ModelHash, Weights)> = None;
     for r in 1..=o.rounds {
         let hour = Duration::from_secs(3600);
@@ -545,26 +646,32 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             read_model(&stores[0], hash)?
         };
         let hash = model.hash();
-        let local = local_rx
-            .recv()
-            .await
-            .ok_or_else(|| DaemonError::Setup("local-only training stopped".into()))??;
-        let (f1, f1_local) = {
+        let mut local = Vec::with_capacity(model_rx.len());
+        for rx in &mut model_rx {
+            local.push(
+                rx.recv()
+                    .await
+                    .ok_or_else(|| DaemonError::Setup("local-only training stopped".into()))??,
+            );
+        }
+        let pooled = local
+            .pop()
+            .ok_or_else(|| DaemonError::Setup("no pooled model".into()))?;
+        let ((f1, union_swarm), (f1_pooled, union_pooled), f1_local) = {
             let config = config.clone();
             let held = Arc::clone(&heldout);
             let m = model.clone();
             let l = local.clone();
-            tokio::task::spawn_blocking(move || -> Result<(Vec<f64>, Vec<f64>), DaemonError> {
-                let swarm = held
-                    .iter()
-                    .map(|h| score(&config, &m, h))
-                    .collect::<Result<Vec<_>, _>>()?;
+            let p = pooled.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, DaemonError> {
+                let swarm = score_sites(&config, &m, &held)?;
+                let pooled = score_sites(&config, &p, &held)?;
                 let local = held
                     .iter()
                     .zip(&l)
-                    .map(|(h, w)| score(&config, w, h))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((swarm, local))
+                    .map(|(h, w)| Ok(score(&config, w, h)?.scores(0.5).f1))
+                    .collect::<Result<Vec<_>, DaemonError>>()?;
+                Ok((swarm, pooled, local))
             })
             .await
             .map_err(|e| DaemonError::Setup(e.to_string()))??
@@ -598,7 +705,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             })
             .unwrap_or_default();
         println!(
-            "round {r:>2}  model {}  loss {}  F1 swarm {}  local-only {}{}",
+            "round {r:>2}  model {}  loss {}  F1 swarm {}  local-only {}  union swarm={union_swarm:.3} pooled={union_pooled:.3}{}",
             hash.short(),
             names
                 .iter()
@@ -626,10 +733,18 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             train_loss: loss,
             f1_swarm: names.iter().cloned().zip(f1).collect(),
             f1_local: names.iter().cloned().zip(f1_local).collect(),
+            f1_pooled: names.iter().cloned().zip(f1_pooled).collect(),
+            union: [
+                ("swarm".to_owned(), union_swarm),
+                ("pooled".to_owned(), union_pooled),
+            ]
+            .into_iter()
+            .collect(),
             elapsed_s: start.elapsed().as_secs_f64(),
             epsilon,
         });
         last_local = local;
+        last_pooled = Some(pooled);
         last_swarm = Some((hash, model));
     }
     let final_epsilon: BTreeMap<String, f64> = names
@@ -643,11 +758,12 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
     for n in nodes {
         n.wait().await?;
     }
-    local_task
-        .await
-        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    for t in local_tasks {
+        t.await.map_err(|e| DaemonError::Setup(e.to_string()))?;
+    }
     let (final_hash, final_model) =
         last_swarm.ok_or_else(|| DaemonError::Setup("no rounds".into()))?;
+    let final_pooled = last_pooled.ok_or_else(|| DaemonError::Setup("no rounds".into()))?;
 
     // The cross-site matrix: every final model on every site's held-out frames.
     let report = {
@@ -660,21 +776,24 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             .map(|s| s.movie.display().to_string())
             .collect();
         tokio::task::spawn_blocking(move || -> Result<Report, DaemonError> {
-            let mut models = vec![("swarm".to_owned(), final_model.clone())];
+            let mut models = vec![
+                ("swarm".to_owned(), final_model.clone()),
+                ("pooled".to_owned(), final_pooled),
+            ];
             for (n, w) in names.iter().zip(&last_local) {
                 models.push((format!("local:{n}"), w.clone()));
             }
             let mut matrix = Vec::new();
-            for (_, w) in &models {
-                let row = held
-                    .iter()
-                    .map(|h| score(&config, w, h))
-                    .collect::<Result<Vec<_>, _>>()?;
+            let mut union = BTreeMap::new();
+            for (name, w) in &models {
+                let (row, u) = score_sites(&config, w, &held)?;
                 matrix.push(row);
+                union.insert(name.clone(), u);
             }
             let mean = |row: &[f64]| row.iter().sum::<f64>() / row.len().max(1) as f64;
             let swarm_mean_f1 = mean(&matrix[0]);
-            let best_local_mean_f1 = matrix[1..].iter().map(|r| mean(r)).fold(0.0, f64::max);
+            let pooled_mean_f1 = mean(&matrix[1]);
+            let best_local_mean_f1 = matrix[2..].iter().map(|r| mean(r)).fold(0.0, f64::max);
             write_outputs(&o2, &config, &names, &held, &final_model)?;
             Ok(Report {
                 sites: names.clone(),
@@ -682,7 +801,9 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 rounds,
                 cross_site_models: models.into_iter().map(|(n, _)| n).collect(),
                 cross_site_f1: matrix,
+                union,
                 swarm_mean_f1,
+                pooled_mean_f1,
                 best_local_mean_f1,
                 final_model: final_hash.to_hex(),
                 seconds: 0.0,
@@ -713,26 +834,36 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
         .map_err(setup_err("writing f1_per_round.svg"))?;
     std::fs::write(o.out.join("cross_site.svg"), matrix_plot(&report))
         .map_err(setup_err("writing cross_site.svg"))?;
-    println!("cross-site F1 (rows: models, columns: held-out frames of each site)");
     println!(
-        "  {:<14} {}",
+        "F1 at IoU 0.5 (rows: models, columns: held-out frames of each site and of all sites)"
+    );
+    println!(
+        "  {:<14} {}{:>8}",
         "",
         report
             .sites
             .iter()
             .map(|s| format!("{s:>8}"))
-            .collect::<String>()
+            .collect::<String>(),
+        "union"
     );
     for (m, row) in report.cross_site_models.iter().zip(&report.cross_site_f1) {
         println!(
-            "  {m:<14} {}",
-            row.iter().map(|v| format!("{v:>8.3}")).collect::<String>()
+            "  {m:<14} {}{:>8.3}",
+            row.iter().map(|v| format!("{v:>8.3}")).collect::<String>(),
+            report.union.get(m).copied().unwrap_or(f64::NAN)
         );
     }
     println!(
-        "mean F1 over all sites: swarm {:.3}, best local-only {:.3}; {:.0} s; report in {}",
-        report.swarm_mean_f1,
-        report.best_local_mean_f1,
+        "union F1: swarm {:.3}, pooled {:.3}, best local-only {:.3}; {:.0} s; report in {}",
+        report.union.get("swarm").copied().unwrap_or(f64::NAN),
+        report.union.get("pooled").copied().unwrap_or(f64::NAN),
+        report
+            .union
+            .iter()
+            .filter(|(k, _)| k.starts_with("local:"))
+            .map(|(_, v)| *v)
+            .fold(0.0, f64::max),
         report.seconds,
         o.out.display()
     );
@@ -801,7 +932,8 @@ const COLOURS: [&str; 6] = [
     "#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c",
 ];
 
-/// F1 per round, swarm (solid) against local-only (dashed), one colour per site.
+/// F1 per round, swarm (solid) against pooled (dotted) and local-only (dashed), one
+/// colour per site, and the union of all sites in black.
 fn f1_plot(r: &Report) -> String {
     let (w, h, left, top, pw, ph) = (720.0, 420.0, 60.0, 30.0, 520.0, 330.0);
     let n = r.rounds.len().max(1) as f64;
@@ -810,7 +942,7 @@ fn f1_plot(r: &Report) -> String {
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{left}\" y=\"18\" font-size=\"14\">F1 at IoU 0.5 on each site's held-out frames: swarm (solid) vs local-only (dashed)</text>\n"
+         <text x=\"{left}\" y=\"18\" font-size=\"14\">F1 at IoU 0.5 on held-out frames: swarm (solid), pooled (dotted), local-only (dashed)</text>\n"
     );
     for k in 0..=5 {
         let v = f64::from(k) / 5.0;
@@ -840,15 +972,19 @@ fn f1_plot(r: &Report) -> String {
     );
     for (i, site) in r.sites.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
-        for (key, dash) in [("swarm", ""), ("local", " stroke-dasharray=\"6 4\"")] {
+        for (key, dash) in [
+            ("swarm", ""),
+            ("pooled", " stroke-dasharray=\"2 3\""),
+            ("local", " stroke-dasharray=\"6 4\""),
+        ] {
             let pts: Vec<String> = r
                 .rounds
                 .iter()
                 .map(|rr| {
-                    let v = if key == "swarm" {
-                        rr.f1_swarm[site]
-                    } else {
-                        rr.f1_local[site]
+                    let v = match key {
+                        "swarm" => rr.f1_swarm[site],
+                        "pooled" => rr.f1_pooled[site],
+                        _ => rr.f1_local[site],
                     };
                     format!("{:.1},{:.1}", x(rr.round as f64), y(v))
                 })
@@ -866,21 +1002,49 @@ fn f1_plot(r: &Report) -> String {
             top + 16.0 + i as f64 * 18.0
         );
     }
+    for (key, dash) in [("swarm", ""), ("pooled", " stroke-dasharray=\"2 3\"")] {
+        let pts: Vec<String> = r
+            .rounds
+            .iter()
+            .filter_map(|rr| {
+                rr.union
+                    .get(key)
+                    .map(|v| format!("{:.1},{:.1}", x(rr.round as f64), y(*v)))
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"black\" stroke-width=\"2.5\"{dash} points=\"{}\"/>",
+            pts.join(" ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\">union</text>",
+        left + pw + 16.0,
+        top + 16.0 + r.sites.len() as f64 * 18.0
+    );
     s.push_str("</svg>\n");
     s
 }
 
-/// The cross-site matrix as a heat map with values.
+/// The cross-site matrix (and the union column) as a heat map with values.
 fn matrix_plot(r: &Report) -> String {
     let (cell, left, top) = (90.0, 130.0, 50.0);
-    let w = left + cell * r.sites.len() as f64 + 20.0;
+    let columns: Vec<&str> = r
+        .sites
+        .iter()
+        .map(String::as_str)
+        .chain(std::iter::once("union"))
+        .collect();
+    let w = left + cell * columns.len() as f64 + 20.0;
     let h = top + cell * r.cross_site_models.len() as f64 + 20.0;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"10\" y=\"18\" font-size=\"14\">F1 of each model (rows) on each site's held-out frames (columns)</text>\n"
+         <text x=\"10\" y=\"18\" font-size=\"14\">F1 of each model (rows) on each site's held-out frames and their union (columns)</text>\n"
     );
-    for (j, site) in r.sites.iter().enumerate() {
+    for (j, site) in columns.iter().enumerate() {
         let _ = writeln!(
             s,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{site}</text>",
@@ -896,7 +1060,8 @@ fn matrix_plot(r: &Report) -> String {
             left - 8.0,
             yy + cell / 2.0 + 4.0
         );
-        for (j, v) in row.iter().enumerate() {
+        let union = r.union.get(m).copied().unwrap_or(f64::NAN);
+        for (j, v) in row.iter().chain(std::iter::once(&union)).enumerate() {
             let g = (255.0 - v.clamp(0.0, 1.0) * 180.0) as u8;
             let _ = writeln!(
                 s,

@@ -182,6 +182,9 @@ pub struct Trainer {
     states: usize,
     anchor: Option<HashMap<ParamId, TensorData>>,
     steps: u64,
+    /// A cosine decay over a longer run than one `train` call: (steps done before this
+    /// call, steps of the whole run).
+    span: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -246,6 +249,7 @@ impl Trainer {
             options,
             anchor: None,
             steps: 0,
+            span: None,
         })
     }
 
@@ -256,6 +260,13 @@ impl Trainer {
     pub fn load(&mut self, weights: &Weights) -> Result<(), TrainError> {
         load_weights(&mut self.model, weights)?;
         Ok(())
+    }
+
+    /// Decays the learning rate along one cosine over a run longer than the next
+    /// [`train`](Self::train) call (the rounds of a swarm): `done` steps of `total` are
+    /// behind it. Overrides `cosine_decay`.
+    pub fn set_cosine_span(&mut self, done: u64, total: u64) {
+        self.span = Some((done, total.max(1)));
     }
 
     /// Makes the current weights the FedProx reference `w0` (when `fedprox_mu > 0`).
@@ -424,11 +435,16 @@ impl Trainer {
                 Budget::Steps(s) => n as f64 / s.max(1) as f64,
                 Budget::Time(d) => start.elapsed().as_secs_f64() / d.as_secs_f64().max(1e-9),
             };
-            let lr = if self.options.cosine_decay {
-                let f = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
-                self.options.learning_rate * (0.05 + 0.95 * f)
-            } else {
-                self.options.learning_rate
+            let progress = match self.span {
+                Some((done, total)) => Some((done + n) as f64 / total as f64),
+                None => self.options.cosine_decay.then_some(progress),
+            };
+            let lr = match progress {
+                Some(p) => {
+                    let f = 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos());
+                    self.options.learning_rate * (0.05 + 0.95 * f)
+                }
+                None => self.options.learning_rate,
             };
             last = self.step_with_lr(lr);
             if !last.is_finite() {
@@ -480,8 +496,13 @@ mod tests {
             batch: 2,
             learning_rate: 3e-3,
             seed: 5,
+            // The optimiser is under test here, not augmentation: no zoom, blur or
+            // noise, so 40 steps of a tiny network show the loss falling.
             sampler: SamplerConfig {
                 patch: 32,
+                zoom: 1.0,
+                blur: 0.0,
+                noise: 0.0,
                 ..SamplerConfig::default()
             },
             ..TrainOptions::default()

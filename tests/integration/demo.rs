@@ -25,6 +25,8 @@ fn the_demo_trains_a_swarm_and_writes_a_truthful_report() {
             "F1 swarm site-a=",
             "local-only site-a=",
             "site-c=",
+            "union swarm=",
+            " pooled=",
         ] {
             assert!(l.contains(part), "{l}");
         }
@@ -44,9 +46,48 @@ fn the_demo_trains_a_swarm_and_writes_a_truthful_report() {
         .map(|r| r["model"].as_str().expect("hash"))
         .collect();
     assert_eq!(hashes.len(), 3, "{hashes:?}");
-    // The cross-site matrix: the swarm model and one local model per site, on every site.
+    // The cross-site matrix: the swarm model, the pooled model and one local model per
+    // site, on every site; and each of them on the union of all sites' held-out frames.
+    let models: Vec<&str> = v["cross_site_models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .map(|m| m.as_str().expect("a name"))
+        .collect();
+    assert_eq!(
+        models,
+        [
+            "swarm",
+            "pooled",
+            "local:site-a",
+            "local:site-b",
+            "local:site-c"
+        ]
+    );
     let matrix = v["cross_site_f1"].as_array().expect("matrix");
-    assert_eq!(matrix.len(), 4);
+    assert_eq!(matrix.len(), 5);
+    for m in &models {
+        let u = v["union"][m].as_f64().expect("a union F1 for every model");
+        assert!((0.0..=1.0).contains(&u), "{m}: {u}");
+    }
+    // The union lies between the worst and the best site (it pools the sites' counts).
+    for (m, row) in models.iter().zip(matrix) {
+        let row: Vec<f64> = row
+            .as_array()
+            .expect("a row")
+            .iter()
+            .filter_map(|x| x.as_f64())
+            .collect();
+        let u = v["union"][m].as_f64().expect("f64");
+        let (lo, hi) = row
+            .iter()
+            .fold((1.0f64, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        assert!(
+            u >= lo - 1e-9 && u <= hi + 1e-9,
+            "{m}: union {u} outside {row:?}"
+        );
+    }
+    assert!(out.contains("union F1: swarm "), "{out}");
     for row in matrix {
         let row = row.as_array().expect("a row");
         assert_eq!(row.len(), 3);

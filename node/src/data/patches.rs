@@ -2,9 +2,11 @@
 //!
 //! Each patch comes from a random annotated plane; with probability
 //! [`SamplerConfig::foreground_bias`] it is centred on a random cell pixel, so sparse
-//! movies (a small colony in a large field) still train. Augmentations: a random 90-degree
-//! rotation, horizontal and vertical flips, and intensity scaling and shifting. The same
-//! seed gives the same batches.
+//! movies (a small colony in a large field) still train. Augmentations, chosen so that a
+//! model trained at one site travels to another site's microscope: a random zoom (cells of
+//! other sizes), a random 90-degree rotation, horizontal and vertical flips, Gaussian blur
+//! (other optics and focus), intensity scaling and shifting (other exposure), and additive
+//! Gaussian noise (other cameras). The same seed gives the same batches.
 
 use rand::RngExt;
 use rand::SeedableRng;
@@ -95,6 +97,31 @@ pub struct SamplerConfig {
     pub intensity_scale: f32,
     /// Intensity shift range `+- this`.
     pub intensity_shift: f32,
+    /// Zoom range: patches are resampled by a factor drawn log-uniformly from
+    /// `1/zoom..zoom` (1: off), so objects are seen at other sizes.
+    pub zoom: f32,
+    /// Largest Gaussian blur sigma in pixels, applied to half the patches (0: off).
+    pub blur: f32,
+    /// Largest standard deviation of additive Gaussian noise in normalised intensity
+    /// units, applied to half the patches (0: off).
+    pub noise: f32,
+}
+
+impl SamplerConfig {
+    /// Geometry only: no zoom, blur, noise or intensity change (tests that need exact
+    /// source pixels).
+    #[must_use]
+    pub fn plain(patch: usize) -> Self {
+        Self {
+            patch,
+            intensity_scale: 0.0,
+            intensity_shift: 0.0,
+            zoom: 1.0,
+            blur: 0.0,
+            noise: 0.0,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for SamplerConfig {
@@ -105,6 +132,9 @@ impl Default for SamplerConfig {
             geometric: true,
             intensity_scale: 0.25,
             intensity_shift: 0.1,
+            zoom: 1.25,
+            blur: 1.5,
+            noise: 0.1,
         }
     }
 }
@@ -173,14 +203,23 @@ impl PatchSampler {
         let p = self.config.patch;
         let plane = &self.planes[self.rng.random_range(0..self.planes.len())];
         let (h, w) = (plane.height, plane.width);
-        // Top-left corner; planes smaller than the patch are padded with background.
+        // Zoom z: output pixel k reads source offset floor((k + 0.5) * z), so the patch
+        // covers a source window of side `span`; z > 1 shrinks objects, z < 1 enlarges.
+        let z = if self.config.zoom > 1.0 {
+            let l = self.config.zoom.ln();
+            self.rng.random_range(-l..l).exp()
+        } else {
+            1.0
+        };
+        let span = ((p as f32 * z).ceil() as usize).max(1);
+        // Top-left corner; planes smaller than the window are padded with background.
         let pick = |rng: &mut ChaCha8Rng, len: usize, centre: Option<usize>| -> isize {
-            if len <= p {
-                return -(((p - len) / 2) as isize);
+            if len <= span {
+                return -(((span - len) / 2) as isize);
             }
-            let max = (len - p) as i64;
+            let max = (len - span) as i64;
             (match centre {
-                Some(c) => (c as i64 - (p / 2) as i64).clamp(0, max),
+                Some(c) => (c as i64 - (span / 2) as i64).clamp(0, max),
                 None => rng.random_range(0..=max),
             }) as isize
         };
@@ -210,6 +249,24 @@ impl PatchSampler {
         } else {
             0.0
         };
+        let blur = if self.config.blur > 0.0 && self.rng.random_bool(0.5) {
+            self.rng.random_range(0.0..self.config.blur)
+        } else {
+            0.0
+        };
+        let noise = if self.config.noise > 0.0 && self.rng.random_bool(0.5) {
+            self.rng.random_range(0.0..self.config.noise)
+        } else {
+            0.0
+        };
+        let src = |k: usize| -> isize {
+            if z == 1.0 {
+                k as isize
+            } else {
+                (((k as f32 + 0.5) * z) as usize).min(span - 1) as isize
+            }
+        };
+        let start = b.images.len();
         for i in 0..p {
             for j in 0..p {
                 // Output pixel (i, j) reads source pixel (u, v) of the transformed patch.
@@ -225,18 +282,67 @@ impl PatchSampler {
                 if flip_x {
                     v = p - 1 - v;
                 }
-                let (y, x) = (y0 + u as isize, x0 + v as isize);
+                let (y, x) = (y0 + src(u), x0 + src(v));
                 if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
-                    b.images.push(shift);
+                    b.images.push(0.0);
                     b.classes.push(BACKGROUND);
                     b.states.push(NO_STATE);
                 } else {
                     let k = y as usize * w + x as usize;
-                    b.images.push(plane.image[k] * scale + shift);
+                    b.images.push(plane.image[k]);
                     b.classes.push(plane.classes[k]);
                     b.states.push(plane.states[k]);
                 }
             }
+        }
+        let img = &mut b.images[start..];
+        if blur > 0.05 {
+            gaussian_blur(img, p, blur);
+        }
+        for v in img.iter_mut() {
+            *v = *v * scale + shift;
+        }
+        if noise > 0.0 {
+            let normal = rand_distr::Normal::new(0.0f32, noise)
+                .unwrap_or_else(|_| unreachable!("a positive, finite sigma"));
+            for v in img.iter_mut() {
+                *v += rand_distr::Distribution::sample(&normal, &mut self.rng);
+            }
+        }
+    }
+}
+
+/// Blurs a `p x p` image in place with a separable Gaussian of `sigma` pixels (edges
+/// clamped).
+fn gaussian_blur(img: &mut [f32], p: usize, sigma: f32) {
+    let r = (3.0 * sigma).ceil() as isize;
+    let kernel: Vec<f32> = (-r..=r)
+        .map(|d| (-(d * d) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let sum: f32 = kernel.iter().sum();
+    let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
+    let last = p as isize - 1;
+    let mut tmp = vec![0f32; img.len()];
+    for y in 0..p {
+        for x in 0..p {
+            tmp[y * p + x] = kernel
+                .iter()
+                .enumerate()
+                .map(|(k, w)| {
+                    w * img[y * p + (x as isize + k as isize - r).clamp(0, last) as usize]
+                })
+                .sum();
+        }
+    }
+    for y in 0..p {
+        for x in 0..p {
+            img[y * p + x] = kernel
+                .iter()
+                .enumerate()
+                .map(|(k, w)| {
+                    w * tmp[(y as isize + k as isize - r).clamp(0, last) as usize * p + x]
+                })
+                .sum();
         }
     }
 }
@@ -268,12 +374,7 @@ mod tests {
 
     #[test]
     fn geometry_keeps_image_and_classes_aligned() {
-        let cfg = SamplerConfig {
-            patch: 6,
-            intensity_scale: 0.0,
-            intensity_shift: 0.0,
-            ..SamplerConfig::default()
-        };
+        let cfg = SamplerConfig::plain(6);
         let pl = plane(10, 10);
         let mut s = PatchSampler::new(vec![pl.clone()], cfg, 1);
         for _ in 0..50 {
@@ -293,11 +394,9 @@ mod tests {
     #[test]
     fn small_planes_are_padded_with_background() {
         let cfg = SamplerConfig {
-            patch: 8,
-            intensity_scale: 0.0,
-            intensity_shift: 0.0,
             geometric: false,
             foreground_bias: 0.0,
+            ..SamplerConfig::plain(8)
         };
         let mut s = PatchSampler::new(vec![plane(4, 4)], cfg, 3);
         let b = s.batch(1);
@@ -312,12 +411,78 @@ mod tests {
         classes[150 * w + 40] = 1;
         let pl = TrainPlane::new(h, w, vec![0.0; h * w], classes, None);
         let cfg = SamplerConfig {
-            patch: 16,
             foreground_bias: 1.0,
-            ..SamplerConfig::default()
+            ..SamplerConfig::plain(16)
         };
         let mut s = PatchSampler::new(vec![pl], cfg, 5);
         let b = s.batch(10);
         assert_eq!(b.classes.iter().filter(|&&c| c == 1).count(), 10);
+    }
+
+    #[test]
+    fn zoom_resamples_image_and_classes_together() {
+        let cfg = SamplerConfig {
+            zoom: 2.0,
+            ..SamplerConfig::plain(8)
+        };
+        let pl = plane(40, 40);
+        let mut s = PatchSampler::new(vec![pl], cfg, 2);
+        let mut spans = Vec::new();
+        for _ in 0..50 {
+            let b = s.batch(1);
+            for (v, c) in b.images.iter().zip(&b.classes) {
+                assert_eq!((*v as usize) % 3, *c as usize);
+            }
+            // The window's extent in source rows tells the zoom that was drawn.
+            let rows: Vec<usize> = b.images.iter().map(|v| *v as usize / 40).collect();
+            spans.push(rows.iter().max().unwrap() - rows.iter().min().unwrap());
+        }
+        assert!(
+            spans.iter().any(|&s| s < 6),
+            "some patches enlarge: {spans:?}"
+        );
+        assert!(
+            spans.iter().any(|&s| s > 8),
+            "some patches shrink: {spans:?}"
+        );
+    }
+
+    #[test]
+    fn blur_and_noise_change_intensities_only() {
+        let (h, w) = (32, 32);
+        let image: Vec<f32> = (0..h * w)
+            .map(|i| if (i / w) % 8 < 4 { 1.0 } else { 0.0 })
+            .collect();
+        let classes: Vec<u8> = image.iter().map(|&v| u8::from(v > 0.5)).collect();
+        let pl = TrainPlane::new(h, w, image, classes, None);
+        let cfg = SamplerConfig {
+            blur: 2.0,
+            noise: 0.2,
+            ..SamplerConfig::plain(16)
+        };
+        let mut s = PatchSampler::new(vec![pl], cfg, 9);
+        let b = s.batch(40);
+        let px = 16 * 16;
+        let mut changed = 0;
+        for k in 0..40 {
+            let img = &b.images[k * px..(k + 1) * px];
+            let cls = &b.classes[k * px..(k + 1) * px];
+            // Classes stay binary stripes, whatever happened to the intensities.
+            assert!(cls.iter().all(|&c| c <= 1));
+            if img.iter().any(|&v| v != 0.0 && v != 1.0) {
+                changed += 1;
+            }
+            // Blur and zero-mean noise keep the patch's mean near the stripes' mean.
+            let mean_img = img.iter().sum::<f32>() / px as f32;
+            let mean_cls = cls.iter().map(|&c| f32::from(c)).sum::<f32>() / px as f32;
+            assert!(
+                (mean_img - mean_cls).abs() < 0.1,
+                "{mean_img} vs {mean_cls}"
+            );
+        }
+        assert!(
+            changed > 10 && changed < 40,
+            "about 3 in 4 patches change: {changed}"
+        );
     }
 }

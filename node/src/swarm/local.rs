@@ -184,6 +184,7 @@ pub struct UNetTrainer {
     steps: u64,
     heldout: Vec<Annotated>,
     infer: InferOptions,
+    cosine_rounds: Option<u64>,
 }
 
 impl std::fmt::Debug for UNetTrainer {
@@ -221,7 +222,16 @@ impl UNetTrainer {
             steps,
             heldout,
             infer: InferOptions::default(),
+            cosine_rounds: None,
         })
+    }
+
+    /// Decays the learning rate along one cosine over `rounds` rounds (to 5 % in the
+    /// last), by the round number each round trains for.
+    #[must_use]
+    pub fn with_cosine_rounds(mut self, rounds: u64) -> Self {
+        self.cosine_rounds = Some(rounds.max(1));
+        self
     }
 }
 
@@ -237,11 +247,15 @@ impl LocalTrainer for UNetTrainer {
     fn train_round(
         &mut self,
         base: &Weights,
-        _round: RoundId,
+        round: RoundId,
         cancel: &AtomicBool,
     ) -> Result<TrainedRound, String> {
         self.trainer.load(base).map_err(|e| e.to_string())?;
         self.trainer.set_anchor();
+        if let Some(total) = self.cosine_rounds {
+            let done = round.0.saturating_sub(1).min(total) * self.steps;
+            self.trainer.set_cosine_span(done, total * self.steps);
+        }
         let report = self
             .trainer
             .train(Budget::Steps(self.steps), cancel, |_, _| {})
