@@ -58,6 +58,17 @@ pub struct TrackArgs {
     /// Smallest area ratio of the smaller daughter to the larger.
     #[arg(long, default_value_t = DivisionRules::default().min_daughter_ratio)]
     pub min_daughter_ratio: f64,
+    /// Fewest frames a mother's track must have existed before she divides.
+    #[arg(long, default_value_t = DivisionRules::default().min_mother_frames)]
+    pub min_mother_frames: u32,
+    /// Tracks present in at most this many frames (inside the movie and the field of
+    /// view, without daughters) are segmentation fragments: merged into a neighbour or
+    /// dropped, and never daughters (0: off).
+    #[arg(long, default_value_t = TrackOptions::default().fragment_frames)]
+    pub fragment_frames: u32,
+    /// Keep fragments that touch no other object as tracks instead of dropping them.
+    #[arg(long)]
+    pub keep_isolated_fragments: bool,
     /// Smallest share of an object's area that must overlap its predecessor (`--linker overlap`).
     #[arg(long, default_value_t = 0.3)]
     pub min_overlap: f64,
@@ -180,9 +191,12 @@ pub fn track_cmd(a: &TrackArgs) -> anyhow::Result<()> {
                 max_gap: a.max_gap,
                 divisions: (!a.no_divisions).then_some(DivisionRules {
                     min_daughter_ratio: a.min_daughter_ratio,
+                    min_mother_frames: a.min_mother_frames,
                     ..DivisionRules::default()
                 }),
                 drift_radius: a.drift_radius,
+                fragment_frames: a.fragment_frames,
+                drop_isolated_fragments: !a.keep_isolated_fragments,
                 ..TrackOptions::default()
             };
             track(&frames, &opts)?
