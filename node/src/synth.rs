@@ -403,8 +403,9 @@ impl Sim<'_> {
     }
 }
 
-/// Separable Gaussian blur of an `n x n` image.
-fn blur(img: &mut [f32], n: usize, sigma: f32) {
+/// Separable Gaussian blur of an `n x n` image in place (edges clamped; also the
+/// training patches' blur augmentation).
+pub(crate) fn blur(img: &mut [f32], n: usize, sigma: f32) {
     if sigma <= 0.0 {
         return;
     }

@@ -297,7 +297,7 @@ impl PatchSampler {
         }
         let img = &mut b.images[start..];
         if blur > 0.05 {
-            gaussian_blur(img, p, blur);
+            crate::synth::blur(img, p, blur);
         }
         for v in img.iter_mut() {
             *v = *v * scale + shift;
@@ -308,41 +308,6 @@ impl PatchSampler {
             for v in img.iter_mut() {
                 *v += rand_distr::Distribution::sample(&normal, &mut self.rng);
             }
-        }
-    }
-}
-
-/// Blurs a `p x p` image in place with a separable Gaussian of `sigma` pixels (edges
-/// clamped).
-fn gaussian_blur(img: &mut [f32], p: usize, sigma: f32) {
-    let r = (3.0 * sigma).ceil() as isize;
-    let kernel: Vec<f32> = (-r..=r)
-        .map(|d| (-(d * d) as f32 / (2.0 * sigma * sigma)).exp())
-        .collect();
-    let sum: f32 = kernel.iter().sum();
-    let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
-    let last = p as isize - 1;
-    let mut tmp = vec![0f32; img.len()];
-    for y in 0..p {
-        for x in 0..p {
-            tmp[y * p + x] = kernel
-                .iter()
-                .enumerate()
-                .map(|(k, w)| {
-                    w * img[y * p + (x as isize + k as isize - r).clamp(0, last) as usize]
-                })
-                .sum();
-        }
-    }
-    for y in 0..p {
-        for x in 0..p {
-            img[y * p + x] = kernel
-                .iter()
-                .enumerate()
-                .map(|(k, w)| {
-                    w * tmp[(y as isize + k as isize - r).clamp(0, last) as usize * p + x]
-                })
-                .sum();
         }
     }
 }
