@@ -293,18 +293,22 @@ fn train_options(o: &DemoOptions, site: usize) -> TrainOptions {
         learning_rate: o.learning_rate,
         fedprox_mu: o.fedprox_mu as f32,
         seed: o.seed * 1000 + site as u64,
-        sampler: if o.augment {
-            SamplerConfig {
+        sampler: {
+            let augmented = SamplerConfig {
                 patch: o.patch,
                 ..SamplerConfig::default()
-            }
-        } else {
-            SamplerConfig {
-                patch: o.patch,
-                zoom: 1.0,
-                blur: 0.0,
-                noise: 0.0,
-                ..SamplerConfig::default()
+            };
+            // Without augmentation: no zoom, blur or noise (rotations, flips and
+            // intensity changes stay).
+            if o.augment {
+                augmented
+            } else {
+                SamplerConfig {
+                    zoom: 1.0,
+                    blur: 0.0,
+                    noise: 0.0,
+                    ..augmented
+                }
             }
         },
         cosine_decay: false,
