@@ -65,7 +65,7 @@ fn infer_frame(c: &mut Criterion) {
     c.bench_function("unet/infer/1024x1024", |b| {
         b.iter(|| {
             let p = predict_plane(&model, &cfg, &device, &plane, n, n, &opts);
-            instances(&p, opts.min_size, opts.seed_threshold)
+            instances(&p, opts.min_size, opts.seed_threshold, opts.split_depth)
         });
     });
 }

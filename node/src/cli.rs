@@ -115,7 +115,8 @@ pub enum Command {
 /// Options of `cellswarm demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Real CTC sequence folders, one per site (default: synthetic movies).
+    /// Real CTC sequence folders, one per site, or `synthetic:<profile>` for a synthetic
+    /// site among them (default: synthetic movies).
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
     /// Rounds.
@@ -174,6 +175,10 @@ pub struct DemoArgs {
     /// Keep the learning rate constant instead of decaying it over the rounds.
     #[arg(long)]
     pub constant_lr: bool,
+    /// Leave site N (0-based: 0 is site-a, or the first --data movie) out of training and
+    /// score every model and the classical baseline on all its annotated frames.
+    #[arg(long)]
+    pub unseen: Option<usize>,
     /// Privacy audit: append every message the first site's node sends (before transport
     /// encryption) to this file; see docs/security.md.
     #[arg(long)]
@@ -331,6 +336,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 fedprox_mu: a.fedprox_mu,
                 augment: !a.no_augment,
                 lr_decay: !a.constant_lr,
+                unseen: a.unseen,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -30,7 +30,7 @@ use crate::data::ctc::Movie;
 use crate::data::dataset::{Annotated, load_annotated};
 use crate::data::patches::SamplerConfig;
 use crate::data::volume::Labels;
-use crate::infer::{InferOptions, segment};
+use crate::infer::{InferOptions, classical_segment, segment};
 use crate::metrics::{MatchCounts, Overlaps, match_counts};
 use crate::model::{UNetConfig, default_device, save_model};
 use crate::store::{BlobKind, DiskStore, Store};
@@ -80,6 +80,9 @@ pub struct DemoOptions {
     pub augment: bool,
     /// Decay every model's learning rate along one cosine over all rounds.
     pub lr_decay: bool,
+    /// A site (0-based, among all sites) that does not train: every model, and the
+    /// classical baseline, is scored on all its annotated frames (leave one site out).
+    pub unseen: Option<usize>,
 }
 
 impl Default for DemoOptions {
@@ -107,6 +110,7 @@ impl Default for DemoOptions {
             fedprox_mu: 0.0,
             augment: true,
             lr_decay: true,
+            unseen: None,
         }
     }
 }
@@ -165,6 +169,25 @@ pub struct Report {
     /// Local DP settings, if on: clip norm, noise multiplier and the delta of (epsilon, delta).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_dp: Option<LocalDpReport>,
+    /// The site that did not train, if one was left out, and every model's F1 on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unseen: Option<UnseenReport>,
+}
+
+/// Scores on a site that took no part in training (leave one site out).
+#[derive(Debug, Clone, Serialize)]
+pub struct UnseenReport {
+    /// The site's name.
+    pub site: String,
+    /// Its movie.
+    pub movie: String,
+    /// Annotated frames scored (all of the movie's).
+    pub frames: usize,
+    /// Objects in those frames' reference masks.
+    pub objects: u64,
+    /// F1 at IoU 0.5 of `swarm`, `pooled`, every `local:<site>` and `classical` (Otsu
+    /// threshold and distance-transform watershed, no network).
+    pub f1: BTreeMap<String, f64>,
 }
 
 /// Local DP settings of a demo run.
@@ -245,8 +268,12 @@ fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
     let mut sites = Vec::new();
     for i in 0..o.sites {
         let name = site_name(i);
-        let movie = if o.data.is_empty() {
-            let profile_name = DEMO_PROFILES[i % DEMO_PROFILES.len()];
+        // A `--data` entry `synthetic:<profile>` is a synthetic site among real ones.
+        let synthetic = match o.data.get(i) {
+            None => Some(DEMO_PROFILES[i % DEMO_PROFILES.len()]),
+            Some(p) => p.to_str().and_then(|p| p.strip_prefix("synthetic:")),
+        };
+        let movie = if let Some(profile_name) = synthetic {
             let profile = crate::synth::Profile::named(profile_name)
                 .ok_or_else(|| DaemonError::Setup(format!("no profile {profile_name}")))?;
             let dir = o.out.join("data").join(&name);
@@ -477,11 +504,28 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
     }
     let start = Instant::now();
     std::fs::create_dir_all(&o.out).map_err(setup_err("creating the report folder"))?;
-    let sites = {
+    let mut sites = {
         let o = o.clone();
         tokio::task::spawn_blocking(move || prepare_sites(&o))
             .await
             .map_err(|e| DaemonError::Setup(e.to_string()))??
+    };
+    let unseen = match o.unseen {
+        None => None,
+        Some(k) if k < sites.len() && sites.len() > 2 => {
+            let mut s = sites.remove(k);
+            let mut all = std::mem::take(&mut s.train);
+            all.append(&mut s.heldout);
+            s.heldout = all;
+            Some(s)
+        }
+        Some(k) => {
+            return Err(DaemonError::Setup(format!(
+                "cannot leave site {k} out of {} sites: give an index below the number of \
+                 sites and at least 3 sites (two must train)",
+                sites.len()
+            )));
+        }
     };
     let config = unet_config(&o);
     let device = default_device();
@@ -799,6 +843,30 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             let pooled_mean_f1 = mean(&matrix[1]);
             let best_local_mean_f1 = matrix[2..].iter().map(|r| mean(r)).fold(0.0, f64::max);
             write_outputs(&o2, &config, &names, &held, &final_model)?;
+            let unseen = unseen
+                .map(|u| -> Result<UnseenReport, DaemonError> {
+                    let mut f1 = BTreeMap::new();
+                    for (name, w) in &models {
+                        f1.insert(name.clone(), score(&config, w, &u.heldout)?.scores(0.5).f1);
+                    }
+                    let mut classical = MatchCounts::default();
+                    let opts = InferOptions::default();
+                    let mut objects = 0u64;
+                    for a in &u.heldout {
+                        let pred = classical_segment(&a.image, &opts);
+                        classical += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);
+                        objects += a.labels.ids().len() as u64;
+                    }
+                    f1.insert("classical".to_owned(), classical.scores(0.5).f1);
+                    Ok(UnseenReport {
+                        site: u.name.clone(),
+                        movie: u.movie.display().to_string(),
+                        frames: u.heldout.len(),
+                        objects,
+                        f1,
+                    })
+                })
+                .transpose()?;
             Ok(Report {
                 sites: names.clone(),
                 movies,
@@ -812,6 +880,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 final_model: final_hash.to_hex(),
                 seconds: 0.0,
                 local_dp: None,
+                unseen,
             })
         })
         .await
@@ -856,6 +925,19 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             "  {m:<14} {}{:>8.3}",
             row.iter().map(|v| format!("{v:>8.3}")).collect::<String>(),
             report.union.get(m).copied().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(u) = &report.unseen {
+        println!(
+            "unseen site {} ({}; {} frames, {} objects, no training): F1 {}",
+            u.site,
+            u.movie,
+            u.frames,
+            u.objects,
+            u.f1.iter()
+                .map(|(k, v)| format!("{k}={v:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     println!(

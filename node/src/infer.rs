@@ -3,10 +3,12 @@
 //! A frame is cut into overlapping tiles (padded by mirroring where the frame is smaller
 //! than a tile); tiles go through the network in batches; their class probabilities are
 //! blended with weights that ramp down over the overlap, so tile seams vanish.
-//! [`instances`] turns the probabilities into labelled cells: the connected components of
-//! the interior class are seeds, grown into the foreground (interior or boundary) by a
-//! breadth-first flood; foreground left without a seed becomes its own object; objects
-//! smaller than `min_size` pixels are removed; labels are renumbered 1..n in scan order.
+//! [`instances`] turns the probabilities into labelled cells: regions of likely interior
+//! are seeds, split where their shape has a neck (two cores deeper than the neck between
+//! them, as a watershed of the distance transform splits touching nuclei), and grown into
+//! the foreground (interior or boundary) highest interior probability first; foreground
+//! left without a seed becomes its own object; objects smaller than `min_size` pixels are
+//! removed; labels are renumbered 1..n in scan order.
 
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
@@ -30,9 +32,13 @@ pub struct InferOptions {
     /// Drop objects touching the frame's border (for annotation conventions that leave
     /// cells cut by the border unlabelled; see [`border_objects`]).
     pub exclude_border: bool,
-    /// Interior probability a pixel needs to seed a cell (growth then recovers the rest
-    /// of the cell); higher values split touching cells more readily.
+    /// Interior probability a pixel needs to belong to a seed region (growth then
+    /// recovers the rest of each cell).
     pub seed_threshold: f32,
+    /// Pixels by which each of two touching cells' cores must be deeper (farther from
+    /// the seed region's edge) than the neck between them for the region to be split;
+    /// lower values split more readily.
+    pub split_depth: f32,
 }
 
 impl Default for InferOptions {
@@ -43,7 +49,8 @@ impl Default for InferOptions {
             batch: 4,
             min_size: 10,
             exclude_border: false,
-            seed_threshold: 0.9,
+            seed_threshold: 0.5,
+            split_depth: 1.5,
         }
     }
 }
@@ -296,28 +303,243 @@ fn neighbours(i: usize, height: usize, width: usize) -> impl Iterator<Item = usi
     .flatten()
 }
 
+/// Distance levels (pixels) at which [`instances`] looks for necks between touching cells.
+const LEVEL_STEP: f32 = 0.5;
+
+/// Pixels of `set` that are 4-connected to each other, as separate lists (in the order of
+/// their first pixel in `set`). `stamp` is scratch space of one entry per pixel, all
+/// different from `mark` and `mark + 1` on entry.
+fn components_of(
+    set: &[usize],
+    height: usize,
+    width: usize,
+    stamp: &mut [u32],
+    mark: u32,
+) -> Vec<Vec<usize>> {
+    for &i in set {
+        stamp[i] = mark;
+    }
+    let mut out = Vec::new();
+    let mut queue = VecDeque::new();
+    for &start in set {
+        if stamp[start] != mark {
+            continue;
+        }
+        stamp[start] = mark + 1;
+        queue.push_back(start);
+        let mut comp = Vec::new();
+        while let Some(i) = queue.pop_front() {
+            comp.push(i);
+            for j in neighbours(i, height, width) {
+                if stamp[j] == mark {
+                    stamp[j] = mark + 1;
+                    queue.push_back(j);
+                }
+            }
+        }
+        out.push(comp);
+    }
+    out
+}
+
+/// Seeds, one per cell: the connected regions of `mask`, each split further where raising
+/// the level of `values` separates it into two or more regions of at least `min_seed`
+/// pixels whose peaks stand at least `dynamic` above that level (a saddle between two
+/// cells). A region that never splits is one seed at its lowest level.
+fn level_seeds(
+    values: &[f32],
+    mask: &[bool],
+    height: usize,
+    width: usize,
+    levels: &[f32],
+    dynamic: f32,
+    min_seed: usize,
+) -> Vec<Vec<usize>> {
+    let mut stamp = vec![0u32; values.len()];
+    let mut mark = 1u32;
+    let base: Vec<usize> = (0..values.len()).filter(|&i| mask[i]).collect();
+    let mut work: Vec<(Vec<usize>, usize)> = components_of(&base, height, width, &mut stamp, mark)
+        .into_iter()
+        .map(|c| (c, 0))
+        .collect();
+    mark += 2;
+    let mut seeds = Vec::new();
+    while let Some((region, level)) = work.pop() {
+        let mut split = None;
+        for (j, &t) in levels.iter().enumerate().skip(level + 1) {
+            let above: Vec<usize> = region.iter().copied().filter(|&i| values[i] >= t).collect();
+            let parts: Vec<Vec<usize>> = components_of(&above, height, width, &mut stamp, mark)
+                .into_iter()
+                .filter(|c| c.len() >= min_seed && c.iter().any(|&i| values[i] >= t + dynamic))
+                .collect();
+            mark += 2;
+            match parts.len() {
+                0 => break,
+                1 => {}
+                _ => {
+                    split = Some((parts, j));
+                    break;
+                }
+            }
+        }
+        match split {
+            Some((parts, j)) => work.extend(parts.into_iter().map(|p| (p, j))),
+            None => seeds.push(region),
+        }
+    }
+    // Scan order of each seed's first pixel, so labels do not depend on the work order.
+    for s in &mut seeds {
+        s.sort_unstable();
+    }
+    seeds.sort_unstable_by_key(|s| s[0]);
+    seeds
+}
+
+/// Distance of every pixel of `mask` to the nearest pixel outside it (4-neighbour steps 1,
+/// diagonal steps 1.414; the frame's edge does not count as outside); 0 outside.
+fn chamfer(mask: &[bool], height: usize, width: usize) -> Vec<f32> {
+    const D: f32 = std::f32::consts::SQRT_2;
+    let big = (height + width) as f32;
+    let mut d: Vec<f32> = mask.iter().map(|&m| if m { big } else { 0.0 }).collect();
+    for y in 0..height {
+        for x in 0..width {
+            let i = y * width + x;
+            if !mask[i] {
+                continue;
+            }
+            let mut v = d[i];
+            if x > 0 {
+                v = v.min(d[i - 1] + 1.0);
+            }
+            if y > 0 {
+                v = v.min(d[i - width] + 1.0);
+                if x > 0 {
+                    v = v.min(d[i - width - 1] + D);
+                }
+                if x + 1 < width {
+                    v = v.min(d[i - width + 1] + D);
+                }
+            }
+            d[i] = v;
+        }
+    }
+    for y in (0..height).rev() {
+        for x in (0..width).rev() {
+            let i = y * width + x;
+            if !mask[i] {
+                continue;
+            }
+            let mut v = d[i];
+            if x + 1 < width {
+                v = v.min(d[i + 1] + 1.0);
+            }
+            if y + 1 < height {
+                v = v.min(d[i + width] + 1.0);
+                if x + 1 < width {
+                    v = v.min(d[i + width + 1] + D);
+                }
+                if x > 0 {
+                    v = v.min(d[i + width - 1] + D);
+                }
+            }
+            d[i] = v;
+        }
+    }
+    d
+}
+
+/// Seeds from the interior probability: the regions where it is at least
+/// `seed_threshold`, split at necks `split_depth` pixels shallower than the cores on
+/// both sides. The split looks at the region's shape (its distance transform), not at the
+/// probability's fine structure, so a textured nucleus whose interior probability wavers
+/// between 0.95 and 0.99 stays one cell while two round nuclei pressed together part.
+fn split_seeds(
+    interior: &[f32],
+    foreground: &[bool],
+    height: usize,
+    width: usize,
+    seed_threshold: f32,
+    split_depth: f32,
+    min_size: usize,
+) -> Vec<Vec<usize>> {
+    let mask: Vec<bool> = interior
+        .iter()
+        .zip(foreground)
+        .map(|(&v, &f)| f && v >= seed_threshold)
+        .collect();
+    let depth = chamfer(&mask, height, width);
+    let top = depth.iter().copied().fold(0f32, f32::max);
+    let mut levels = vec![0.5f32];
+    let mut l = 1.0;
+    while l <= top {
+        levels.push(l);
+        l += LEVEL_STEP;
+    }
+    let min_seed = (min_size / 2).max(3);
+    level_seeds(&depth, &mask, height, width, &levels, split_depth, min_seed)
+}
+
 /// Labelled cells from a plane's probabilities (see the module documentation).
 #[must_use]
-pub fn instances(p: &Probabilities, min_size: usize, seed_threshold: f32) -> Vec<u32> {
+pub fn instances(
+    p: &Probabilities,
+    min_size: usize,
+    seed_threshold: f32,
+    split_depth: f32,
+) -> Vec<u32> {
     let (h, w) = (p.height, p.width);
     let n = h * w;
     let foreground: Vec<bool> = (0..n).map(|i| p.class(0, i) < 0.5).collect();
-    let seeds: Vec<bool> = (0..n)
+    let interior: Vec<f32> = (0..n)
         .map(|i| {
-            foreground[i]
-                && p.class(1, i) >= seed_threshold
-                && p.class(1, i) >= p.class(2, i)
-                && p.class(1, i) >= p.class(0, i)
+            let v = p.class(1, i);
+            // A seed pixel is one whose most likely class is the interior.
+            if v >= p.class(2, i) && v >= p.class(0, i) {
+                v
+            } else {
+                0.0
+            }
         })
         .collect();
-    let (mut labels, mut count) = components(&seeds, h, w);
-    // Grow the seeds into the foreground, breadth first from every seed pixel at once.
-    let mut queue: VecDeque<usize> = (0..n).filter(|&i| labels[i] != 0).collect();
-    while let Some(i) = queue.pop_front() {
+    let seeds = split_seeds(
+        &interior,
+        &foreground,
+        h,
+        w,
+        seed_threshold,
+        split_depth,
+        min_size,
+    );
+    let mut labels = vec![0u32; n];
+    let mut count = seeds.len() as u32;
+    // Grow the seeds into the foreground, highest interior probability first (a
+    // watershed of the interior probability), so that touching cells part where the
+    // network is least sure a pixel is interior; ties in the order pixels were reached.
+    let mut heap = std::collections::BinaryHeap::new();
+    let mut order = 0u64;
+    let key = |i: usize| (p.class(1, i).clamp(0.0, 1.0) * 65_535.0) as u32;
+    for (k, s) in seeds.iter().enumerate() {
+        for &i in s {
+            labels[i] = k as u32 + 1;
+        }
+    }
+    for (k, s) in seeds.iter().enumerate() {
+        for &i in s {
+            for j in neighbours(i, h, w) {
+                if foreground[j] && labels[j] == 0 {
+                    labels[j] = k as u32 + 1;
+                    heap.push((key(j), std::cmp::Reverse(order), j));
+                    order += 1;
+                }
+            }
+        }
+    }
+    while let Some((_, _, i)) = heap.pop() {
         for j in neighbours(i, h, w) {
             if foreground[j] && labels[j] == 0 {
                 labels[j] = labels[i];
-                queue.push_back(j);
+                heap.push((key(j), std::cmp::Reverse(order), j));
+                order += 1;
             }
         }
     }
@@ -387,7 +609,7 @@ pub fn labels_from(planes: &[Probabilities], opts: &InferOptions) -> Labels {
     let mut out: Labels = Volume::new(planes.len(), h, w);
     let mut offset = 0u32;
     for (z, probs) in planes.iter().enumerate() {
-        let mut labels = instances(probs, opts.min_size, opts.seed_threshold);
+        let mut labels = instances(probs, opts.min_size, opts.seed_threshold, opts.split_depth);
         if opts.exclude_border {
             drop_border(&mut labels, h, w);
         }
@@ -411,6 +633,69 @@ pub fn segment(
     opts: &InferOptions,
 ) -> Labels {
     labels_from(&predict_frame(model, config, device, frame, opts), opts)
+}
+
+/// Otsu's threshold of values in [0, 1] (256 bins): the cut that maximises the variance
+/// between the two sides.
+fn otsu(values: &[f32]) -> f32 {
+    let mut hist = [0u64; 256];
+    for &v in values {
+        hist[(v.clamp(0.0, 1.0) * 255.0) as usize] += 1;
+    }
+    let total = values.len().max(1) as f64;
+    let sum: f64 = hist
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| i as f64 * c as f64)
+        .sum();
+    let (mut below, mut below_sum, mut best, mut cut) = (0f64, 0f64, -1f64, 0usize);
+    for (i, &c) in hist.iter().enumerate() {
+        below += c as f64;
+        below_sum += i as f64 * c as f64;
+        let above = total - below;
+        if below == 0.0 || above == 0.0 {
+            continue;
+        }
+        let d = below_sum / below - (sum - below_sum) / above;
+        let between = below * above * d * d;
+        if between > best {
+            best = between;
+            cut = i;
+        }
+    }
+    (cut as f32 + 0.5) / 255.0
+}
+
+/// The classical baseline, no network: each plane normalised, thresholded by Otsu's
+/// method (objects are the smaller side of the threshold, so dark cells on a bright
+/// phase-contrast background work too), and the mask cut into cells at necks and grown
+/// back as [`instances`] does with a network's interior (a distance-transform
+/// watershed).
+#[must_use]
+pub fn classical_segment(frame: &Image, opts: &InferOptions) -> Labels {
+    let norm = normalize(frame, LOW_PERCENTILE, HIGH_PERCENTILE);
+    let (h, w) = (frame.height, frame.width);
+    let planes: Vec<Probabilities> = (0..frame.depth)
+        .map(|z| {
+            let plane = norm.plane(z);
+            let t = otsu(plane);
+            let above = plane.iter().filter(|&&v| v > t).count();
+            let bright = above * 2 <= plane.len();
+            let mut classes = vec![0f32; 3 * h * w];
+            for (i, &v) in plane.iter().enumerate() {
+                let object = if bright { v > t } else { v <= t };
+                classes[if object { h * w + i } else { i }] = 1.0;
+            }
+            Probabilities {
+                height: h,
+                width: w,
+                classes,
+                states: None,
+                state_count: 0,
+            }
+        })
+        .collect();
+    labels_from(&planes, opts)
 }
 
 /// The cell state of one object.
@@ -490,7 +775,7 @@ mod tests {
             2, 2, 2, 2, 2, 2, 0, 0,
         ];
         let p = probs_from_classes(4, 8, &cls);
-        let l = instances(&p, 2, 0.5);
+        let l = instances(&p, 2, 0.5, 1.5);
         // Two cells (left seed 2x2, right seed 1x2) share the boundary pixels between them;
         // the lone boundary pixel at (1, 7) is smaller than min_size and removed.
         let ids: std::collections::BTreeSet<u32> = l.iter().copied().filter(|&x| x != 0).collect();
@@ -523,10 +808,97 @@ mod tests {
         assert!(instance_states(&[p], &labels).is_empty());
     }
 
+    /// Interior probabilities `int` (background 0 where `int` is 0, the rest boundary).
+    fn probs_from_interior(h: usize, w: usize, int: &[f32]) -> Probabilities {
+        let n = h * w;
+        let mut classes = vec![0f32; 3 * n];
+        for (i, &v) in int.iter().enumerate() {
+            if v == 0.0 {
+                classes[i] = 1.0;
+            } else {
+                classes[n + i] = v;
+                classes[2 * n + i] = 1.0 - v;
+            }
+        }
+        Probabilities {
+            height: h,
+            width: w,
+            classes,
+            states: None,
+            state_count: 0,
+        }
+    }
+
+    /// Interior probability `v` inside the discs `(cy, cx, r)`, 0 (background) elsewhere.
+    fn discs(h: usize, w: usize, discs: &[(f32, f32, f32)], v: impl Fn(usize) -> f32) -> Vec<f32> {
+        (0..h * w)
+            .map(|i| {
+                let (y, x) = ((i / w) as f32, (i % w) as f32);
+                let inside = discs
+                    .iter()
+                    .any(|&(cy, cx, r)| (y - cy).powi(2) + (x - cx).powi(2) <= r * r);
+                if inside { v(i) } else { 0.0 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn touching_cells_split_at_a_neck_and_textured_cells_stay_whole() {
+        // Two discs of radius 6 overlapping by 1 pixel: one interior region with a neck
+        // about 5 pixels wide.
+        for confidence in [0.99f32, 0.6] {
+            let int = discs(16, 28, &[(8.0, 8.0, 6.0), (8.0, 19.0, 6.0)], |_| confidence);
+            let l = instances(&probs_from_interior(16, 28, &int), 10, 0.5, 1.5);
+            let (left, right) = (l[8 * 28 + 6], l[8 * 28 + 21]);
+            assert!(
+                left != 0 && right != 0 && left != right,
+                "{confidence}: {l:?}"
+            );
+            assert_eq!(l.iter().copied().max(), Some(2));
+        }
+        // One disc whose interior probability wavers between 0.9 and 0.999 pixel by
+        // pixel (a textured nucleus) stays one cell.
+        let int = discs(20, 20, &[(10.0, 10.0, 8.0)], |i| {
+            if (i * 7919) % 5 < 2 { 0.9 } else { 0.999 }
+        });
+        let l = instances(&probs_from_interior(20, 20, &int), 10, 0.5, 1.5);
+        assert_eq!(l.iter().copied().max(), Some(1), "{l:?}");
+        // A flat interior at 0.6 (a network not yet sure) is still a cell, not left
+        // unseeded.
+        let int = discs(20, 20, &[(10.0, 10.0, 5.0)], |_| 0.6);
+        let l = instances(&probs_from_interior(20, 20, &int), 10, 0.5, 1.5);
+        assert_eq!(l.iter().copied().max(), Some(1));
+        assert_eq!(
+            l.iter().filter(|&&v| v == 1).count(),
+            int.iter().filter(|&&v| v > 0.0).count()
+        );
+        // Raising the split depth above the cores' depth keeps the pair together.
+        let int = discs(16, 28, &[(8.0, 8.0, 6.0), (8.0, 19.0, 6.0)], |_| 0.99);
+        let l = instances(&probs_from_interior(16, 28, &int), 10, 0.5, 8.0);
+        assert_eq!(l.iter().copied().max(), Some(1));
+    }
+
+    #[test]
+    fn classical_baseline_finds_bright_and_dark_cells() {
+        let int = discs(24, 40, &[(8.0, 8.0, 5.0), (16.0, 28.0, 6.0)], |_| 1.0);
+        for bright in [true, false] {
+            let data: Vec<f32> = int
+                .iter()
+                .map(|&v| if (v > 0.0) == bright { 900.0 } else { 100.0 })
+                .collect();
+            let img = Volume::from_2d(24, 40, data);
+            let l = classical_segment(&img, &InferOptions::default());
+            assert_eq!(l.ids().len(), 2, "bright {bright}");
+            assert_ne!(l.data[8 * 40 + 8], 0);
+            assert_ne!(l.data[16 * 40 + 28], 0);
+            assert_eq!(l.data[0], 0);
+        }
+    }
+
     #[test]
     fn unseeded_foreground_becomes_an_object() {
         let cls = [2, 2, 0, 0, 2, 2, 0, 0];
-        let l = instances(&probs_from_classes(2, 4, &cls), 1, 0.5);
+        let l = instances(&probs_from_classes(2, 4, &cls), 1, 0.5, 1.5);
         assert_eq!(l, vec![1, 1, 0, 0, 1, 1, 0, 0]);
     }
 

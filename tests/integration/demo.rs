@@ -161,3 +161,49 @@ fn the_demo_trains_a_swarm_and_writes_a_truthful_report() {
 fn p(path: &Path) -> String {
     path.display().to_string()
 }
+
+#[test]
+fn a_site_left_out_is_scored_by_every_model_and_the_classical_baseline() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let d = dir.path();
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "demo", "--out", "report", "--sites", "3", "--unseen", "2", "--rounds", "1", "--steps",
+            "5", "--frames", "4",
+        ],
+    ));
+    assert!(out.contains("unseen site site-c"), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.join("report/metrics.json")).expect("metrics.json"),
+    )
+    .expect("valid JSON");
+    // Two sites trained; the third took no part and all its 4 frames were scored.
+    assert_eq!(v["sites"].as_array().expect("sites").len(), 2);
+    let u = &v["unseen"];
+    assert_eq!(u["site"], "site-c");
+    assert_eq!(u["frames"], 4);
+    assert!(u["objects"].as_u64().expect("objects") > 0);
+    for m in [
+        "swarm",
+        "pooled",
+        "local:site-a",
+        "local:site-b",
+        "classical",
+    ] {
+        let f = u["f1"][m].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&f), "{m}: {f}");
+    }
+    // The synthetic movies' cells are bright, round and mostly apart: the classical
+    // baseline must find most of them, or it is no baseline.
+    assert!(u["f1"]["classical"].as_f64().expect("f64") > 0.5, "{u}");
+
+    // An index past the sites is refused before anything trains.
+    let bad = cellswarm(
+        d,
+        &["demo", "--out", "bad", "--sites", "3", "--unseen", "3"],
+    );
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("cannot leave site 3 out of 3 sites"), "{err}");
+}

@@ -120,9 +120,13 @@ pub struct InferArgs {
     /// Compute device: cpu, cuda[:N] or wgpu[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Interior probability needed to seed a cell (higher splits touching cells more).
+    /// Interior probability a pixel needs to seed a cell.
     #[arg(long)]
     pub seed_threshold: Option<f32>,
+    /// Pixels by which two touching cells' cores must be deeper than the neck between
+    /// them to be split (lower splits more).
+    #[arg(long)]
+    pub split_depth: Option<f32>,
 }
 
 /// A loaded model with its inference settings: the flags, else the model folder's
@@ -149,6 +153,7 @@ impl Segmenter {
             seed_threshold: a
                 .seed_threshold
                 .unwrap_or(InferOptions::default().seed_threshold),
+            split_depth: a.split_depth.unwrap_or(InferOptions::default().split_depth),
             ..InferOptions::default()
         };
         Ok(Self {
