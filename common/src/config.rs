@@ -250,7 +250,7 @@ pub struct MemberConfig {
 }
 
 /// The network architecture every member trains (converted to burn's config by the node).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSpec {
     /// Architecture name; `"unet"` is the only one today.
@@ -265,7 +265,16 @@ pub struct ModelSpec {
     pub cell_states: u32,
     /// Size of the `test-vector` model (a protocol-test model of this many parameters).
     pub params: u32,
+    /// Loss weights of the pixel classes (background, interior, boundary), the same for
+    /// every member: weights each site drew from its own class frequencies would make
+    /// the members optimise different objectives (docs/training.md).
+    pub class_weights: [f64; 3],
 }
+
+/// Default [`ModelSpec::class_weights`]: `1/sqrt(frequency)` weights typical of
+/// fluorescent nuclei (HeLa's frequencies give 0.77, 2.23, 5.72; the demo's three
+/// synthetic sites together 0.76, 2.30, 4.69).
+pub const DEFAULT_CLASS_WEIGHTS: [f64; 3] = [0.75, 2.25, 5.0];
 
 impl Default for ModelSpec {
     fn default() -> Self {
@@ -276,6 +285,7 @@ impl Default for ModelSpec {
             in_channels: 1,
             cell_states: 3,
             params: 1000,
+            class_weights: DEFAULT_CLASS_WEIGHTS,
         }
     }
 }
@@ -657,6 +667,19 @@ impl ConsortiumConfig {
             return bad(
                 "model.cell_states",
                 format!("must be at most 64, got {}", m.cell_states),
+            );
+        }
+        if !m
+            .class_weights
+            .iter()
+            .all(|w| w.is_finite() && (0.01..=100.0).contains(w))
+        {
+            return bad(
+                "model.class_weights",
+                format!(
+                    "each weight must be between 0.01 and 100, got {:?}",
+                    m.class_weights
+                ),
             );
         }
         self.validate_aggregation(file)
@@ -1582,6 +1605,33 @@ movies = ["data/01"]
                 "consortium.toml",
                 "aggregation.server_step",
                 words,
+            );
+        }
+    }
+
+    #[test]
+    fn class_weights_are_agreed_and_checked() {
+        let c = load(SITE, &consortium_toml("")).unwrap();
+        assert_eq!(c.consortium.model.class_weights, DEFAULT_CLASS_WEIGHTS);
+        let c = load(
+            SITE,
+            &consortium_toml("[model]\nclass_weights = [1.0, 2.0, 8.0]"),
+        )
+        .unwrap();
+        assert_eq!(c.consortium.model.class_weights, [1.0, 2.0, 8.0]);
+        // Part of what members agree on.
+        let a = ConsortiumConfig::from_toml(&consortium_toml(""), Path::new("c.toml")).unwrap();
+        let mut b = a.clone();
+        b.model.class_weights[2] = 6.0;
+        assert_ne!(a.agreement_digest(), b.agreement_digest());
+        for bad in ["[0.0, 1.0, 1.0]", "[1.0, 1.0, 1000.0]", "[1.0, -2.0, 1.0]"] {
+            let c = consortium_toml(&format!("[model]\nclass_weights = {bad}"));
+            expect_err(
+                SITE,
+                &c,
+                "consortium.toml",
+                "model.class_weights",
+                "between 0.01 and 100",
             );
         }
     }

@@ -94,6 +94,7 @@ pub fn build_trainer(config: &Config) -> Result<Box<dyn LocalTrainer>, DaemonErr
             ..crate::data::patches::SamplerConfig::default()
         },
         cosine_decay: false,
+        class_weights: Some(spec.class_weights.iter().map(|&w| w as f32).collect()),
         ..TrainOptions::default()
     };
     let trainer = UNetTrainer::new(

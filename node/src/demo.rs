@@ -339,6 +339,14 @@ fn train_options(o: &DemoOptions, site: usize) -> TrainOptions {
             }
         },
         cosine_decay: false,
+        // Every model of the demo (swarm members, local-only and pooled) trains the
+        // consortium's objective.
+        class_weights: Some(
+            cellswarm_common::config::DEFAULT_CLASS_WEIGHTS
+                .iter()
+                .map(|&w| w as f32)
+                .collect(),
+        ),
         ..TrainOptions::default()
     }
 }

@@ -42,6 +42,12 @@ pub enum TrainError {
         /// Required multiple.
         granule: usize,
     },
+    /// Fixed class weights of the wrong length.
+    #[error("{got} class weights given; the network has {CLASSES} pixel classes")]
+    ClassWeights {
+        /// How many were given.
+        got: usize,
+    },
     /// The loss became NaN or infinite.
     #[error("training diverged at step {step} (loss {loss}); lower the learning rate")]
     Diverged {
@@ -75,6 +81,9 @@ pub struct TrainOptions {
     /// Decay the learning rate along a cosine to 5% of its value over the budget
     /// (single-site training; the swarm keeps it constant within a round).
     pub cosine_decay: bool,
+    /// Fixed loss weights of the pixel classes (a consortium's agreed weights); `None`
+    /// draws them from the training frames' class frequencies (single-site training).
+    pub class_weights: Option<Vec<f32>>,
 }
 
 impl Default for TrainOptions {
@@ -88,6 +97,7 @@ impl Default for TrainOptions {
             seed: 0,
             sampler: SamplerConfig::default(),
             cosine_decay: false,
+            class_weights: None,
         }
     }
 }
@@ -212,6 +222,13 @@ impl Trainer {
         if planes.is_empty() {
             return Err(TrainError::NoData);
         }
+        if let Some(w) = options
+            .class_weights
+            .as_ref()
+            .filter(|w| w.len() != CLASSES)
+        {
+            return Err(TrainError::ClassWeights { got: w.len() });
+        }
         let granule = config.granule();
         if !options.sampler.patch.is_multiple_of(granule) || options.sampler.patch == 0 {
             return Err(TrainError::PatchSize {
@@ -243,7 +260,10 @@ impl Trainer {
             model,
             optim: AdamConfig::new().init(),
             sampler,
-            class_weights: class_weights(&counts),
+            class_weights: match &options.class_weights {
+                Some(w) => w.clone(),
+                None => class_weights(&counts),
+            },
             state_weights: class_weights(&state_counts),
             states: config.cell_states,
             options,
@@ -520,6 +540,33 @@ mod tests {
             .sum();
         assert!((mean - 1.0).abs() < 1e-5);
         assert_eq!(class_weights(&[0, 0, 0]), vec![1.0; 3]);
+    }
+
+    #[test]
+    fn agreed_class_weights_replace_the_sites_own() {
+        let planes = tiny_planes();
+        let cfg = UNetConfig::new().with_depth(2).with_base_channels(4);
+        let device = default_device();
+        let own = Trainer::new(&cfg, &device, planes.clone(), options(), None).unwrap();
+        let counts = planes.iter().fold([0u64; 3], |mut c, p| {
+            for (a, b) in c.iter_mut().zip(p.class_counts()) {
+                *a += b;
+            }
+            c
+        });
+        assert_eq!(own.class_weight_values(), class_weights(&counts));
+        let agreed = TrainOptions {
+            class_weights: Some(vec![0.75, 2.25, 5.0]),
+            ..options()
+        };
+        let t = Trainer::new(&cfg, &device, planes.clone(), agreed, None).unwrap();
+        assert_eq!(t.class_weight_values(), [0.75, 2.25, 5.0]);
+        let wrong = TrainOptions {
+            class_weights: Some(vec![1.0, 2.0]),
+            ..options()
+        };
+        let err = Trainer::new(&cfg, &device, planes, wrong, None).unwrap_err();
+        assert!(err.to_string().contains("2 class weights given"), "{err}");
     }
 
     #[test]
