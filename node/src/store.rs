@@ -248,7 +248,18 @@ pub trait Store: Send + Sync + fmt::Debug {
     ///
     /// # Errors
     /// Database errors.
-    fn commit_round(&self, commit: &RoundCommit) -> Result<(), StoreError>;
+    fn commit_round(&self, commit: &RoundCommit) -> Result<(), StoreError> {
+        self.commit_rounds(std::slice::from_ref(commit))
+    }
+
+    /// Commits consecutive accepted rounds (a catch-up's chain) in one transaction:
+    /// every round's record and audit lines, and the head of the last, flushed once. A
+    /// crash leaves all of them or none, never a head whose model was not yet stored
+    /// (only the last round's model and state are stored by a catch-up).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn commit_rounds(&self, commits: &[RoundCommit]) -> Result<(), StoreError>;
 
     /// The merge record envelope of a round.
     ///
@@ -678,21 +689,28 @@ impl Store for DiskStore {
         Ok(head)
     }
 
-    fn commit_round(&self, c: &RoundCommit) -> Result<(), StoreError> {
-        let round_key = c.head.round.0.to_be_bytes();
-        let head = enc(&c.head);
+    fn commit_rounds(&self, commits: &[RoundCommit]) -> Result<(), StoreError> {
+        let Some(last) = commits.last() else {
+            return Ok(());
+        };
+        let head = enc(&last.head);
         // A round committed again (a fork resolved in favour of the peers' record) must
         // not keep audit lines of the record it replaces.
-        for key in self.audit.scan_prefix(round_key).keys() {
-            self.audit.remove(key?)?;
+        for c in commits {
+            for key in self.audit.scan_prefix(c.head.round.0.to_be_bytes()).keys() {
+                self.audit.remove(key?)?;
+            }
         }
         (&self.meta, &self.records, &self.audit)
             .transaction(|(meta, records, audit)| {
-                records.insert(&round_key[..], c.record_envelope.as_slice())?;
-                for a in &c.audit {
-                    let mut key = round_key.to_vec();
-                    key.extend_from_slice(a.signer.as_bytes());
-                    audit.insert(key, enc(a))?;
+                for c in commits {
+                    let round_key = c.head.round.0.to_be_bytes();
+                    records.insert(&round_key[..], c.record_envelope.as_slice())?;
+                    for a in &c.audit {
+                        let mut key = round_key.to_vec();
+                        key.extend_from_slice(a.signer.as_bytes());
+                        audit.insert(key, enc(a))?;
+                    }
                 }
                 meta.insert(HEAD_KEY, head.as_slice())?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
@@ -818,6 +836,44 @@ mod tests {
             s.put_blob(BlobKind::Delta, &dh, b"not an envelope")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_caught_up_chain_commits_in_one_step_with_the_last_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::from_seed([4; 32]).unwrap();
+        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        s.init_genesis(ModelHash::of(b"genesis"), [3; 32]).unwrap();
+        s.commit_rounds(&[]).unwrap();
+        assert_eq!(s.head().unwrap().unwrap().round, RoundId(0));
+        let commits: Vec<RoundCommit> = (1..=3u64)
+            .map(|r| RoundCommit {
+                head: Head {
+                    round: RoundId(r),
+                    record: Some(RecordHash::of(&r.to_le_bytes())),
+                    model: ModelHash::of(&[r as u8; 4]),
+                    state: [r as u8; 32],
+                },
+                record_envelope: seal(&id, PayloadKind::MergeRecord, &r.to_le_bytes()),
+                audit: vec![AuditEntry {
+                    round: RoundId(r),
+                    signer: id.signer_key(),
+                    delta: DeltaHash::of(&r.to_le_bytes()),
+                    sample_count: r,
+                }],
+            })
+            .collect();
+        s.commit_rounds(&commits).unwrap();
+        drop(s);
+        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.head().unwrap(), Some(commits[2].head));
+        for c in &commits {
+            assert_eq!(
+                s.record(c.head.round).unwrap(),
+                Some(c.record_envelope.clone())
+            );
+            assert_eq!(s.audit(c.head.round).unwrap(), c.audit);
+        }
     }
 
     #[test]

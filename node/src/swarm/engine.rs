@@ -2775,9 +2775,16 @@ impl Engine {
             .put_blob(BlobKind::Model, last.model.as_bytes(), &o.model_bytes)?;
         self.store
             .put_blob(BlobKind::State, &last.state, &o.state)?;
-        for (record, hash, envelope) in &o.records {
-            self.store
-                .commit_round(&RoundCommit::of_record(record, *hash, envelope.clone()))?;
+        // One transaction for the whole chain: committed one by one, a crash between two
+        // records would leave a head whose model (only the last one is fetched) is not
+        // in the store.
+        let commits: Vec<RoundCommit> = o
+            .records
+            .iter()
+            .map(|(record, hash, envelope)| RoundCommit::of_record(record, *hash, envelope.clone()))
+            .collect();
+        self.store.commit_rounds(&commits)?;
+        for (record, _, _) in &o.records {
             for c in &record.contributions {
                 self.merged_hashes.insert(c.delta);
             }
