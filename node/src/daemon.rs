@@ -94,7 +94,7 @@ pub fn build_trainer(config: &Config) -> Result<Box<dyn LocalTrainer>, DaemonErr
             ..crate::data::patches::SamplerConfig::default()
         },
         cosine_decay: false,
-        class_weights: Some(spec.class_weights.iter().map(|&w| w as f32).collect()),
+        class_weights: crate::train::agreed_class_weights(spec),
         ..TrainOptions::default()
     };
     let trainer = UNetTrainer::new(

@@ -340,12 +340,9 @@ fn train_options(o: &DemoOptions, site: usize) -> TrainOptions {
         },
         cosine_decay: false,
         // Every model of the demo (swarm members, local-only and pooled) trains the
-        // consortium's objective.
-        class_weights: Some(
-            cellswarm_common::config::DEFAULT_CLASS_WEIGHTS
-                .iter()
-                .map(|&w| w as f32)
-                .collect(),
+        // objective of the demo's consortium file, which keeps the default weights.
+        class_weights: crate::train::agreed_class_weights(
+            &cellswarm_common::config::ModelSpec::default(),
         ),
         ..TrainOptions::default()
     }
@@ -510,6 +507,13 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             o.sites
         )));
     }
+    if let Some(k) = o.unseen.filter(|&k| k >= o.sites || o.sites < 3) {
+        return Err(DaemonError::Setup(format!(
+            "cannot leave site {k} out of {} sites: give an index below the number of \
+             sites and at least 3 sites (two must train)",
+            o.sites
+        )));
+    }
     let start = Instant::now();
     std::fs::create_dir_all(&o.out).map_err(setup_err("creating the report folder"))?;
     let mut sites = {
@@ -518,23 +522,14 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             .await
             .map_err(|e| DaemonError::Setup(e.to_string()))??
     };
-    let unseen = match o.unseen {
-        None => None,
-        Some(k) if k < sites.len() && sites.len() > 2 => {
-            let mut s = sites.remove(k);
-            let mut all = std::mem::take(&mut s.train);
-            all.append(&mut s.heldout);
-            s.heldout = all;
-            Some(s)
-        }
-        Some(k) => {
-            return Err(DaemonError::Setup(format!(
-                "cannot leave site {k} out of {} sites: give an index below the number of \
-                 sites and at least 3 sites (two must train)",
-                sites.len()
-            )));
-        }
-    };
+    // The site left out trains nothing: all its annotated frames are scored.
+    let unseen = o.unseen.map(|k| {
+        let mut s = sites.remove(k);
+        let mut all = std::mem::take(&mut s.train);
+        all.append(&mut s.heldout);
+        s.heldout = all;
+        s
+    });
     let config = unet_config(&o);
     let device = default_device();
     device.seed(0);

@@ -14,7 +14,9 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use std::collections::VecDeque;
 
-use crate::data::normalize::{HIGH_PERCENTILE, LOW_PERCENTILE, normalize};
+use crate::data::normalize::{
+    BACKGROUND, CLASSES, HIGH_PERCENTILE, INTERIOR, LOW_PERCENTILE, normalize,
+};
 use crate::data::volume::{Image, Labels, Volume};
 use crate::model::{UNet, UNetConfig};
 
@@ -125,6 +127,27 @@ impl Probabilities {
     #[must_use]
     pub fn class(&self, c: usize, i: usize) -> f32 {
         self.classes[c * self.height * self.width + i]
+    }
+
+    /// Class probabilities (`classes x height x width`) of a network without a state head.
+    fn without_states(height: usize, width: usize, classes: Vec<f32>) -> Self {
+        Self {
+            height,
+            width,
+            classes,
+            states: None,
+            state_count: 0,
+        }
+    }
+
+    /// Certainties: probability 1 for each pixel's class in `classes`, 0 for the others.
+    fn one_hot(height: usize, width: usize, classes: &[u8]) -> Self {
+        let n = height * width;
+        let mut p = vec![0f32; CLASSES * n];
+        for (i, &c) in classes.iter().enumerate() {
+            p[c as usize * n + i] = 1.0;
+        }
+        Self::without_states(height, width, p)
     }
 }
 
@@ -343,9 +366,9 @@ fn components_of(
 }
 
 /// Seeds, one per cell: the connected regions of `mask`, each split further where raising
-/// the level of `values` separates it into two or more regions of at least `min_seed`
-/// pixels whose peaks stand at least `dynamic` above that level (a saddle between two
-/// cells). A region that never splits is one seed at its lowest level.
+/// the level of `values` through `levels` (ascending) separates it into two or more
+/// regions of at least `min_seed` pixels whose peaks stand at least `dynamic` above that
+/// level (a saddle between two cells). A region that never splits is one seed.
 fn level_seeds(
     values: &[f32],
     mask: &[bool],
@@ -358,15 +381,16 @@ fn level_seeds(
     let mut stamp = vec![0u32; values.len()];
     let mut mark = 1u32;
     let base: Vec<usize> = (0..values.len()).filter(|&i| mask[i]).collect();
+    // Each region with the index of the first level still to try on it.
     let mut work: Vec<(Vec<usize>, usize)> = components_of(&base, height, width, &mut stamp, mark)
         .into_iter()
         .map(|c| (c, 0))
         .collect();
     mark += 2;
     let mut seeds = Vec::new();
-    while let Some((region, level)) = work.pop() {
+    while let Some((region, next)) = work.pop() {
         let mut split = None;
-        for (j, &t) in levels.iter().enumerate().skip(level + 1) {
+        for (j, &t) in levels.iter().enumerate().skip(next) {
             let above: Vec<usize> = region.iter().copied().filter(|&i| values[i] >= t).collect();
             let parts: Vec<Vec<usize>> = components_of(&above, height, width, &mut stamp, mark)
                 .into_iter()
@@ -383,7 +407,7 @@ fn level_seeds(
             }
         }
         match split {
-            Some((parts, j)) => work.extend(parts.into_iter().map(|p| (p, j))),
+            Some((parts, j)) => work.extend(parts.into_iter().map(|p| (p, j + 1))),
             None => seeds.push(region),
         }
     }
@@ -469,12 +493,11 @@ fn split_seeds(
         .collect();
     let depth = chamfer(&mask, height, width);
     let top = depth.iter().copied().fold(0f32, f32::max);
-    let mut levels = vec![0.5f32];
-    let mut l = 1.0;
-    while l <= top {
-        levels.push(l);
-        l += LEVEL_STEP;
-    }
+    // From 1 px up (0.5 px from the edge is the region itself).
+    let levels: Vec<f32> = (0..)
+        .map(|k| 1.0 + k as f32 * LEVEL_STEP)
+        .take_while(|&l| l <= top)
+        .collect();
     let min_seed = (min_size / 2).max(3);
     level_seeds(&depth, &mask, height, width, &levels, split_depth, min_seed)
 }
@@ -681,18 +704,17 @@ pub fn classical_segment(frame: &Image, opts: &InferOptions) -> Labels {
             let t = otsu(plane);
             let above = plane.iter().filter(|&&v| v > t).count();
             let bright = above * 2 <= plane.len();
-            let mut classes = vec![0f32; 3 * h * w];
-            for (i, &v) in plane.iter().enumerate() {
-                let object = if bright { v > t } else { v <= t };
-                classes[if object { h * w + i } else { i }] = 1.0;
-            }
-            Probabilities {
-                height: h,
-                width: w,
-                classes,
-                states: None,
-                state_count: 0,
-            }
+            let classes: Vec<u8> = plane
+                .iter()
+                .map(|&v| {
+                    if (v > t) == bright {
+                        INTERIOR
+                    } else {
+                        BACKGROUND
+                    }
+                })
+                .collect();
+            Probabilities::one_hot(h, w, &classes)
         })
         .collect();
     labels_from(&planes, opts)
@@ -752,17 +774,7 @@ mod tests {
     use super::*;
 
     fn probs_from_classes(h: usize, w: usize, cls: &[u8]) -> Probabilities {
-        let mut classes = vec![0f32; 3 * h * w];
-        for (i, &c) in cls.iter().enumerate() {
-            classes[c as usize * h * w + i] = 1.0;
-        }
-        Probabilities {
-            height: h,
-            width: w,
-            classes,
-            states: None,
-            state_count: 0,
-        }
+        Probabilities::one_hot(h, w, cls)
     }
 
     #[test]
@@ -820,13 +832,7 @@ mod tests {
                 classes[2 * n + i] = 1.0 - v;
             }
         }
-        Probabilities {
-            height: h,
-            width: w,
-            classes,
-            states: None,
-            state_count: 0,
-        }
+        Probabilities::without_states(h, w, classes)
     }
 
     /// Interior probability `v` inside the discs `(cy, cx, r)`, 0 (background) elsewhere.

@@ -128,6 +128,13 @@ pub struct TrainReport {
     pub cancelled: bool,
 }
 
+/// The consortium's agreed pixel-class weights (`[model] class_weights`), as
+/// [`TrainOptions::class_weights`] takes them.
+#[must_use]
+pub fn agreed_class_weights(spec: &cellswarm_common::config::ModelSpec) -> Option<Vec<f32>> {
+    Some(spec.class_weights.iter().map(|&w| w as f32).collect())
+}
+
 /// Class weights `1/sqrt(frequency)`, normalised so the average pixel weighs 1, and
 /// capped at 10.
 #[must_use]
