@@ -490,7 +490,29 @@ impl DiskStore {
                 message: e.to_string(),
             })
         };
-        let direct = direct_writes_work(&root.join("tmp"));
+        // The database is open, so this process alone uses the store: a temporary blob
+        // file is what a crash left between writing a blob and renaming it into place.
+        let tmp = root.join("tmp");
+        let mut cleaned = 0usize;
+        for e in fs::read_dir(&tmp).map_err(io(&tmp))? {
+            let path = e.map_err(io(&tmp))?.path();
+            let stale = path.extension().is_some_and(|x| x == "partial")
+                || path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("direct-probe."));
+            if stale {
+                fs::remove_file(&path).map_err(io(&path))?;
+                cleaned += 1;
+            }
+        }
+        if cleaned > 0 {
+            tracing::info!(
+                files = cleaned,
+                "removed blob files a crash left half-written"
+            );
+        }
+        let direct = direct_writes_work(&tmp);
         tracing::debug!(direct, "blob writes");
         Ok(Self {
             direct,
@@ -695,14 +717,19 @@ impl Store for DiskStore {
         };
         let head = enc(&last.head);
         // A round committed again (a fork resolved in favour of the peers' record) must
-        // not keep audit lines of the record it replaces.
+        // not keep audit lines of the record it replaces; they go in the same
+        // transaction as the new ones, so a crash never leaves a round without its lines.
+        let mut stale = Vec::new();
         for c in commits {
             for key in self.audit.scan_prefix(c.head.round.0.to_be_bytes()).keys() {
-                self.audit.remove(key?)?;
+                stale.push(key?);
             }
         }
         (&self.meta, &self.records, &self.audit)
             .transaction(|(meta, records, audit)| {
+                for key in &stale {
+                    audit.remove(key)?;
+                }
                 for c in commits {
                     let round_key = c.head.round.0.to_be_bytes();
                     records.insert(&round_key[..], c.record_envelope.as_slice())?;
@@ -934,6 +961,25 @@ mod tests {
         let report = s.check().unwrap();
         assert!(!report.head_model_ok);
         assert_eq!(report.quarantined.len(), 1);
+    }
+
+    #[test]
+    fn half_written_blobs_of_a_crash_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        let h = ModelHash::of(b"whole");
+        s.put_blob(BlobKind::Model, h.as_bytes(), b"whole").unwrap();
+        drop(s);
+        let tmp = dir.path().join("tmp");
+        fs::write(tmp.join("0102030405060708.99.3.partial"), b"half").unwrap();
+        fs::write(tmp.join("keep.txt"), b"not ours").unwrap();
+        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        let left: Vec<_> = fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("keep.txt")]);
+        assert!(s.has_blob(BlobKind::Model, h.as_bytes()));
     }
 
     #[test]
