@@ -269,7 +269,17 @@ pub struct ModelSpec {
     /// every member: weights each site drew from its own class frequencies would make
     /// the members optimise different objectives (docs/training.md).
     pub class_weights: [f64; 3],
+    /// Object width in pixels at which every member trains (twice the largest inscribed
+    /// radius of a cell: a round nucleus's diameter, a rod's width). Each site rescales
+    /// its movies from their own annotated width to this one, and inference rescales an
+    /// image from its estimated width, so one model serves cells of every size
+    /// (docs/training.md). 0 trains and segments at the movies' own scale.
+    pub diameter: u32,
 }
+
+/// Default [`ModelSpec::diameter`]: close to HeLa nuclei (22.5 px) and E. coli widths
+/// (17-20 px), so the project's real movies are barely resampled.
+pub const DEFAULT_DIAMETER: u32 = 20;
 
 /// Default [`ModelSpec::class_weights`]: `1/sqrt(frequency)` weights typical of
 /// fluorescent nuclei (HeLa's frequencies give 0.77, 2.23, 5.72; the demo's three
@@ -286,6 +296,7 @@ impl Default for ModelSpec {
             cell_states: 3,
             params: 1000,
             class_weights: DEFAULT_CLASS_WEIGHTS,
+            diameter: DEFAULT_DIAMETER,
         }
     }
 }
@@ -679,6 +690,15 @@ impl ConsortiumConfig {
                 format!(
                     "each weight must be between 0.01 and 100, got {:?}",
                     m.class_weights
+                ),
+            );
+        }
+        if m.diameter != 0 && !(4..=200).contains(&m.diameter) {
+            return bad(
+                "model.diameter",
+                format!(
+                    "must be 0 (the movies' own scale) or between 4 and 200 pixels, got {}",
+                    m.diameter
                 ),
             );
         }
@@ -1632,6 +1652,28 @@ movies = ["data/01"]
                 "consortium.toml",
                 "model.class_weights",
                 "between 0.01 and 100",
+            );
+        }
+    }
+
+    #[test]
+    fn the_training_scale_is_agreed_and_checked() {
+        let c = load(SITE, &consortium_toml("")).unwrap();
+        assert_eq!(c.consortium.model.diameter, DEFAULT_DIAMETER);
+        let c = load(SITE, &consortium_toml("[model]\ndiameter = 0")).unwrap();
+        assert_eq!(c.consortium.model.diameter, 0);
+        let a = ConsortiumConfig::from_toml(&consortium_toml(""), Path::new("c.toml")).unwrap();
+        let mut b = a.clone();
+        b.model.diameter = 30;
+        assert_ne!(a.agreement_digest(), b.agreement_digest());
+        for bad in ["3", "201"] {
+            let c = consortium_toml(&format!("[model]\ndiameter = {bad}"));
+            expect_err(
+                SITE,
+                &c,
+                "consortium.toml",
+                "model.diameter",
+                "between 4 and 200",
             );
         }
     }

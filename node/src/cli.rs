@@ -179,6 +179,14 @@ pub struct DemoArgs {
     /// score every model and the classical baseline on all its annotated frames.
     #[arg(long)]
     pub unseen: Option<usize>,
+    /// Cell width in pixels every model trains at; each movie is rescaled from its
+    /// annotated width (0: train at the movies' own scale).
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().diameter)]
+    pub diameter: u32,
+    /// Train the swarm alone, without the local-only and pooled models it is compared
+    /// with (a third of the work; for training a consortium model on this machine).
+    #[arg(long)]
+    pub no_baselines: bool,
     /// Privacy audit: append every message the first site's node sends (before transport
     /// encryption) to this file; see docs/security.md.
     #[arg(long)]
@@ -337,6 +345,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 augment: !a.no_augment,
                 lr_decay: !a.constant_lr,
                 unseen: a.unseen,
+                diameter: a.diameter,
+                baselines: !a.no_baselines,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -83,6 +83,12 @@ pub struct DemoOptions {
     /// A site (0-based, among all sites) that does not train: every model, and the
     /// classical baseline, is scored on all its annotated frames (leave one site out).
     pub unseen: Option<usize>,
+    /// Cell width in pixels every model trains at (0: each movie's own scale), as the
+    /// consortium file's `[model] diameter`.
+    pub diameter: u32,
+    /// Train the local-only and pooled models beside the swarm (off: the swarm alone,
+    /// a third of the work, to train a consortium's model such as the generalist).
+    pub baselines: bool,
 }
 
 impl Default for DemoOptions {
@@ -107,10 +113,12 @@ impl Default for DemoOptions {
             strategy: "fedavg".to_owned(),
             server_learning_rate: 0.01,
             server_step: 1.0,
-            fedprox_mu: 0.0,
+            fedprox_mu: 0.1,
             augment: true,
             lr_decay: true,
             unseen: None,
+            diameter: cellswarm_common::config::DEFAULT_DIAMETER,
+            baselines: true,
         }
     }
 }
@@ -158,9 +166,11 @@ pub struct Report {
     pub union: BTreeMap<String, f64>,
     /// Mean over sites of the swarm model's F1.
     pub swarm_mean_f1: f64,
-    /// Mean over sites of the pooled model's F1.
+    /// Mean over sites of the pooled model's F1 (NaN, written as null, without
+    /// baselines).
     pub pooled_mean_f1: f64,
-    /// The best mean over sites of any local-only model's F1.
+    /// The best mean over sites of any local-only model's F1 (NaN, written as null,
+    /// without baselines).
     pub best_local_mean_f1: f64,
     /// The final model's hash.
     pub final_model: String,
@@ -310,7 +320,10 @@ fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
 }
 
 fn unet_config(o: &DemoOptions) -> UNetConfig {
-    UNetConfig::new().with_depth(3).with_base_channels(o.width)
+    UNetConfig::new()
+        .with_depth(3)
+        .with_base_channels(o.width)
+        .with_diameter((o.diameter > 0).then_some(o.diameter))
 }
 
 /// Training options of site `site`; the pooled model is "site" `o.sites`.
@@ -382,10 +395,11 @@ fn write_configs(
     std::fs::create_dir_all(&root).map_err(setup_err("creating the swarm folder"))?;
     let mut consortium = format!(
         "name = \"cellswarm-demo\"\ngenesis = \"{genesis}\"\n\n[model]\narchitecture = \"unet\"\n\
-         depth = 3\nbase_channels = {}\n\n[rounds]\nmin_peers = {}\ncollect_timeout = \"30m\"\n\
+         depth = 3\nbase_channels = {}\ndiameter = {}\n\n[rounds]\nmin_peers = {}\ncollect_timeout = \"30m\"\n\
          merge_timeout = \"2m\"\nmax_rounds = {}\n\n[aggregation]\nstrategy = {:?}\n\
          server_learning_rate = {:?}\nserver_step = {:?}\nmax_update_norm = 1e6\n",
         o.width,
+        o.diameter,
         sites.len(),
         o.rounds,
         o.strategy,
@@ -624,7 +638,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
     {
         let train: Vec<Vec<Annotated>> = sites.iter().map(|s| s.train.clone()).collect();
         let all: Vec<Annotated> = train.iter().flatten().cloned().collect();
-        let jobs = train
+        let mut jobs: Vec<(Vec<Annotated>, usize, u64)> = train
             .into_iter()
             .enumerate()
             .map(|(i, t)| (t, i, o.steps))
@@ -632,7 +646,11 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 all,
                 sites.len(),
                 o.steps * sites.len() as u64,
-            )));
+            )))
+            .collect();
+        if !o.baselines {
+            jobs.clear();
+        }
         for (frames, index, steps) in jobs {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Weights, DaemonError>>();
             model_rx.push(rx);
@@ -705,10 +723,8 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                     .ok_or_else(|| DaemonError::Setup("local-only training stopped".into()))??,
             );
         }
-        let pooled = local
-            .pop()
-            .ok_or_else(|| DaemonError::Setup("no pooled model".into()))?;
-        let ((f1, union_swarm), (f1_pooled, union_pooled), f1_local) = {
+        let pooled = local.pop();
+        let ((f1, union_swarm), pooled_scores, f1_local) = {
             let config = config.clone();
             let held = Arc::clone(&heldout);
             let m = model.clone();
@@ -716,7 +732,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             let p = pooled.clone();
             tokio::task::spawn_blocking(move || -> Result<_, DaemonError> {
                 let swarm = score_sites(&config, &m, &held)?;
-                let pooled = score_sites(&config, &p, &held)?;
+                let pooled = p.map(|p| score_sites(&config, &p, &held)).transpose()?;
                 let local = held
                     .iter()
                     .zip(&l)
@@ -756,7 +772,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             })
             .unwrap_or_default();
         println!(
-            "round {r:>2}  model {}  loss {}  F1 swarm {}  local-only {}  union swarm={union_swarm:.3} pooled={union_pooled:.3}{}",
+            "round {r:>2}  model {}  loss {}  F1 swarm {}{}  union swarm={union_swarm:.3}{}{}",
             hash.short(),
             names
                 .iter()
@@ -764,7 +780,15 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 .collect::<Vec<_>>()
                 .join(" "),
             fmt(&f1),
-            fmt(&f1_local),
+            if f1_local.is_empty() {
+                String::new()
+            } else {
+                format!("  local-only {}", fmt(&f1_local))
+            },
+            pooled_scores
+                .as_ref()
+                .map(|(_, u)| format!(" pooled={u:.3}"))
+                .unwrap_or_default(),
             if epsilon.is_empty() {
                 String::new()
             } else {
@@ -784,18 +808,18 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             train_loss: loss,
             f1_swarm: names.iter().cloned().zip(f1).collect(),
             f1_local: names.iter().cloned().zip(f1_local).collect(),
-            f1_pooled: names.iter().cloned().zip(f1_pooled).collect(),
-            union: [
-                ("swarm".to_owned(), union_swarm),
-                ("pooled".to_owned(), union_pooled),
-            ]
-            .into_iter()
-            .collect(),
+            f1_pooled: pooled_scores
+                .as_ref()
+                .map(|(f, _)| names.iter().cloned().zip(f.iter().copied()).collect())
+                .unwrap_or_default(),
+            union: std::iter::once(("swarm".to_owned(), union_swarm))
+                .chain(pooled_scores.map(|(_, u)| ("pooled".to_owned(), u)))
+                .collect(),
             elapsed_s: start.elapsed().as_secs_f64(),
             epsilon,
         });
         last_local = local;
-        last_pooled = Some(pooled);
+        last_pooled = pooled;
         last_swarm = Some((hash, model));
     }
     let final_epsilon: BTreeMap<String, f64> = names
@@ -814,7 +838,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
     }
     let (final_hash, final_model) =
         last_swarm.ok_or_else(|| DaemonError::Setup("no rounds".into()))?;
-    let final_pooled = last_pooled.ok_or_else(|| DaemonError::Setup("no rounds".into()))?;
+    let final_pooled = last_pooled;
 
     // The cross-site matrix: every final model on every site's held-out frames.
     let report = {
@@ -827,10 +851,8 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             .map(|s| s.movie.display().to_string())
             .collect();
         tokio::task::spawn_blocking(move || -> Result<Report, DaemonError> {
-            let mut models = vec![
-                ("swarm".to_owned(), final_model.clone()),
-                ("pooled".to_owned(), final_pooled),
-            ];
+            let mut models = vec![("swarm".to_owned(), final_model.clone())];
+            models.extend(final_pooled.map(|p| ("pooled".to_owned(), p)));
             for (n, w) in names.iter().zip(&last_local) {
                 models.push((format!("local:{n}"), w.clone()));
             }
@@ -842,9 +864,15 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 union.insert(name.clone(), u);
             }
             let mean = |row: &[f64]| row.iter().sum::<f64>() / row.len().max(1) as f64;
+            let row_of = |name: &str| models.iter().position(|(n, _)| n == name);
             let swarm_mean_f1 = mean(&matrix[0]);
-            let pooled_mean_f1 = mean(&matrix[1]);
-            let best_local_mean_f1 = matrix[2..].iter().map(|r| mean(r)).fold(0.0, f64::max);
+            let pooled_mean_f1 = row_of("pooled").map_or(f64::NAN, |i| mean(&matrix[i]));
+            let best_local_mean_f1 = models
+                .iter()
+                .zip(&matrix)
+                .filter(|((n, _), _)| n.starts_with("local:"))
+                .map(|(_, r)| mean(r))
+                .fold(f64::NAN, f64::max);
             write_outputs(&o2, &config, &names, &held, &final_model)?;
             let unseen = unseen
                 .map(|u| -> Result<UnseenReport, DaemonError> {
@@ -943,16 +971,23 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                 .join(" ")
         );
     }
+    let best_local = report
+        .union
+        .iter()
+        .filter(|(k, _)| k.starts_with("local:"))
+        .map(|(_, v)| *v)
+        .reduce(f64::max);
     println!(
-        "union F1: swarm {:.3}, pooled {:.3}, best local-only {:.3}; {:.0} s; report in {}",
+        "union F1: swarm {:.3}{}{}; {:.0} s; report in {}",
         report.union.get("swarm").copied().unwrap_or(f64::NAN),
-        report.union.get("pooled").copied().unwrap_or(f64::NAN),
         report
             .union
-            .iter()
-            .filter(|(k, _)| k.starts_with("local:"))
-            .map(|(_, v)| *v)
-            .fold(0.0, f64::max),
+            .get("pooled")
+            .map(|v| format!(", pooled {v:.3}"))
+            .unwrap_or_default(),
+        best_local
+            .map(|v| format!(", best local-only {v:.3}"))
+            .unwrap_or_default(),
         report.seconds,
         o.out.display()
     );
@@ -1069,13 +1104,13 @@ fn f1_plot(r: &Report) -> String {
             let pts: Vec<String> = r
                 .rounds
                 .iter()
-                .map(|rr| {
+                .filter_map(|rr| {
                     let v = match key {
-                        "swarm" => rr.f1_swarm[site],
-                        "pooled" => rr.f1_pooled[site],
-                        _ => rr.f1_local[site],
-                    };
-                    format!("{:.1},{:.1}", x(rr.round as f64), y(v))
+                        "swarm" => rr.f1_swarm.get(site),
+                        "pooled" => rr.f1_pooled.get(site),
+                        _ => rr.f1_local.get(site),
+                    }?;
+                    Some(format!("{:.1},{:.1}", x(rr.round as f64), y(*v)))
                 })
                 .collect();
             let _ = writeln!(

@@ -19,6 +19,7 @@ use crate::data::normalize::{
 };
 use crate::data::volume::{Image, Labels, Volume};
 use crate::model::{UNet, UNetConfig};
+use crate::scale;
 
 /// Tiling and post-processing settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,6 +42,10 @@ pub struct InferOptions {
     /// the seed region's edge) than the neck between them for the region to be split;
     /// lower values split more readily.
     pub split_depth: f32,
+    /// Cell width in the images, in pixels (see [`crate::scale`]); with a model trained
+    /// at another width the images are rescaled to it. `None`: estimated from a first
+    /// pass at the images' own scale (see [`estimate_width`]).
+    pub diameter: Option<f32>,
 }
 
 impl Default for InferOptions {
@@ -53,6 +58,7 @@ impl Default for InferOptions {
             exclude_border: false,
             seed_threshold: 0.5,
             split_depth: 1.5,
+            diameter: None,
         }
     }
 }
@@ -120,6 +126,9 @@ pub struct Probabilities {
     pub states: Option<Vec<f32>>,
     /// Number of state classes.
     pub state_count: usize,
+    /// Pixels the network saw per pixel of this plane (the image was rescaled by this
+    /// before inference and the probabilities back after it); 1 at the image's own scale.
+    pub scale: f32,
 }
 
 impl Probabilities {
@@ -137,6 +146,7 @@ impl Probabilities {
             classes,
             states: None,
             state_count: 0,
+            scale: 1.0,
         }
     }
 
@@ -287,11 +297,12 @@ pub fn predict_plane(
         classes: acc,
         states: (s > 0).then_some(acc_states),
         state_count: s,
+        scale: 1.0,
     }
 }
 
 /// 4-connected components of `mask`, labelled 1.. in scan order (0 outside the mask).
-fn components(mask: &[bool], height: usize, width: usize) -> (Vec<u32>, u32) {
+pub(crate) fn components(mask: &[bool], height: usize, width: usize) -> (Vec<u32>, u32) {
     let mut labels = vec![0u32; mask.len()];
     let mut next = 0u32;
     let mut queue = VecDeque::new();
@@ -421,7 +432,7 @@ fn level_seeds(
 
 /// Distance of every pixel of `mask` to the nearest pixel outside it (4-neighbour steps 1,
 /// diagonal steps 1.414; the frame's edge does not count as outside); 0 outside.
-fn chamfer(mask: &[bool], height: usize, width: usize) -> Vec<f32> {
+pub(crate) fn chamfer(mask: &[bool], height: usize, width: usize) -> Vec<f32> {
     const D: f32 = std::f32::consts::SQRT_2;
     let big = (height + width) as f32;
     let mut d: Vec<f32> = mask.iter().map(|&m| if m { big } else { 0.0 }).collect();
@@ -599,7 +610,133 @@ pub fn instances(
     labels
 }
 
-/// Class (and state) probabilities of every plane of a raw frame (normalised first).
+/// Ratio within which a cell width counts as the model's own, in training (a movie is
+/// not resampled) as in inference (an image is not): the zoom augmentation covers it, a
+/// second pass would cost a whole inference, and training and inference must agree, or
+/// a movie just outside it in training would be seen at another scale in inference.
+pub const WIDTH_TOLERANCE: f32 = 1.2;
+
+/// Probabilities of every plane of a normalised frame with the planes rescaled by `s`
+/// first and the probabilities rescaled back after.
+fn predict_scaled(
+    model: &UNet,
+    config: &UNetConfig,
+    device: &Device,
+    norm: &Image,
+    s: f32,
+    opts: &InferOptions,
+) -> Vec<Probabilities> {
+    let (h, w) = (norm.height, norm.width);
+    (0..norm.depth)
+        .map(|z| {
+            if s == 1.0 {
+                return predict_plane(model, config, device, norm.plane(z), h, w, opts);
+            }
+            let (sh, sw) = scale::scaled_size(h, w, s);
+            let small = scale::resample(norm.plane(z), h, w, sh, sw);
+            let p = predict_plane(model, config, device, &small, sh, sw, opts);
+            let back = |planes: &[f32], count: usize| -> Vec<f32> {
+                (0..count)
+                    .flat_map(|c| {
+                        scale::resample(&planes[c * sh * sw..(c + 1) * sh * sw], sh, sw, h, w)
+                    })
+                    .collect()
+            };
+            Probabilities {
+                height: h,
+                width: w,
+                classes: back(&p.classes, config.classes),
+                states: p.states.as_ref().map(|st| back(st, p.state_count)),
+                state_count: p.state_count,
+                scale: sh as f32 / h as f32,
+            }
+        })
+        .collect()
+}
+
+/// Cell width of planes' probabilities: the typical width of the regions the network
+/// calls foreground (see [`scale::typical_width`]; regions wider than a quarter of the
+/// plane are not cells), in the planes' pixels; `None` if it found no cell.
+#[must_use]
+pub fn foreground_width(planes: &[Probabilities]) -> Option<f32> {
+    let regions: Vec<(f32, usize)> = planes
+        .iter()
+        .flat_map(|p| {
+            let mask: Vec<bool> = (0..p.height * p.width)
+                .map(|i| p.class(0, i) < 0.5)
+                .collect();
+            // A region wider than a quarter of the plane is not a cell but background
+            // the network took for foreground (an image unlike its training data).
+            let widest = p.height.min(p.width) as f32 / 4.0;
+            scale::regions(&mask, p.height, p.width)
+                .into_iter()
+                .filter(move |r| r.0 <= widest)
+        })
+        .collect();
+    scale::typical_width(&regions)
+}
+
+/// The estimated cell width of a normalised frame for a model trained `target` pixels
+/// wide, and the probabilities at the scale that width asks for.
+///
+/// A first pass at the frame's own scale gives the width of the network's foreground.
+/// If that asks for a rescale, the rescaled pass is kept only if its cells come out
+/// nearer the training width than the first pass's did: a first pass misled by noise or
+/// debris then costs time, not cells. The width returned is the one the kept pass
+/// stands for (`None`: no cell found, or the rescale did not hold).
+fn estimated_pass(
+    model: &UNet,
+    config: &UNetConfig,
+    device: &Device,
+    norm: &Image,
+    target: f32,
+    opts: &InferOptions,
+) -> (Vec<Probabilities>, Option<f32>) {
+    let first = predict_scaled(model, config, device, norm, 1.0, opts);
+    let Some(width) = foreground_width(&first) else {
+        return (first, None);
+    };
+    let s = scale::factor(target, width, WIDTH_TOLERANCE);
+    if s == 1.0 {
+        return (first, Some(width));
+    }
+    let second = predict_scaled(model, config, device, norm, s, opts);
+    let seen = second.first().map_or(s, |p| p.scale);
+    // How far from the training width each pass saw the cells, in the network's pixels.
+    let off = |w: Option<f32>, k: f32| w.map_or(f32::INFINITY, |w| (w * k / target).ln().abs());
+    if off(foreground_width(&second), seen) <= off(Some(width), 1.0) {
+        (second, Some(width))
+    } else {
+        tracing::debug!(
+            width,
+            "a rescaled pass did not confirm the estimated cell width"
+        );
+        (first, None)
+    }
+}
+
+/// Estimated cell width of a raw frame in pixels: the width of the cells the model finds
+/// at the frame's own scale, confirmed by a pass at the scale it asks for. `None` if the
+/// model was not trained at a fixed width, found no cell, or the rescaled pass did not
+/// confirm the width. Segmenting a movie, estimate once and pass the width as
+/// [`InferOptions::diameter`], so every frame is seen at the same scale.
+#[must_use]
+pub fn estimate_width(
+    model: &UNet,
+    config: &UNetConfig,
+    device: &Device,
+    frame: &Image,
+    opts: &InferOptions,
+) -> Option<f32> {
+    let target = config.diameter? as f32;
+    let norm = normalize(frame, LOW_PERCENTILE, HIGH_PERCENTILE);
+    estimated_pass(model, config, device, &norm, target, opts).1
+}
+
+/// Class (and state) probabilities of every plane of a raw frame: normalised, rescaled so
+/// that its cells are as wide as the model's training width ([`UNetConfig::diameter`];
+/// the width is [`InferOptions::diameter`], else estimated by a first pass), predicted,
+/// and rescaled back to the frame's pixels.
 #[must_use]
 pub fn predict_frame(
     model: &UNet,
@@ -609,19 +746,17 @@ pub fn predict_frame(
     opts: &InferOptions,
 ) -> Vec<Probabilities> {
     let norm = normalize(frame, LOW_PERCENTILE, HIGH_PERCENTILE);
-    (0..frame.depth)
-        .map(|z| {
-            predict_plane(
-                model,
-                config,
-                device,
-                norm.plane(z),
-                frame.height,
-                frame.width,
-                opts,
-            )
-        })
-        .collect()
+    let Some(target) = config.diameter else {
+        return predict_scaled(model, config, device, &norm, 1.0, opts);
+    };
+    let target = target as f32;
+    match opts.diameter {
+        Some(width) => {
+            let s = scale::factor(target, width, WIDTH_TOLERANCE);
+            predict_scaled(model, config, device, &norm, s, opts)
+        }
+        None => estimated_pass(model, config, device, &norm, target, opts).0,
+    }
 }
 
 /// Labelled cells from a frame's per-plane probabilities; in a 3D stack each plane's
@@ -632,7 +767,10 @@ pub fn labels_from(planes: &[Probabilities], opts: &InferOptions) -> Labels {
     let mut out: Labels = Volume::new(planes.len(), h, w);
     let mut offset = 0u32;
     for (z, probs) in planes.iter().enumerate() {
-        let mut labels = instances(probs, opts.min_size, opts.seed_threshold, opts.split_depth);
+        // Sizes are in the network's pixels; this plane's pixels are 1/scale of them.
+        let s = probs.scale;
+        let min_size = ((opts.min_size as f32 / (s * s)).round() as usize).max(1);
+        let mut labels = instances(probs, min_size, opts.seed_threshold, opts.split_depth / s);
         if opts.exclude_border {
             drop_border(&mut labels, h, w);
         }
@@ -924,6 +1062,55 @@ mod tests {
         assert_eq!(mirror(-1, 5), 1);
         assert_eq!(mirror(5, 5), 3);
         assert_eq!(mirror(12, 5), 4);
+    }
+
+    #[test]
+    fn frames_are_seen_at_the_training_width_and_answered_in_their_own_pixels() {
+        let device = crate::model::default_device();
+        device.seed(5);
+        let cfg = UNetConfig::new()
+            .with_depth(2)
+            .with_base_channels(4)
+            .with_diameter(Some(20));
+        let model = cfg.init(&device);
+        let (h, w) = (48, 60);
+        let frame = Volume::from_2d(h, w, (0..h * w).map(|i| (i * 13 % 29) as f32).collect());
+        let at = |width: f32| {
+            predict_frame(
+                &model,
+                &cfg,
+                &device,
+                &frame,
+                &InferOptions {
+                    diameter: Some(width),
+                    ..InferOptions::default()
+                },
+            )
+        };
+        // Cells 40 px wide: the frame is halved for the network, the answer is full size.
+        let halved = at(40.0);
+        assert_eq!((halved[0].height, halved[0].width), (h, w));
+        assert!((halved[0].scale - 0.5).abs() < 1e-6, "{}", halved[0].scale);
+        assert_eq!(halved[0].classes.len(), 3 * h * w);
+        let sum: f32 = (0..3).map(|c| halved[0].class(c, 100)).sum();
+        assert!(
+            (sum - 1.0).abs() < 1e-4,
+            "probabilities still sum to 1: {sum}"
+        );
+        // Within the tolerance nothing is resampled: the frame's own-scale pass.
+        let same = at(22.0);
+        assert_eq!(same[0].scale, 1.0);
+        let plain = predict_frame(
+            &model,
+            &cfg.clone().with_diameter(None),
+            &device,
+            &frame,
+            &InferOptions::default(),
+        );
+        assert_eq!(same, plain);
+        // Sizes follow the scale: 10 pixels of area for the network are 40 of the frame.
+        let labels = labels_from(&halved, &InferOptions::default());
+        assert_eq!(labels.shape(), (1, h, w));
     }
 
     #[test]

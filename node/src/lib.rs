@@ -7,6 +7,7 @@
 //! - [`model`]: the burn U-Net and model folders (safetensors).
 //! - [`train`]: local training, and [`train::params`] for the model's [`Weights`].
 //! - [`infer`]: tiled inference and instance extraction.
+//! - [`scale`]: cell width in an image, and resampling to the model's cell width.
 //! - [`metrics`]: instance matching and the CTC SEG measure.
 //! - [`track`]: tracking by detection with divisions and gap closing.
 //! - [`measures`]: the CTC tracking measures DET, TRA, LNK and division counts.
@@ -37,6 +38,7 @@ pub mod infer;
 pub mod measures;
 pub mod metrics;
 pub mod model;
+pub mod scale;
 pub mod site;
 pub mod status_http;
 pub mod store;

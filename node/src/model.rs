@@ -35,6 +35,9 @@ pub struct UNetConfig {
     /// Cell-state classes of the second head (0: no head).
     #[config(default = 3)]
     pub cell_states: usize,
+    /// Cell width in pixels the network was trained at (see [`crate::scale`]); images
+    /// are rescaled to it before inference. `None`: trained at the movies' own scale.
+    pub diameter: Option<u32>,
 }
 
 impl UNetConfig {
@@ -47,6 +50,7 @@ impl UNetConfig {
             base_channels: spec.base_channels as usize,
             classes: CLASSES,
             cell_states: spec.cell_states as usize,
+            diameter: (spec.diameter > 0).then_some(spec.diameter),
         }
     }
 
@@ -245,6 +249,44 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(UNet, UNetConfig), Mod
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
         return Err(ModelError::Mismatch {
             path,
+            detail: format!(
+                "errors {:?}, missing {:?}, unused {:?}",
+                result.errors, result.missing, result.unused
+            ),
+        });
+    }
+    Ok((model, config))
+}
+
+/// Weights of the generalist model built into cellswarm (configs/models/generalist).
+const BUILTIN_WEIGHTS: &[u8] =
+    include_bytes!("../../configs/models/generalist/weights.safetensors");
+/// Network configuration of the built-in generalist model.
+const BUILTIN_CONFIG: &str = include_str!("../../configs/models/generalist/config.json");
+/// Where the built-in model's files live in the repository (for messages).
+pub const BUILTIN_MODEL: &str = "configs/models/generalist";
+
+/// Loads the generalist model built into the binary: trained through a swarm of sites
+/// with different microscopes, modalities and cell sizes (docs/training.md, "The
+/// generalist model"), used by `segment` and `track` when no model folder is given.
+///
+/// # Errors
+/// Only if the embedded files do not fit each other (a broken build).
+pub fn load_builtin(device: &Device) -> Result<(UNet, UNetConfig), ModelError> {
+    let path = PathBuf::from(BUILTIN_MODEL);
+    let config: UNetConfig = serde_json::from_str(BUILTIN_CONFIG).map_err(|e| ModelError::Io {
+        path: path.join(CONFIG_FILE),
+        message: format!("not a readable model configuration: {e}"),
+    })?;
+    let mut model = config.init(device);
+    let mut store = SafetensorsStore::from_bytes(Some(BUILTIN_WEIGHTS.to_vec()));
+    let result = model.load_from(&mut store).map_err(|e| ModelError::Io {
+        path: path.join(WEIGHTS_FILE),
+        message: e.to_string(),
+    })?;
+    if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
+        return Err(ModelError::Mismatch {
+            path: path.join(WEIGHTS_FILE),
             detail: format!(
                 "errors {:?}, missing {:?}, unused {:?}",
                 result.errors, result.missing, result.unused

@@ -515,7 +515,7 @@ mod tests {
         };
         generate(&p, 3, 1).write_ctc(dir.path(), "01").unwrap();
         let movie = Movie::open(&dir.path().join("01")).unwrap();
-        train_planes(&load_annotated(&movie, None).unwrap())
+        train_planes(&load_annotated(&movie, None).unwrap(), None)
     }
 
     fn options() -> TrainOptions {

@@ -207,3 +207,49 @@ fn a_site_left_out_is_scored_by_every_model_and_the_classical_baseline() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("cannot leave site 3 out of 3 sites"), "{err}");
 }
+
+#[test]
+fn the_swarm_trains_alone_without_baselines() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let d = dir.path();
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "demo",
+            "--out",
+            "report",
+            "--no-baselines",
+            "--rounds",
+            "1",
+            "--steps",
+            "3",
+            "--frames",
+            "4",
+        ],
+    ));
+    assert!(
+        !out.contains("pooled") && !out.contains("local-only"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.join("report/metrics.json")).expect("metrics.json"),
+    )
+    .expect("valid JSON");
+    assert_eq!(v["cross_site_models"], serde_json::json!(["swarm"]));
+    assert_eq!(
+        v["union"]
+            .as_object()
+            .expect("union")
+            .keys()
+            .collect::<Vec<_>>(),
+        ["swarm"]
+    );
+    assert!(v["pooled_mean_f1"].is_null(), "{}", v["pooled_mean_f1"]);
+    assert!(
+        v["rounds"][0]["f1_pooled"]
+            .as_object()
+            .expect("map")
+            .is_empty()
+    );
+    assert!(d.join("report/model/weights.safetensors").is_file());
+}

@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use cellswarm_node::data::ctc::{Movie, SegSource};
-use cellswarm_node::data::tiff_io::read_labels;
+use cellswarm_node::data::tiff_io::{read_image, read_labels, write_labels, write_u16};
+use cellswarm_node::data::volume::Volume;
 use cellswarm_node::metrics::match_instances;
+use cellswarm_node::scale::{resample, resample_nearest};
 
 use crate::util::{cellswarm, ok_stdout};
 
@@ -164,6 +166,116 @@ fn cli_errors_name_what_is_wrong() {
     assert!(e.contains("config.json"), "{e}");
     let e = err(&["eval", "--pred", "empty", "--gt", "empty/01"]);
     assert!(e.contains("ground-truth"), "{e}");
+}
+
+/// F1@0.5 of `cellswarm eval` on `pred` against `gt`.
+fn eval_f1(d: &Path, pred: &str, gt: &str) -> f64 {
+    let json = ok_stdout(&cellswarm(
+        d,
+        &["eval", "--pred", pred, "--gt", gt, "--json"],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["matching"][0]["f1"].as_f64().unwrap()
+}
+
+/// Writes `src` (a CTC sequence with `_GT/SEG`) enlarged `k` times into `dst`.
+fn enlarge(src: &Path, dst: &Path, k: usize) {
+    let gt = dst.with_file_name(format!(
+        "{}_GT/SEG",
+        dst.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::create_dir_all(&gt).unwrap();
+    let movie = Movie::open(src).unwrap();
+    for t in movie.frames() {
+        let raw = read_image(&src.join(format!("t{t:03}.tif"))).unwrap();
+        let (h, w) = (raw.height, raw.width);
+        let big: Vec<u16> = resample(&raw.data, h, w, h * k, w * k)
+            .into_iter()
+            .map(|v| v.round().clamp(0.0, 65535.0) as u16)
+            .collect();
+        write_u16(
+            &dst.join(format!("t{t:03}.tif")),
+            &Volume::from_2d(h * k, w * k, big),
+        )
+        .unwrap();
+        let seg = src.with_file_name(format!(
+            "{}_GT/SEG/man_seg{t:03}.tif",
+            src.file_name().unwrap().to_string_lossy()
+        ));
+        let m = read_labels(&seg).unwrap();
+        let big = resample_nearest(&m.data, h, w, h * k, w * k);
+        write_labels(
+            &gt.join(format!("man_seg{t:03}.tif")),
+            &Volume::from_2d(h * k, w * k, big),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn the_built_in_model_segments_cells_of_other_sizes_without_a_model_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // A movie no model has seen (its own seed), at its own scale and enlarged 2.5x: the
+    // built-in model estimates the cells' width and rescales.
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &[
+            "synth",
+            "--out",
+            "movie",
+            "--profile",
+            "balanced",
+            "--frames",
+            "2",
+            "--seed",
+            "4242",
+            "--size",
+            "160",
+        ],
+    ));
+    enlarge(&d.join("movie/01"), &d.join("big/01"), 2);
+    let mut scores = Vec::new();
+    for name in ["movie", "big"] {
+        let out = cellswarm(
+            d,
+            &[
+                "segment",
+                "--movie",
+                &format!("{name}/01"),
+                "--out",
+                &format!("seg-{name}"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("built-in generalist model"), "{err}");
+        assert!(err.contains("px wide"), "{err}");
+        scores.push(eval_f1(d, &format!("seg-{name}"), &format!("{name}/01_GT")));
+    }
+    // The shipped model must find the cells at either size; its measured scores are in
+    // docs/benchmarks.md, these bounds only catch a broken model or a broken rescale.
+    assert!(scores.iter().all(|&f| f > 0.7), "F1 {scores:?}");
+    // A width no image has is refused, saying which flag.
+    let out = cellswarm(
+        d,
+        &[
+            "segment",
+            "--movie",
+            "big/01",
+            "--out",
+            "seg-given",
+            "--diameter",
+            "0.5",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--diameter must be between"));
 }
 
 /// `../shared/data` beside the checkout, if present.

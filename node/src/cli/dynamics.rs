@@ -29,12 +29,12 @@ pub enum Linker {
 pub struct TrackArgs {
     /// Folder of instance masks, one per frame (`maskTTT.tif`, `man_segTTT.tif` or
     /// `man_trackTTT.tif`), numbered without gaps.
-    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    #[arg(long, required_unless_present = "movie", conflicts_with = "movie")]
     pub masks: Option<PathBuf>,
-    /// Segment with this model folder first (needs `--movie`).
+    /// Segment with this model folder first (default: the built-in generalist model).
     #[arg(long, requires = "movie")]
     pub model: Option<PathBuf>,
-    /// The CTC sequence folder to segment (with `--model`).
+    /// The CTC sequence folder to segment and track (instead of `--masks`).
     #[arg(long)]
     pub movie: Option<PathBuf>,
     /// Where to write `maskTTT.tif` and `res_track.txt` (created if missing).
@@ -76,7 +76,7 @@ pub struct TrackArgs {
     /// foreground centroids' shift (0: off).
     #[arg(long, default_value_t = TrackOptions::default().drift_radius)]
     pub drift_radius: usize,
-    /// Inference settings for `--model`.
+    /// Inference settings for `--movie`.
     #[command(flatten)]
     pub infer: InferArgs,
 }
@@ -166,11 +166,12 @@ pub fn track_cmd(a: &TrackArgs) -> anyhow::Result<()> {
         pb.finish_and_clear();
         (files[0].0, frames)
     } else {
-        let (Some(model), Some(movie)) = (&a.model, &a.movie) else {
-            bail!("give --masks DIR, or --model DIR with --movie DIR");
+        let Some(movie) = &a.movie else {
+            bail!("give --masks DIR, or --movie DIR (with --model DIR, or the built-in model)");
         };
-        let s = Segmenter::load(model, &a.infer)?;
+        let mut s = Segmenter::load(a.model.as_deref(), &a.infer)?;
         let (movie, ts) = movie_frames(movie, None)?;
+        s.fix_width(&movie, &ts)?;
         let pb = bar(ts.len() as u64, "frames");
         let mut frames = Vec::with_capacity(ts.len());
         for &t in &ts {
@@ -227,7 +228,7 @@ fn state_name(c: usize, n: usize) -> String {
 /// # Errors
 /// A model without a state head, unreadable inputs, masks that do not fit the frames.
 pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
-    let s = Segmenter::load(&a.model, &a.infer)?;
+    let mut s = Segmenter::load(Some(&a.model), &a.infer)?;
     if s.config.cell_states == 0 {
         bail!(
             "{}: the model has no cell-state head (config.json has cell_states = 0)",
@@ -235,6 +236,7 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
         );
     }
     let (movie, ts) = movie_frames(&a.movie, a.frames)?;
+    s.fix_width(&movie, &ts)?;
     let given = match &a.masks {
         Some(dir) => Some(numbered_masks(dir)?),
         None => None,

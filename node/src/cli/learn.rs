@@ -62,6 +62,11 @@ pub struct TrainArgs {
     /// Channels of the first level.
     #[arg(long, default_value_t = 16)]
     pub width: usize,
+    /// Cell width in pixels the model trains at: each movie is rescaled from the width
+    /// of its annotated cells to this, and segmenting rescales images from their
+    /// estimated cell width (0: train and segment at the movies' own scale).
+    #[arg(long, default_value_t = cellswarm_common::config::DEFAULT_DIAMETER)]
+    pub diameter: u32,
     /// Weight of the soft Dice loss term (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub dice: f32,
@@ -127,6 +132,11 @@ pub struct InferArgs {
     /// them to be split (lower splits more).
     #[arg(long)]
     pub split_depth: Option<f32>,
+    /// Cell width in the movie, in pixels (a round cell's diameter, a rod's width);
+    /// images are rescaled from it to the model's training width. Default: estimated
+    /// from one frame of the movie by a first pass of the model.
+    #[arg(long)]
+    pub diameter: Option<f32>,
 }
 
 /// A loaded model with its inference settings: the flags, else the model folder's
@@ -139,10 +149,19 @@ pub(crate) struct Segmenter {
 }
 
 impl Segmenter {
-    pub(crate) fn load(dir: &Path, a: &InferArgs) -> anyhow::Result<Self> {
+    /// Loads model folder `dir`, or the built-in generalist model if `None`.
+    pub(crate) fn load(dir: Option<&Path>, a: &InferArgs) -> anyhow::Result<Self> {
         let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
-        let (model, config) = load_model(dir, &device)?;
-        let post = load_postprocess(dir)?;
+        let ((model, config), post) = match dir {
+            Some(dir) => (load_model(dir, &device)?, load_postprocess(dir)?),
+            None => {
+                eprintln!(
+                    "no --model given: using the built-in generalist model ({})",
+                    crate::model::BUILTIN_MODEL
+                );
+                (crate::model::load_builtin(&device)?, None)
+            }
+        };
         let opts = InferOptions {
             tile: a.tile,
             min_size: a.min_size.or(post.map(|p| p.min_size)).unwrap_or(10),
@@ -154,14 +173,52 @@ impl Segmenter {
                 .seed_threshold
                 .unwrap_or(InferOptions::default().seed_threshold),
             split_depth: a.split_depth.unwrap_or(InferOptions::default().split_depth),
+            diameter: a.diameter,
             ..InferOptions::default()
         };
+        if let Some(d) = a.diameter
+            && !(d.is_finite() && (1.0..=2000.0).contains(&d))
+        {
+            bail!("--diameter must be between 1 and 2000 pixels, got {d}");
+        }
         Ok(Self {
             model,
             config,
             device,
             opts,
         })
+    }
+}
+
+impl Segmenter {
+    /// Fixes the cell width of a movie before segmenting it, so every frame is seen at
+    /// one scale: the `--diameter` given, else estimated on the middle frame of `frames`
+    /// (a model trained at the movies' own scale needs none).
+    pub(crate) fn fix_width(&mut self, movie: &Movie, frames: &[u32]) -> anyhow::Result<()> {
+        let (Some(target), None) = (self.config.diameter, self.opts.diameter) else {
+            return Ok(());
+        };
+        let Some(&t) = frames.get(frames.len() / 2) else {
+            return Ok(());
+        };
+        let img = movie.frame(t)?;
+        let estimate =
+            crate::infer::estimate_width(&self.model, &self.config, &self.device, &img, &self.opts);
+        let width = estimate.unwrap_or(target as f32);
+        let s = crate::scale::factor(target as f32, width, crate::infer::WIDTH_TOLERANCE);
+        match estimate {
+            Some(w) => eprintln!(
+                "cells about {w:.1} px wide (frame {t}); the model trained at {target} px: \
+                 images rescaled by {s:.3} (set --diameter to override)"
+            ),
+            None => eprintln!(
+                "could not estimate the cells' width on frame {t} (no cells found, or a \
+                 rescaled pass did not confirm it); segmenting at the movie's own scale \
+                 (set --diameter to override)"
+            ),
+        }
+        self.opts.diameter = Some(width);
+        Ok(())
     }
 }
 
@@ -184,9 +241,10 @@ pub(crate) fn movie_frames(
 /// Arguments of `cellswarm segment`.
 #[derive(Debug, clap::Args)]
 pub struct SegmentArgs {
-    /// A model folder written by `cellswarm train`.
+    /// A model folder written by `cellswarm train` (or a demo's `model/`; default: the
+    /// built-in generalist model).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// A CTC sequence folder.
     #[arg(long)]
     pub movie: PathBuf,
@@ -339,7 +397,8 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
     };
     let config = UNetConfig::new()
         .with_depth(a.depth)
-        .with_base_channels(a.width);
+        .with_base_channels(a.width)
+        .with_diameter((a.diameter > 0).then_some(a.diameter));
     let options = TrainOptions {
         batch: a.batch,
         learning_rate: a.lr,
@@ -364,7 +423,13 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         );
     }
     let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
-    let mut trainer = Trainer::new(&config, &device, train_planes(&frames), options, None)?;
+    let mut trainer = Trainer::new(
+        &config,
+        &device,
+        train_planes(&frames, config.diameter),
+        options,
+        None,
+    )?;
     let budget = match (a.minutes, a.steps) {
         (Some(m), _) => Budget::Time(Duration::from_secs_f64(m * 60.0)),
         (None, s) => Budget::Steps(s.unwrap_or(500)),
@@ -431,8 +496,9 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
 /// # Errors
 /// An unreadable model or movie, or write errors.
 pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
-    let s = Segmenter::load(&a.model, &a.infer)?;
+    let mut s = Segmenter::load(a.model.as_deref(), &a.infer)?;
     let (movie, frames) = movie_frames(&a.movie, a.frames)?;
+    s.fix_width(&movie, &frames)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let width = if movie.len() > 1000 { 4 } else { 3 };
     let pb = bar(frames.len() as u64, "frames");

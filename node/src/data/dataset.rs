@@ -1,6 +1,6 @@
 //! Annotated frames of a site's movies, ready for training and validation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use cellswarm_common::config::FrameRange;
 
@@ -9,6 +9,7 @@ use super::ctc::{Movie, TrackRecord};
 use super::normalize::{HIGH_PERCENTILE, LOW_PERCENTILE, classes, normalize};
 use super::patches::{NO_STATE, TrainPlane};
 use super::volume::{Image, Labels};
+use crate::scale;
 use crate::synth::{CellState, read_states};
 
 /// One annotated frame.
@@ -165,11 +166,86 @@ pub fn states_from_lineage(
         .collect()
 }
 
-/// The 2D training planes of annotated frames (each z-plane of a 3D frame on its own).
+/// Cell width of each movie's annotations in pixels (the typical width of every annotated
+/// plane's cell regions, see [`crate::scale::typical_width`]), by movie; movies without
+/// a cell at least 3 pixels wide are left out.
 #[must_use]
-pub fn train_planes(frames: &[Annotated]) -> Vec<TrainPlane> {
+pub fn movie_widths(frames: &[Annotated]) -> BTreeMap<String, f32> {
+    let mut regions: BTreeMap<String, Vec<(f32, usize)>> = BTreeMap::new();
+    for a in frames {
+        let (h, w) = (a.labels.height, a.labels.width);
+        let all = regions.entry(a.movie.clone()).or_default();
+        for z in 0..a.labels.depth {
+            let mask: Vec<bool> = a.labels.plane(z).iter().map(|&l| l != 0).collect();
+            all.extend(scale::regions(&mask, h, w));
+        }
+    }
+    regions
+        .into_iter()
+        .filter_map(|(m, r)| scale::typical_width(&r).map(|v| (m, v)))
+        .collect()
+}
+
+/// `a` with every plane rescaled by `s`: the image bilinearly, labels and states by
+/// nearest neighbour.
+#[must_use]
+pub fn rescaled(a: &Annotated, s: f32) -> Annotated {
+    let (d, h, w) = a.labels.shape();
+    let (nh, nw) = scale::scaled_size(h, w, s);
+    let mut image = Image::new(d, nh, nw);
+    let mut labels = Labels::new(d, nh, nw);
+    let mut states = a.states.as_ref().map(|_| Vec::with_capacity(d * nh * nw));
+    for z in 0..d {
+        image
+            .plane_mut(z)
+            .copy_from_slice(&scale::resample(a.image.plane(z), h, w, nh, nw));
+        labels
+            .plane_mut(z)
+            .copy_from_slice(&scale::resample_nearest(a.labels.plane(z), h, w, nh, nw));
+        if let (Some(out), Some(st)) = (states.as_mut(), a.states.as_ref()) {
+            out.extend(scale::resample_nearest(
+                &st[z * h * w..(z + 1) * h * w],
+                h,
+                w,
+                nh,
+                nw,
+            ));
+        }
+    }
+    Annotated {
+        movie: a.movie.clone(),
+        t: a.t,
+        image,
+        labels,
+        states,
+    }
+}
+
+/// The 2D training planes of annotated frames (each z-plane of a 3D frame on its own).
+/// With a training width `diameter` (pixels), each movie's frames are first rescaled from
+/// the movie's annotated cell width ([`movie_widths`]) to it.
+#[must_use]
+pub fn train_planes(frames: &[Annotated], diameter: Option<u32>) -> Vec<TrainPlane> {
+    let widths = diameter.map(|_| movie_widths(frames)).unwrap_or_default();
+    for (movie, width) in &widths {
+        let s = diameter.map_or(1.0, |d| {
+            scale::factor(d as f32, *width, crate::infer::WIDTH_TOLERANCE)
+        });
+        tracing::info!(movie, width, scale = s, "training scale of a movie");
+    }
     let mut out = Vec::new();
     for a in frames {
+        let s = match (diameter, widths.get(&a.movie)) {
+            (Some(d), Some(&w)) => scale::factor(d as f32, w, crate::infer::WIDTH_TOLERANCE),
+            _ => 1.0,
+        };
+        let resized;
+        let a = if s == 1.0 {
+            a
+        } else {
+            resized = rescaled(a, s);
+            &resized
+        };
         let cls = classes(&a.labels);
         let n = a.labels.plane_len();
         for z in 0..a.labels.depth {
@@ -189,6 +265,72 @@ pub fn train_planes(frames: &[Annotated]) -> Vec<TrainPlane> {
 mod tests {
     use super::*;
     use crate::data::volume::Volume;
+
+    /// A frame of `movie` with disks of radius `r` on a 4 x 4 grid, 6 r apart.
+    fn disk_frame(movie: &str, r: f32) -> Annotated {
+        let side = (24.0 * r) as usize;
+        let mut labels = vec![0u32; side * side];
+        for (k, l) in labels.iter_mut().enumerate() {
+            let (y, x) = ((k / side) as f32, (k % side) as f32);
+            for c in 0..16u32 {
+                let (cy, cx) = (
+                    (3.0 + 6.0 * (c / 4) as f32) * r,
+                    (3.0 + 6.0 * (c % 4) as f32) * r,
+                );
+                if (y - cy).powi(2) + (x - cx).powi(2) <= r * r {
+                    *l = c + 1;
+                }
+            }
+        }
+        let image = labels
+            .iter()
+            .map(|&l| if l > 0 { 0.8 } else { 0.1 })
+            .collect();
+        Annotated {
+            movie: movie.into(),
+            t: 0,
+            image: Volume::from_2d(side, side, image),
+            labels: Volume::from_2d(side, side, labels),
+            states: None,
+        }
+    }
+
+    #[test]
+    fn each_movie_is_rescaled_to_the_training_width() {
+        let frames = [
+            disk_frame("big", 20.0),
+            disk_frame("small", 5.0),
+            disk_frame("right", 10.0),
+        ];
+        let widths = movie_widths(&frames);
+        assert!(
+            (widths["big"] / widths["small"] - 4.0).abs() < 0.3,
+            "{widths:?}"
+        );
+        let planes = train_planes(&frames, Some(widths["right"].round() as u32));
+        // The big movie shrinks about 2x, the small one grows about 2x, the right one stays.
+        assert_eq!(planes[2].height, frames[2].labels.height);
+        let ratio = |i: usize| planes[i].height as f32 / frames[i].labels.height as f32;
+        assert!((ratio(0) - 0.5).abs() < 0.05, "{}", ratio(0));
+        assert!((ratio(1) - 2.0).abs() < 0.2, "{}", ratio(1));
+        // At the movie's own scale nothing changes.
+        let same = train_planes(&frames, None);
+        assert!(
+            same.iter()
+                .zip(&frames)
+                .all(|(p, f)| p.height == f.labels.height)
+        );
+        // The rescaled cells are as wide as the training width.
+        for p in &planes {
+            let mask: Vec<bool> = p.classes.iter().map(|&c| c != 0).collect();
+            let w = scale::median(&scale::region_widths(&mask, p.height, p.width)).unwrap();
+            assert!(
+                (w - widths["right"]).abs() <= 2.5,
+                "{w} vs {}",
+                widths["right"]
+            );
+        }
+    }
 
     #[test]
     fn lineage_marks_the_frames_before_a_division() {

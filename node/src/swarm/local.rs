@@ -212,7 +212,7 @@ impl UNetTrainer {
         let trainer = Trainer::new(
             &config,
             &device,
-            crate::data::dataset::train_planes(train),
+            crate::data::dataset::train_planes(train, config.diameter),
             options,
             None,
         )?;
