@@ -521,6 +521,12 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             o.sites
         )));
     }
+    if o.diameter != 0 && !(4..=200).contains(&o.diameter) {
+        return Err(DaemonError::Setup(format!(
+            "--diameter must be 0 (the movies' own scale) or between 4 and 200 pixels, got {}",
+            o.diameter
+        )));
+    }
     if let Some(k) = o.unseen.filter(|&k| k >= o.sites || o.sites < 3) {
         return Err(DaemonError::Setup(format!(
             "cannot leave site {k} out of {} sites: give an index below the number of \
@@ -1113,6 +1119,10 @@ fn f1_plot(r: &Report) -> String {
                     Some(format!("{:.1},{:.1}", x(rr.round as f64), y(*v)))
                 })
                 .collect();
+            if pts.is_empty() {
+                // A model the run did not train (--no-baselines).
+                continue;
+            }
             let _ = writeln!(
                 s,
                 "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
@@ -1136,6 +1146,9 @@ fn f1_plot(r: &Report) -> String {
                     .map(|v| format!("{:.1},{:.1}", x(rr.round as f64), y(*v)))
             })
             .collect();
+        if pts.is_empty() {
+            continue;
+        }
         let _ = writeln!(
             s,
             "<polyline fill=\"none\" stroke=\"black\" stroke-width=\"2.5\"{dash} points=\"{}\"/>",

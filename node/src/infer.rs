@@ -30,7 +30,8 @@ pub struct InferOptions {
     pub overlap: usize,
     /// Tiles per forward pass.
     pub batch: usize,
-    /// Smallest object kept, in pixels.
+    /// Smallest object kept, in pixels of the network's input (at a model's training
+    /// width; in an image rescaled by `s` it is `min_size / s^2` of the image's pixels).
     pub min_size: usize,
     /// Drop objects touching the frame's border (for annotation conventions that leave
     /// cells cut by the border unlabelled; see [`border_objects`]).
@@ -38,9 +39,9 @@ pub struct InferOptions {
     /// Interior probability a pixel needs to belong to a seed region (growth then
     /// recovers the rest of each cell).
     pub seed_threshold: f32,
-    /// Pixels by which each of two touching cells' cores must be deeper (farther from
-    /// the seed region's edge) than the neck between them for the region to be split;
-    /// lower values split more readily.
+    /// Pixels (of the network's input, as `min_size`) by which each of two touching
+    /// cells' cores must be deeper (farther from the seed region's edge) than the neck
+    /// between them for the region to be split; lower values split more readily.
     pub split_depth: f32,
     /// Cell width in the images, in pixels (see [`crate::scale`]); with a model trained
     /// at another width the images are rescaled to it. `None`: estimated from a first
@@ -627,6 +628,17 @@ fn predict_scaled(
     opts: &InferOptions,
 ) -> Vec<Probabilities> {
     let (h, w) = (norm.height, norm.width);
+    let wanted = s;
+    let s = scale::capped(s, h, w);
+    if s < wanted {
+        tracing::warn!(
+            wanted,
+            used = s,
+            height = h,
+            width = w,
+            "cells this narrow would enlarge the frame past the pixel cap; enlarging less"
+        );
+    }
     (0..norm.depth)
         .map(|z| {
             if s == 1.0 {

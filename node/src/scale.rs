@@ -10,9 +10,9 @@
 
 use crate::infer::{chamfer, components};
 
-/// Width in pixels of each 4-connected region of `mask` at least 3 pixels wide: one plus
-/// twice the largest distance from a region pixel to the nearest pixel outside it, less
-/// one (a 1-pixel line is 1 wide). Touching cells merged into one region still give
+/// Width in pixels of each 4-connected region of `mask` at least 3 pixels wide: twice the
+/// largest distance from a region pixel to the nearest pixel outside it, less one (a
+/// 1-pixel line is 1 wide, a 7-pixel one 7; an even width reads one less). Touching cells merged into one region still give
 /// about one cell's width, since the widest point of two touching disks is each disk's
 /// centre.
 #[must_use]
@@ -101,6 +101,21 @@ pub fn factor(target: f32, observed: f32, tolerance: f32) -> f32 {
     }
 }
 
+/// Most pixels a plane is enlarged to (16 Mi: about 450 MB of probabilities and
+/// activations at inference); enlarging stops there.
+pub const MAX_SCALED_PIXELS: usize = 1 << 24;
+
+/// `s`, lowered where needed so that a `height x width` plane enlarged by it stays within
+/// [`MAX_SCALED_PIXELS`] (a plane already larger is not enlarged at all).
+#[must_use]
+pub fn capped(s: f32, height: usize, width: usize) -> f32 {
+    if s <= 1.0 {
+        return s;
+    }
+    let room = (MAX_SCALED_PIXELS as f32 / (height * width).max(1) as f32).sqrt();
+    s.min(room).max(1.0)
+}
+
 /// Size of a `height x width` plane rescaled by `s` (at least 1 x 1).
 #[must_use]
 pub fn scaled_size(height: usize, width: usize, s: f32) -> (usize, usize) {
@@ -139,6 +154,9 @@ pub fn resample(
     if (height, width) == (to_height, to_width) {
         return plane.to_vec();
     }
+    if height == 0 || width == 0 {
+        return vec![0.0; to_height * to_width];
+    }
     let (ry, rx) = (
         height as f32 / to_height as f32,
         width as f32 / to_width as f32,
@@ -164,13 +182,16 @@ pub fn resample(
 
 /// `plane` resampled to `to_height x to_width` by nearest neighbour (labels, classes).
 #[must_use]
-pub fn resample_nearest<T: Copy>(
+pub fn resample_nearest<T: Copy + Default>(
     plane: &[T],
     height: usize,
     width: usize,
     to_height: usize,
     to_width: usize,
 ) -> Vec<T> {
+    if height == 0 || width == 0 {
+        return vec![T::default(); to_height * to_width];
+    }
     let pick = |i: usize, from: usize, to: usize| {
         (source(i, from, to).round().max(0.0) as usize).min(from - 1)
     };
@@ -288,5 +309,10 @@ mod tests {
         assert!((after / before - 2.0).abs() < 0.1, "{before} -> {after}");
         assert_eq!(scaled_size(700, 1100, 0.5), (350, 550));
         assert_eq!(scaled_size(3, 3, 0.01), (1, 1));
+        assert_eq!(resample(&[], 0, 0, 2, 2), vec![0.0; 4]);
+        assert_eq!(capped(4.0, 100, 100), 4.0);
+        assert!((capped(4.0, 2048, 2048) - 2.0).abs() < 1e-6);
+        assert_eq!(capped(4.0, 8192, 8192), 1.0);
+        assert_eq!(capped(0.5, 8192, 8192), 0.5);
     }
 }

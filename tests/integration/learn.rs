@@ -261,6 +261,13 @@ fn the_built_in_model_segments_cells_of_other_sizes_without_a_model_folder() {
     // The shipped model must find the cells at either size; its measured scores are in
     // docs/benchmarks.md, these bounds only catch a broken model or a broken rescale.
     assert!(scores.iter().all(|&f| f > 0.7), "F1 {scores:?}");
+    // Tracking segments with the built-in model too.
+    let out = ok_stdout(&cellswarm(
+        d,
+        &["track", "--movie", "big/01", "--out", "res"],
+    ));
+    assert!(out.contains("tracked 2 frames"), "{out}");
+    assert!(d.join("res/res_track.txt").is_file());
     // A width no image has is refused, saying which flag.
     let out = cellswarm(
         d,

@@ -109,13 +109,14 @@ fn load_postprocess(dir: &Path) -> anyhow::Result<Option<Postprocess>> {
     ))
 }
 
-/// Inference settings shared by `segment`, `track --model` and `classify`.
+/// Inference settings shared by `segment`, `track --movie` and `classify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct InferArgs {
     /// Tile side.
     #[arg(long, default_value_t = 256)]
     pub tile: usize,
-    /// Smallest object kept, in pixels (default: the model folder's postprocess.json, else 10).
+    /// Smallest object kept, in pixels at the model's training width (default: the model
+    /// folder's postprocess.json, else 10).
     #[arg(long)]
     pub min_size: Option<usize>,
     /// Drop objects touching the frame border (default: as learned from the training
@@ -390,6 +391,12 @@ fn score(
 /// # Errors
 /// Unreadable data, bad settings, or a diverging run.
 pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
+    if a.diameter != 0 && !(4..=200).contains(&a.diameter) {
+        bail!(
+            "--diameter must be 0 (the movies' own scale) or between 4 and 200 pixels, got {}",
+            a.diameter
+        );
+    }
     let frames = load_frames(&a.data, a.frames)?;
     let val = match a.val_frames {
         Some(r) => load_frames(&a.data, Some(r))?,

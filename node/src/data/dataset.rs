@@ -236,7 +236,11 @@ pub fn train_planes(frames: &[Annotated], diameter: Option<u32>) -> Vec<TrainPla
     let mut out = Vec::new();
     for a in frames {
         let s = match (diameter, widths.get(&a.movie)) {
-            (Some(d), Some(&w)) => scale::factor(d as f32, w, crate::infer::WIDTH_TOLERANCE),
+            (Some(d), Some(&w)) => scale::capped(
+                scale::factor(d as f32, w, crate::infer::WIDTH_TOLERANCE),
+                a.labels.height,
+                a.labels.width,
+            ),
             _ => 1.0,
         };
         let resized;
