@@ -44,5 +44,5 @@ pub mod update;
 pub use error::AggregateError;
 pub use merger::{CentralDp, Merged, Merger, MergerState, Outcome};
 pub use server::{Adaptive, AdaptiveParams, ServerOptimizer};
-pub use strategy::{FedAvg, Krum, Median, Selection, Strategy, TrimmedMean};
+pub use strategy::{FedAvg, Krum, Median, Selection, Strategy, TrimmedMean, clipped_counts};
 pub use update::{Update, View};

@@ -81,6 +81,11 @@ fn linear_selection(view: &View<'_>, weights: Vec<f64>) -> Selection {
 /// Decentralized Data", AISTATS 2017): the mean of the updates weighted by sample count
 /// `n_k / sum(n)`, or with equal weights `1 / K` when `weighted` is false, times the
 /// server step size `step` (1: the plain mean).
+///
+/// A sample count is only what a member declares, so each is first clipped at the
+/// round's median declared count ([`clipped_counts`]): members claiming more than the
+/// median weigh as much as the median member, and no minority of liars outweighs the
+/// rest by claiming huge counts (`u64::MAX` used to give one member weight ~1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FedAvg {
     /// Weight by sample count (true) or equally (false).
@@ -116,8 +121,9 @@ impl Strategy for FedAvg {
             if let Some(i) = view.sample_counts.iter().position(|&c| c == 0) {
                 return Err(AggregateError::ZeroSamples(view.signers[i]));
             }
-            let total: f64 = view.sample_counts.iter().map(|&c| c as f64).sum();
-            view.sample_counts
+            let counts = clipped_counts(&view.sample_counts);
+            let total: f64 = counts.iter().map(|&c| c as f64).sum();
+            counts
                 .iter()
                 .map(|&c| c as f64 / total * self.step)
                 .collect()
@@ -140,6 +146,19 @@ impl Strategy for FedAvg {
     ) -> bool {
         kernels::linear_combine(inputs, &sel.coeffs, onto, out)
     }
+}
+
+/// Declared sample counts clipped at their lower median (the `(K - 1) / 2`-th smallest):
+/// the weights FedAvg gives. With honest members in the majority the median is an
+/// honest count, so a member can raise its weight only to an honest member's.
+#[must_use]
+pub fn clipped_counts(counts: &[u64]) -> Vec<u64> {
+    let mut sorted = counts.to_vec();
+    sorted.sort_unstable();
+    let Some(&cap) = sorted.get(sorted.len().saturating_sub(1) / 2) else {
+        return Vec::new();
+    };
+    counts.iter().map(|&c| c.min(cap)).collect()
 }
 
 /// Coordinate-wise median (Yin et al., "Byzantine-Robust Distributed Learning: Towards

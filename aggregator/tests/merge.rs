@@ -314,6 +314,31 @@ fn mismatched_inputs_give_typed_errors() {
         );
     }
 
+    // A member claiming a huge sample count weighs no more than the median member:
+    // with the others' counts equal, the merge is the plain mean.
+    let mut liar = inputs.updates.clone();
+    for u in &mut liar {
+        u.sample_count = 100;
+    }
+    liar[0].sample_count = u64::MAX;
+    let plain = Merger::new(
+        Box::new(FedAvg::new(false)),
+        ServerOptimizer::Sgd,
+        None,
+        None,
+    )
+    .unwrap()
+    .merge(&inputs.base, inputs.base_hash, &liar, RoundId(1))
+    .unwrap();
+    let weighted = merge(&liar).unwrap();
+    assert!(relative_distance(weighted.weights.values(), plain.weights.values()) < 1e-6);
+    assert_eq!(
+        cellswarm_aggregator::clipped_counts(&[5, u64::MAX, 7, 6]),
+        vec![5, 6, 6, 6]
+    );
+    assert_eq!(cellswarm_aggregator::clipped_counts(&[9, 3]), vec![3, 3]);
+    assert!(cellswarm_aggregator::clipped_counts(&[]).is_empty());
+
     let mut zero = inputs.updates.clone();
     zero[0].sample_count = 0;
     assert!(matches!(merge(&zero), Err(AggregateError::ZeroSamples(_))));
@@ -598,6 +623,7 @@ import sys, numpy as np
 d, k = sys.argv[1], int(sys.argv[2])
 base = np.fromfile(f"{d}/base.f32", dtype="<f4").astype(np.float64)
 counts = np.loadtxt(f"{d}/counts.txt", dtype=np.float64, ndmin=1)
+counts = np.minimum(counts, np.sort(counts)[(k - 1) // 2])
 ups = np.stack([np.fromfile(f"{d}/u{i}.f32", dtype="<f4").astype(np.float64) for i in range(k)])
 (base + (counts / counts.sum()) @ ups).astype("<f4").tofile(f"{d}/numpy.f32")
 "#;

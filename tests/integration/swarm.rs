@@ -29,7 +29,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// The FedAvg of `test-vector` updates, recomputed from the audit log of site 0's store:
 /// each round every contributor i moves the model half-way to its target t_i, and the
-/// merge is the sample-weighted mean.
+/// merge is the sample-weighted mean (counts clipped at their median).
 fn expected_fedavg(c: &Consortium) -> Vec<f64> {
     let (head, audit) = c.sites[0].stored();
     let head = head.expect("a head");
@@ -49,13 +49,18 @@ fn expected_fedavg(c: &Consortium) -> Vec<f64> {
     for r in 1..=head.round.0 {
         let contributors: Vec<_> = audit.iter().filter(|a| a.round.0 == r).collect();
         assert!(!contributors.is_empty(), "round {r} has contributors");
-        let total: f64 = contributors.iter().map(|a| a.sample_count as f64).sum();
+        // FedAvg weighs declared counts clipped at their lower median.
+        let mut sorted: Vec<u64> = contributors.iter().map(|a| a.sample_count).collect();
+        sorted.sort_unstable();
+        let cap = sorted[(sorted.len() - 1) / 2];
+        let count = |a: &&cellswarm_common::records::AuditEntry| a.sample_count.min(cap) as f64;
+        let total: f64 = contributors.iter().map(count).sum();
         let mut next = vec![0f64; params];
         for a in &contributors {
             let t = by_signer[&a.signer].target();
             for (j, n) in next.iter_mut().enumerate() {
                 let trained = w[j] + 0.5 * (f64::from(t[j]) - w[j]);
-                *n += a.sample_count as f64 / total * trained;
+                *n += count(a) / total * trained;
             }
         }
         w = next;
