@@ -3313,7 +3313,19 @@ impl Engine {
     }
 }
 
-/// Fetches and checks the chain of records from `peer`, then its newest model and state.
+/// Most records one catch-up collects (each at most [`MAX_RECORD_BYTES`]): a node further
+/// behind catches up in steps of this many rounds, each ending at a verified model, so a
+/// member that signs records for rounds without end cannot fill our memory.
+const MAX_SYNC_RECORDS: u64 = 1024;
+
+/// The rounds one catch-up fetches when our next round is `from` and the peer's newest
+/// record is of round `latest` (at least `from`): at most [`MAX_SYNC_RECORDS`] of them.
+fn sync_rounds(from: u64, latest: u64) -> std::ops::RangeInclusive<u64> {
+    from..=latest.min(from.saturating_add(MAX_SYNC_RECORDS - 1))
+}
+
+/// Fetches and checks the chain of records from `peer` (at most [`MAX_SYNC_RECORDS`] of
+/// them), then the model and state of the last one.
 async fn sync_from(
     net: &NetClient,
     peer: PeerId,
@@ -3372,7 +3384,17 @@ async fn sync_from(
             rewound = true;
         }
     }
-    for r in from..=latest.round.0 {
+    let rounds = sync_rounds(from, latest.round.0);
+    let until = *rounds.end();
+    if until < latest.round.0 {
+        tracing::info!(
+            from,
+            until,
+            latest = latest.round.0,
+            "far behind: catching up in steps"
+        );
+    }
+    for r in rounds {
         let resp = net
             .request(peer, Request::Record(RoundId(r)))
             .await
@@ -3433,4 +3455,21 @@ async fn sync_from(
         model_bytes: model.body.into(),
         state: state.body.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_catch_up_fetches_a_bounded_number_of_records() {
+        assert_eq!(sync_rounds(1, 5), 1..=5);
+        assert_eq!(sync_rounds(7, 7), 7..=7);
+        // A member claiming a round without end is followed a step at a time.
+        let far = sync_rounds(10, u64::MAX);
+        assert_eq!(*far.start(), 10);
+        assert_eq!(*far.end(), 10 + MAX_SYNC_RECORDS - 1);
+        assert_eq!(far.count() as u64, MAX_SYNC_RECORDS);
+        assert_eq!(*sync_rounds(u64::MAX - 1, u64::MAX).end(), u64::MAX);
+    }
 }
