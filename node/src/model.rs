@@ -240,8 +240,19 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(UNet, UNetConfig), Mod
             message: "missing; a model folder holds weights.safetensors and config.json".into(),
         });
     }
+    let model = load_weights(&config, device, SafetensorsStore::from_file(&path), path)?;
+    Ok((model, config))
+}
+
+/// The network of `config` with the weights of `store` (read from `path`, named in
+/// errors), refusing weights that do not fit the network exactly.
+fn load_weights(
+    config: &UNetConfig,
+    device: &Device,
+    mut store: SafetensorsStore,
+    path: PathBuf,
+) -> Result<UNet, ModelError> {
     let mut model = config.init(device);
-    let mut store = SafetensorsStore::from_file(&path);
     let result = model.load_from(&mut store).map_err(|e| ModelError::Io {
         path: path.clone(),
         message: e.to_string(),
@@ -255,7 +266,7 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(UNet, UNetConfig), Mod
             ),
         });
     }
-    Ok((model, config))
+    Ok(model)
 }
 
 /// Weights of the generalist model built into cellswarm (configs/models/generalist).
@@ -278,21 +289,8 @@ pub fn load_builtin(device: &Device) -> Result<(UNet, UNetConfig), ModelError> {
         path: path.join(CONFIG_FILE),
         message: format!("not a readable model configuration: {e}"),
     })?;
-    let mut model = config.init(device);
-    let mut store = SafetensorsStore::from_bytes(Some(BUILTIN_WEIGHTS.to_vec()));
-    let result = model.load_from(&mut store).map_err(|e| ModelError::Io {
-        path: path.join(WEIGHTS_FILE),
-        message: e.to_string(),
-    })?;
-    if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
-        return Err(ModelError::Mismatch {
-            path: path.join(WEIGHTS_FILE),
-            detail: format!(
-                "errors {:?}, missing {:?}, unused {:?}",
-                result.errors, result.missing, result.unused
-            ),
-        });
-    }
+    let store = SafetensorsStore::from_bytes(Some(BUILTIN_WEIGHTS.to_vec()));
+    let model = load_weights(&config, device, store, path.join(WEIGHTS_FILE))?;
     Ok((model, config))
 }
 

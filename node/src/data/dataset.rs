@@ -226,23 +226,23 @@ pub fn rescaled(a: &Annotated, s: f32) -> Annotated {
 /// the movie's annotated cell width ([`movie_widths`]) to it.
 #[must_use]
 pub fn train_planes(frames: &[Annotated], diameter: Option<u32>) -> Vec<TrainPlane> {
-    let widths = diameter.map(|_| movie_widths(frames)).unwrap_or_default();
-    for (movie, width) in &widths {
-        let s = diameter.map_or(1.0, |d| {
-            scale::factor(d as f32, *width, crate::infer::WIDTH_TOLERANCE)
-        });
-        tracing::info!(movie, width, scale = s, "training scale of a movie");
-    }
+    // Each movie's factor, from its annotated width to the training width.
+    let factors: BTreeMap<String, f32> = match diameter {
+        Some(d) => movie_widths(frames)
+            .into_iter()
+            .map(|(movie, width)| {
+                let s = scale::factor(d as f32, width, crate::infer::WIDTH_TOLERANCE);
+                tracing::info!(movie, width, scale = s, "training scale of a movie");
+                (movie, s)
+            })
+            .collect(),
+        None => BTreeMap::new(),
+    };
     let mut out = Vec::new();
     for a in frames {
-        let s = match (diameter, widths.get(&a.movie)) {
-            (Some(d), Some(&w)) => scale::capped(
-                scale::factor(d as f32, w, crate::infer::WIDTH_TOLERANCE),
-                a.labels.height,
-                a.labels.width,
-            ),
-            _ => 1.0,
-        };
+        let s = factors
+            .get(&a.movie)
+            .map_or(1.0, |&s| scale::capped(s, a.labels.height, a.labels.width));
         let resized;
         let a = if s == 1.0 {
             a
@@ -327,7 +327,7 @@ mod tests {
         // The rescaled cells are as wide as the training width.
         for p in &planes {
             let mask: Vec<bool> = p.classes.iter().map(|&c| c != 0).collect();
-            let w = scale::median(&scale::region_widths(&mask, p.height, p.width)).unwrap();
+            let w = scale::typical_width(&scale::regions(&mask, p.height, p.width)).unwrap();
             assert!(
                 (w - widths["right"]).abs() <= 2.5,
                 "{w} vs {}",
