@@ -275,6 +275,58 @@ pub struct ModelSpec {
     /// image from its estimated width, so one model serves cells of every size
     /// (docs/training.md). 0 trains and segments at the movies' own scale.
     pub diameter: u32,
+    /// How the network tells touching cells apart (docs/training.md). A file without
+    /// the key (or without `[model]`) means [`InstanceHead::Boundary`], the network of
+    /// consortia formed before the key existed, so their stored models still fit; files
+    /// `cellswarm init` writes say `"distance"`, the default of new models.
+    #[serde(default = "InstanceHead::without_key")]
+    pub instances: InstanceHead,
+}
+
+/// The network's instance representation: what it predicts beside the pixel classes so
+/// that touching cells come out as separate objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceHead {
+    /// Cell boundaries only: seeds are regions of likely interior, split where their
+    /// shape has a neck.
+    Boundary,
+    /// Also each pixel's distance to its cell's edge, divided by the cell's largest
+    /// (as StarDist's object probabilities): seeds are the peaks of the predicted
+    /// distance, which dips to zero between touching cells whatever their shape.
+    #[default]
+    Distance,
+}
+
+impl InstanceHead {
+    /// The representation of a consortium file without `instances`.
+    #[must_use]
+    pub fn without_key() -> Self {
+        Self::Boundary
+    }
+
+    /// The name used in config files.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Boundary => "boundary",
+            Self::Distance => "distance",
+        }
+    }
+}
+
+impl FromStr for InstanceHead {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "boundary" => Ok(Self::Boundary),
+            "distance" => Ok(Self::Distance),
+            other => Err(format!(
+                "unknown instance representation {other:?} (boundary or distance)"
+            )),
+        }
+    }
 }
 
 /// Default [`ModelSpec::diameter`]: close to HeLa nuclei (22.5 px) and E. coli widths
@@ -297,6 +349,7 @@ impl Default for ModelSpec {
             params: 1000,
             class_weights: DEFAULT_CLASS_WEIGHTS,
             diameter: DEFAULT_DIAMETER,
+            instances: InstanceHead::without_key(),
         }
     }
 }
@@ -1676,6 +1729,31 @@ movies = ["data/01"]
                 "between 4 and 200",
             );
         }
+    }
+
+    #[test]
+    fn the_instance_representation_is_agreed() {
+        // Without the key: the network consortia had before it existed.
+        let c = load(SITE, &consortium_toml("")).unwrap();
+        assert_eq!(c.consortium.model.instances, InstanceHead::Boundary);
+        let c = load(SITE, &consortium_toml("[model]\ninstances = \"distance\"")).unwrap();
+        assert_eq!(c.consortium.model.instances, InstanceHead::Distance);
+        let c = load(SITE, &consortium_toml("[model]\ndepth = 3")).unwrap();
+        assert_eq!(c.consortium.model.instances, InstanceHead::Boundary);
+        let a = ConsortiumConfig::from_toml(&consortium_toml(""), Path::new("c.toml")).unwrap();
+        let mut b = a.clone();
+        b.model.instances = InstanceHead::Distance;
+        assert_ne!(a.agreement_digest(), b.agreement_digest());
+        let c = consortium_toml("[model]\ninstances = \"flows\"");
+        expect_err(
+            SITE,
+            &c,
+            "consortium.toml",
+            "model.instances",
+            "unknown variant",
+        );
+        assert_eq!("distance".parse(), Ok(InstanceHead::Distance));
+        assert!("stars".parse::<InstanceHead>().is_err());
     }
 
     #[test]

@@ -183,6 +183,10 @@ pub struct DemoArgs {
     /// annotated width (0: train at the movies' own scale).
     #[arg(long, default_value_t = crate::demo::DemoOptions::default().diameter)]
     pub diameter: u32,
+    /// Instance representation every model trains (`distance` or `boundary`; see
+    /// `cellswarm train --help`).
+    #[arg(long, default_value = "distance")]
+    pub instances: cellswarm_common::config::InstanceHead,
     /// Train the swarm alone, without the local-only and pooled models it is compared
     /// with (a third of the work; for training a consortium model on this machine).
     #[arg(long)]
@@ -346,6 +350,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 lr_decay: !a.constant_lr,
                 unseen: a.unseen,
                 diameter: a.diameter,
+                instances: a.instances,
                 baselines: !a.no_baselines,
             };
             tokio::runtime::Builder::new_multi_thread()

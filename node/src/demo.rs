@@ -30,7 +30,7 @@ use crate::data::ctc::Movie;
 use crate::data::dataset::{Annotated, load_annotated};
 use crate::data::patches::SamplerConfig;
 use crate::data::volume::Labels;
-use crate::infer::{InferOptions, classical_segment, segment};
+use crate::infer::{InferOptions, classical_segment, estimate_width, segment};
 use crate::metrics::{MatchCounts, Overlaps, match_counts};
 use crate::model::{UNetConfig, default_device, save_model};
 use crate::store::{BlobKind, DiskStore, Store};
@@ -86,6 +86,9 @@ pub struct DemoOptions {
     /// Cell width in pixels every model trains at (0: each movie's own scale), as the
     /// consortium file's `[model] diameter`.
     pub diameter: u32,
+    /// Instance representation of every model (the consortium file's
+    /// `[model] instances`).
+    pub instances: cellswarm_common::config::InstanceHead,
     /// Train the local-only and pooled models beside the swarm (off: the swarm alone,
     /// a third of the work, to train a consortium's model such as the generalist).
     pub baselines: bool,
@@ -118,6 +121,7 @@ impl Default for DemoOptions {
             lr_decay: true,
             unseen: None,
             diameter: cellswarm_common::config::DEFAULT_DIAMETER,
+            instances: cellswarm_common::config::InstanceHead::default(),
             baselines: true,
         }
     }
@@ -324,6 +328,7 @@ fn unet_config(o: &DemoOptions) -> UNetConfig {
         .with_depth(3)
         .with_base_channels(o.width)
         .with_diameter((o.diameter > 0).then_some(o.diameter))
+        .with_distance(o.instances == cellswarm_common::config::InstanceHead::Distance)
 }
 
 /// Training options of site `site`; the pooled model is "site" `o.sites`.
@@ -395,11 +400,12 @@ fn write_configs(
     std::fs::create_dir_all(&root).map_err(setup_err("creating the swarm folder"))?;
     let mut consortium = format!(
         "name = \"cellswarm-demo\"\ngenesis = \"{genesis}\"\n\n[model]\narchitecture = \"unet\"\n\
-         depth = 3\nbase_channels = {}\ndiameter = {}\n\n[rounds]\nmin_peers = {}\ncollect_timeout = \"30m\"\n\
+         depth = 3\nbase_channels = {}\ndiameter = {}\ninstances = \"{}\"\n\n[rounds]\nmin_peers = {}\ncollect_timeout = \"30m\"\n\
          merge_timeout = \"2m\"\nmax_rounds = {}\n\n[aggregation]\nstrategy = {:?}\n\
          server_learning_rate = {:?}\nserver_step = {:?}\nmax_update_norm = 1e6\n",
         o.width,
         o.diameter,
+        o.instances.name(),
         sites.len(),
         o.rounds,
         o.strategy,
@@ -455,8 +461,8 @@ fn write_configs(
     Ok(out)
 }
 
-/// Object matches at IoU 0.5 of `model` on `frames` (F1 from `.scores(0.5).f1`; counts
-/// add up over sites for the union).
+/// Object matches at IoU 0.5 of `model` on `frames`, the frames of one movie (F1 from
+/// `.scores(0.5).f1`; counts add up over sites for the union).
 fn score(
     config: &UNetConfig,
     model: &Weights,
@@ -467,7 +473,13 @@ fn score(
     load_weights(&mut net, model)
         .map_err(|e| DaemonError::Setup(format!("loading weights: {e}")))?;
     let mut counts = MatchCounts::default();
-    let opts = InferOptions::default();
+    // One cell width for the whole movie, estimated on its middle frame (as `cellswarm
+    // segment` does), so every frame is seen at the same scale.
+    let mut opts = InferOptions::default();
+    if let (Some(target), Some(mid)) = (config.diameter, frames.get(frames.len() / 2)) {
+        let width = estimate_width(&net, config, &device, &mid.image, &opts);
+        opts.diameter = Some(width.unwrap_or(target as f32));
+    }
     for a in frames {
         let pred = segment(&net, config, &device, &a.image, &opts);
         counts += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);

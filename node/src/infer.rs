@@ -8,7 +8,9 @@
 //! them, as a watershed of the distance transform splits touching nuclei), and grown into
 //! the foreground (interior or boundary) highest interior probability first; foreground
 //! left without a seed becomes its own object; objects smaller than `min_size` pixels are
-//! removed; labels are renumbered 1..n in scan order.
+//! removed; labels are renumbered 1..n in scan order. A model with a distance head seeds
+//! at the peaks of its predicted distance instead, split at necks the same way, and grows
+//! highest distance first (see [`instances`]).
 
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
@@ -127,6 +129,9 @@ pub struct Probabilities {
     pub states: Option<Vec<f32>>,
     /// Number of state classes.
     pub state_count: usize,
+    /// Predicted normalised distance to the cell's edge per pixel (0..1), if the model
+    /// has a distance head.
+    pub distance: Option<Vec<f32>>,
     /// Pixels the network saw per pixel of this plane (the image was rescaled by this
     /// before inference and the probabilities back after it); 1 at the image's own scale.
     pub scale: f32,
@@ -147,6 +152,7 @@ impl Probabilities {
             classes,
             states: None,
             state_count: 0,
+            distance: None,
             scale: 1.0,
         }
     }
@@ -228,6 +234,7 @@ pub fn predict_plane(
     let n = height * width;
     let mut acc = vec![0f32; c * n];
     let mut acc_states = vec![0f32; s * n];
+    let mut acc_distance = vec![0f32; if config.distance { n } else { 0 }];
     let mut wsum = vec![0f32; n];
     let weights: Vec<f32> = (0..th * tw)
         .map(|k| ramp(k / tw, th, overlap) * ramp(k % tw, tw, overlap))
@@ -256,6 +263,12 @@ pub fn predict_plane(
                 .try_into_vec::<f32>()
                 .unwrap_or_default()
         });
+        let dprobs = out.distance.map(|t| {
+            burn::tensor::activation::sigmoid(t)
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap_or_default()
+        });
         for (k, &(y0, x0)) in group.iter().enumerate() {
             for y in 0..th {
                 let gy = y0 + y;
@@ -278,6 +291,9 @@ pub fn predict_plane(
                             acc_states[ch * n + i] += w * sp[((k * s + ch) * th + y) * tw + x];
                         }
                     }
+                    if let (Some(dp), Some(a)) = (&dprobs, acc_distance.get_mut(i)) {
+                        *a += w * dp[(k * th + y) * tw + x];
+                    }
                 }
             }
         }
@@ -292,12 +308,16 @@ pub fn predict_plane(
             acc_states[ch * n + i] /= wsum[i];
         }
     }
+    for (a, w) in acc_distance.iter_mut().zip(&wsum) {
+        *a /= w;
+    }
     Probabilities {
         height,
         width,
         classes: acc,
         states: (s > 0).then_some(acc_states),
         state_count: s,
+        distance: config.distance.then_some(acc_distance),
         scale: 1.0,
     }
 }
@@ -514,7 +534,50 @@ fn split_seeds(
     level_seeds(&depth, &mask, height, width, &levels, split_depth, min_seed)
 }
 
-/// Labelled cells from a plane's probabilities (see the module documentation).
+/// Normalised distance (of a distance head) a pixel needs to belong to a seed region:
+/// the seeds of two touching cells are then parted by the pixels within a fifth of a
+/// cell's radius of the boundary between them.
+pub const DISTANCE_SEED_LEVEL: f32 = 0.2;
+/// Rise of the normalised distance above a saddle that makes two peaks two cells.
+pub const DISTANCE_DYNAMIC: f32 = 0.2;
+/// Steps of the normalised distance at which [`instances`] looks for saddles.
+const DISTANCE_STEP: f32 = 0.05;
+
+/// Seeds from a distance head's output: the regions of the foreground where the
+/// normalised distance is at least [`DISTANCE_SEED_LEVEL`], split where raising the
+/// level parts them into peaks [`DISTANCE_DYNAMIC`] above the saddle between them.
+fn distance_seeds(
+    distance: &[f32],
+    foreground: &[bool],
+    height: usize,
+    width: usize,
+    min_size: usize,
+) -> Vec<Vec<usize>> {
+    let mask: Vec<bool> = distance
+        .iter()
+        .zip(foreground)
+        .map(|(&d, &f)| f && d >= DISTANCE_SEED_LEVEL)
+        .collect();
+    let levels: Vec<f32> = (1..)
+        .map(|k| DISTANCE_SEED_LEVEL + k as f32 * DISTANCE_STEP)
+        .take_while(|&l| l < 1.0)
+        .collect();
+    let min_seed = (min_size / 4).max(3);
+    level_seeds(
+        distance,
+        &mask,
+        height,
+        width,
+        &levels,
+        DISTANCE_DYNAMIC,
+        min_seed,
+    )
+}
+
+/// Labelled cells from a plane's probabilities (see the module documentation). With a
+/// distance head, seeds are the peaks of the predicted distance ([`distance_seeds`]),
+/// split further at necks `split_depth` deep, and grow highest distance first;
+/// `seed_threshold` then does not apply.
 #[must_use]
 pub fn instances(
     p: &Probabilities,
@@ -525,34 +588,51 @@ pub fn instances(
     let (h, w) = (p.height, p.width);
     let n = h * w;
     let foreground: Vec<bool> = (0..n).map(|i| p.class(0, i) < 0.5).collect();
-    let interior: Vec<f32> = (0..n)
-        .map(|i| {
-            let v = p.class(1, i);
-            // A seed pixel is one whose most likely class is the interior.
-            if v >= p.class(2, i) && v >= p.class(0, i) {
-                v
-            } else {
-                0.0
+    let (seeds, height_map) = match &p.distance {
+        Some(d) => {
+            // Peaks of the distance, then necks in their shape: a network that has not
+            // yet learnt to part two cells with a valley may still have drawn a waist.
+            let mut peaks = vec![0f32; n];
+            for seed in distance_seeds(d, &foreground, h, w, min_size) {
+                for i in seed {
+                    peaks[i] = 1.0;
+                }
             }
-        })
-        .collect();
-    let seeds = split_seeds(
-        &interior,
-        &foreground,
-        h,
-        w,
-        seed_threshold,
-        split_depth,
-        min_size,
-    );
+            let seeds = split_seeds(&peaks, &foreground, h, w, 0.5, split_depth, min_size);
+            (seeds, d.clone())
+        }
+        None => {
+            // A seed pixel is one whose most likely class is the interior.
+            let interior: Vec<f32> = (0..n)
+                .map(|i| {
+                    let v = p.class(1, i);
+                    if v >= p.class(2, i) && v >= p.class(0, i) {
+                        v
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let seeds = split_seeds(
+                &interior,
+                &foreground,
+                h,
+                w,
+                seed_threshold,
+                split_depth,
+                min_size,
+            );
+            (seeds, (0..n).map(|i| p.class(1, i)).collect())
+        }
+    };
     let mut labels = vec![0u32; n];
     let mut count = seeds.len() as u32;
-    // Grow the seeds into the foreground, highest interior probability first (a
-    // watershed of the interior probability), so that touching cells part where the
-    // network is least sure a pixel is interior; ties in the order pixels were reached.
+    // Grow the seeds into the foreground, highest interior probability (or distance)
+    // first, a watershed, so that touching cells part where the network is least sure a
+    // pixel is interior (or nearest an edge); ties in the order pixels were reached.
     let mut heap = std::collections::BinaryHeap::new();
     let mut order = 0u64;
-    let key = |i: usize| (p.class(1, i).clamp(0.0, 1.0) * 65_535.0) as u32;
+    let key = |i: usize| (height_map[i].clamp(0.0, 1.0) * 65_535.0) as u32;
     for (k, s) in seeds.iter().enumerate() {
         for &i in s {
             labels[i] = k as u32 + 1;
@@ -660,6 +740,7 @@ fn predict_scaled(
                 classes: back(&p.classes, config.classes),
                 states: p.states.as_ref().map(|st| back(st, p.state_count)),
                 state_count: p.state_count,
+                distance: p.distance.as_ref().map(|d| back(d, 1)),
                 scale: sh as f32 / h as f32,
             }
         })
@@ -1032,6 +1113,70 @@ mod tests {
         let int = discs(16, 28, &[(8.0, 8.0, 6.0), (8.0, 19.0, 6.0)], |_| 0.99);
         let l = instances(&probs_from_interior(16, 28, &int), 10, 0.5, 8.0);
         assert_eq!(l.iter().copied().max(), Some(1));
+    }
+
+    /// Probabilities of a distance-head model: foreground where `dist` > 0, the distance
+    /// head's output `dist`, and interior probabilities that know nothing (0.5).
+    fn probs_from_distance(h: usize, w: usize, dist: &[f32]) -> Probabilities {
+        let int: Vec<f32> = dist
+            .iter()
+            .map(|&d| if d > 0.0 { 0.5 } else { 0.0 })
+            .collect();
+        let mut p = probs_from_interior(h, w, &int);
+        p.distance = Some(dist.to_vec());
+        p
+    }
+
+    /// Normalised distance of discs `(cy, cx, r)` (1 at the centre, falling to 0 at the
+    /// edge; where discs overlap, the nearer centre's).
+    fn disc_distance(h: usize, w: usize, discs: &[(f32, f32, f32)]) -> Vec<f32> {
+        (0..h * w)
+            .map(|i| {
+                let (y, x) = ((i / w) as f32, (i % w) as f32);
+                discs
+                    .iter()
+                    .map(|&(cy, cx, r)| 1.0 - ((y - cy).powi(2) + (x - cx).powi(2)).sqrt() / r)
+                    .fold(0f32, f32::max)
+                    .max(0.0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn distance_peaks_part_touching_cells_and_rods_stay_whole() {
+        // Two discs of radius 7 with centres 7 apart: their waist is barely narrower than
+        // either (no neck for the boundary extraction), but the distance dips to 0.5
+        // between peaks of 1.
+        let d = disc_distance(18, 30, &[(9.0, 9.0, 7.0), (9.0, 16.0, 7.0)]);
+        let l = instances(&probs_from_distance(18, 30, &d), 10, 0.5, 1.5);
+        let (left, right) = (l[9 * 30 + 6], l[9 * 30 + 19]);
+        assert!(left != 0 && right != 0 && left != right, "{l:?}");
+        assert_eq!(l.iter().copied().max(), Some(2));
+        // Every foreground pixel went to one of them.
+        assert_eq!(
+            l.iter().filter(|&&v| v != 0).count(),
+            d.iter().filter(|&&v| v > 0.0).count()
+        );
+        // A rod 5 pixels wide and 40 long (a bacterium): its ridge is flat, one cell.
+        let (h, w) = (9, 48);
+        let rod: Vec<f32> = (0..h * w)
+            .map(|i| {
+                let (y, x) = ((i / w) as f32, (i % w) as f32);
+                let across = 1.0 - (y - 4.0).abs() / 3.5;
+                let along = ((x - 3.0).min(45.0 - x) / 3.5).min(1.0);
+                across.min(along).max(0.0)
+            })
+            .collect();
+        let l = instances(&probs_from_distance(h, w, &rod), 10, 0.5, 1.5);
+        assert_eq!(l.iter().copied().max(), Some(1), "{l:?}");
+        // The same pair without a distance head is split only at a deep neck: here the
+        // boundary extraction sees one cell, which is what the head is for.
+        let int: Vec<f32> = d
+            .iter()
+            .map(|&v| if v > 0.0 { 0.99 } else { 0.0 })
+            .collect();
+        let l = instances(&probs_from_interior(18, 30, &int), 10, 0.5, 1.5);
+        assert_eq!(l.iter().copied().max(), Some(1), "{l:?}");
     }
 
     #[test]

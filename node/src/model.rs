@@ -1,5 +1,7 @@
 //! The network: a 2D U-Net whose heads predict, per pixel, background / cell interior /
-//! cell boundary, and a cell state (interphase / dividing / dying).
+//! cell boundary, a cell state (interphase / dividing / dying) and, with the `distance`
+//! instance representation, the pixel's distance to its cell's edge divided by the
+//! cell's largest.
 //!
 //! burn 0.22 picks the backend at run time by [`Device`]: [`default_device`] is the
 //! pure-Rust `flex` CPU backend (multi-threaded with burn's `rayon` and `simd` features);
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::activation::relu;
-use cellswarm_common::config::ModelSpec;
+use cellswarm_common::config::{InstanceHead, ModelSpec};
 
 use crate::data::normalize::CLASSES;
 
@@ -38,6 +40,10 @@ pub struct UNetConfig {
     /// Cell width in pixels the network was trained at (see [`crate::scale`]); images
     /// are rescaled to it before inference. `None`: trained at the movies' own scale.
     pub diameter: Option<u32>,
+    /// A third head predicting each pixel's normalised distance to its cell's edge
+    /// (`[model] instances = "distance"`); cells are then seeded at its peaks.
+    #[config(default = false)]
+    pub distance: bool,
 }
 
 impl UNetConfig {
@@ -51,6 +57,7 @@ impl UNetConfig {
             classes: CLASSES,
             cell_states: spec.cell_states as usize,
             diameter: (spec.diameter > 0).then_some(spec.diameter),
+            distance: spec.instances == InstanceHead::Distance,
         }
     }
 
@@ -89,6 +96,9 @@ impl UNetConfig {
         let head = Conv2dConfig::new([c(0), self.classes], [1, 1]).init(device);
         let state_head = (self.cell_states > 0)
             .then(|| Conv2dConfig::new([c(0), self.cell_states], [1, 1]).init(device));
+        let distance_head = self
+            .distance
+            .then(|| Conv2dConfig::new([c(0), 1], [1, 1]).init(device));
         UNet {
             down,
             bottleneck,
@@ -96,6 +106,7 @@ impl UNetConfig {
             dec,
             head,
             state_head,
+            distance_head,
             pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
         }
     }
@@ -135,6 +146,7 @@ pub struct UNet {
     dec: Vec<ConvBlock>,
     head: Conv2d,
     state_head: Option<Conv2d>,
+    distance_head: Option<Conv2d>,
     pool: MaxPool2d,
 }
 
@@ -145,6 +157,9 @@ pub struct Output {
     pub classes: Tensor<4>,
     /// Cell-state logits, `[batch, states, height, width]`, if the model has the head.
     pub states: Option<Tensor<4>>,
+    /// Normalised-distance logits, `[batch, 1, height, width]`, if the model has the head
+    /// (the distance is their sigmoid).
+    pub distance: Option<Tensor<4>>,
 }
 
 impl UNet {
@@ -168,7 +183,8 @@ impl UNet {
         }
         Output {
             classes: self.head.forward(h.clone()),
-            states: self.state_head.as_ref().map(|s| s.forward(h)),
+            states: self.state_head.as_ref().map(|s| s.forward(h.clone())),
+            distance: self.distance_head.as_ref().map(|d| d.forward(h)),
         }
     }
 }
@@ -223,15 +239,32 @@ pub fn save_model(dir: &Path, model: &UNet, config: &UNetConfig) -> Result<(), M
     std::fs::rename(&tmp, &cfg).map_err(|e| io(&cfg, e.to_string()))
 }
 
+/// A model folder's `config.json`. Folders written before the distance head existed
+/// have no `distance` key: they are boundary models.
+fn parse_config(text: &str) -> Result<UNetConfig, String> {
+    let bad = |e: serde_json::Error| format!("not a readable model configuration: {e}");
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+    if let Some(fields) = value.as_object_mut() {
+        fields
+            .entry("distance")
+            .or_insert(serde_json::Value::Bool(false));
+    }
+    serde_json::from_value(value).map_err(bad)
+}
+
 /// Loads a model folder saved by [`save_model`] onto `device`.
 ///
 /// # Errors
 /// Missing or unreadable files, or weights that do not fit the configuration.
 pub fn load_model(dir: &Path, device: &Device) -> Result<(UNet, UNetConfig), ModelError> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let config = UNetConfig::load(&cfg_path).map_err(|e| ModelError::Io {
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::Io {
         path: cfg_path.clone(),
-        message: format!("not a readable model configuration: {e}"),
+        message: e.to_string(),
+    })?;
+    let config = parse_config(&text).map_err(|message| ModelError::Io {
+        path: cfg_path.clone(),
+        message,
     })?;
     let path = dir.join(WEIGHTS_FILE);
     if !path.is_file() {
@@ -285,9 +318,9 @@ pub const BUILTIN_MODEL: &str = "configs/models/generalist";
 /// Only if the embedded files do not fit each other (a broken build).
 pub fn load_builtin(device: &Device) -> Result<(UNet, UNetConfig), ModelError> {
     let path = PathBuf::from(BUILTIN_MODEL);
-    let config: UNetConfig = serde_json::from_str(BUILTIN_CONFIG).map_err(|e| ModelError::Io {
+    let config = parse_config(BUILTIN_CONFIG).map_err(|message| ModelError::Io {
         path: path.join(CONFIG_FILE),
-        message: format!("not a readable model configuration: {e}"),
+        message,
     })?;
     let store = SafetensorsStore::from_bytes(Some(BUILTIN_WEIGHTS.to_vec()));
     let model = load_weights(&config, device, store, path.join(WEIGHTS_FILE))?;
@@ -358,6 +391,22 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let err = load_model(empty.path(), &device).unwrap_err().to_string();
         assert!(err.contains("config.json"), "{err}");
+        // A distance model round-trips with its head; a config.json written before the
+        // head existed (no `distance` key) loads as a boundary model.
+        let dist = UNetConfig::new()
+            .with_depth(2)
+            .with_base_channels(4)
+            .with_distance(true);
+        save_model(dir.path(), &dist.init(&device), &dist).unwrap();
+        assert_eq!(load_model(dir.path(), &device).unwrap().1, dist);
+        save_model(dir.path(), &model, &cfg).unwrap();
+        let old = std::fs::read_to_string(dir.path().join(CONFIG_FILE))
+            .unwrap()
+            .replace("\"distance\": false,", "")
+            .replace(",\n  \"distance\": false", "");
+        assert!(!old.contains("distance"), "{old}");
+        std::fs::write(dir.path().join(CONFIG_FILE), old).unwrap();
+        assert_eq!(load_model(dir.path(), &device).unwrap().1, cfg);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! [`Trainer`] runs a custom Adam loop (as in burn's `custom-training-loop` example) on
 //! augmented patches. The loss is a class-weighted cross-entropy over the three pixel
 //! classes, plus an optional soft Dice term, plus a cell-state cross-entropy on cell
-//! pixels whose state is known, plus an optional FedProx proximal term
+//! pixels whose state is known, plus (with a distance head) a binary cross-entropy of the
+//! predicted normalised distance against its target, weighted per pixel like the class
+//! loss (as StarDist trains its object probabilities), plus an optional FedProx proximal term
 //! `mu * ||w - w0||^2` pulling the weights towards the round's starting model `w0`
 //! (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020, write
 //! `mu/2`; our `mu` is theirs halved).
@@ -72,6 +74,8 @@ pub struct TrainOptions {
     pub dice_weight: f32,
     /// Weight of the cell-state loss.
     pub state_weight: f32,
+    /// Weight of the distance head's loss (models with one).
+    pub distance_weight: f32,
     /// FedProx mu (0: off).
     pub fedprox_mu: f32,
     /// Seed for initialisation, sampling and augmentation.
@@ -93,6 +97,7 @@ impl Default for TrainOptions {
             learning_rate: 1e-3,
             dice_weight: 0.0,
             state_weight: 0.5,
+            distance_weight: 1.0,
             fedprox_mu: 0.0,
             seed: 0,
             sampler: SamplerConfig::default(),
@@ -151,6 +156,33 @@ pub fn class_weights(counts: &[u64]) -> Vec<f32> {
     let mean: f64 = freq.iter().zip(&raw).map(|(f, w)| f * w).sum();
     raw.iter().map(|w| ((w / mean).min(10.0)) as f32).collect()
 }
+
+/// Cell-state loss weights: `1/frequency`, normalised so the average labelled pixel
+/// weighs 1, capped at [`STATE_WEIGHT_CAP`]. Fully balanced, unlike the pixel classes:
+/// a dying cell is rarer than one pixel in a hundred, and at the classes' `1/sqrt` with
+/// its cap of 10 the state head never learnt it.
+#[must_use]
+pub fn state_weights(counts: &[u64]) -> Vec<f32> {
+    let total: u64 = counts.iter().sum();
+    let present = counts.iter().filter(|&&c| c > 0).count();
+    if total == 0 {
+        return vec![1.0; counts.len()];
+    }
+    counts
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                1.0
+            } else {
+                // Each present class then carries 1/present of the total weight.
+                (total as f64 / (present as f64 * c as f64)).min(STATE_WEIGHT_CAP) as f32
+            }
+        })
+        .collect()
+}
+
+/// Largest cell-state loss weight.
+pub const STATE_WEIGHT_CAP: f64 = 50.0;
 
 /// Collects the proximal term's reference weights `w0` by parameter id, as plain data
 /// (tensors kept across steps would stay tied to an already consumed autodiff tape).
@@ -271,7 +303,7 @@ impl Trainer {
                 Some(w) => w.clone(),
                 None => class_weights(&counts),
             },
-            state_weights: class_weights(&state_counts),
+            state_weights: state_weights(&state_counts),
             states: config.cell_states,
             options,
             anchor: None,
@@ -388,7 +420,23 @@ impl Trainer {
         let ce = (onehot.clone() * log_softmax(out.classes.clone(), 1))
             .sum_dim(1)
             .neg();
-        let mut loss = (ce * weight).sum().div_scalar(total_w.max(1e-6));
+        let mut loss = (ce * weight.clone()).sum().div_scalar(total_w.max(1e-6));
+        if let Some(logits) = out.distance {
+            let (n, p) = (batch.n, batch.patch);
+            let target = Tensor::<4>::from_data(
+                TensorData::new(batch.distance.clone(), [n, 1, p, p]),
+                &self.device,
+            );
+            // Binary cross-entropy with logits x against t, in the stable form
+            // max(x, 0) - x t + log(1 + e^-|x|).
+            let bce = logits.clone().clamp_min(0.0) - logits.clone() * target
+                + logits.abs().neg().exp().log1p();
+            loss = loss
+                + (bce * weight)
+                    .sum()
+                    .div_scalar(total_w.max(1e-6))
+                    .mul_scalar(self.options.distance_weight);
+        }
         if self.options.dice_weight > 0.0 {
             let probs = softmax(out.classes, 1);
             let inter = (probs.clone() * onehot.clone())
@@ -598,6 +646,73 @@ mod tests {
         assert!(last < 0.8 * first, "loss should fall: {first} -> {last}");
         let (_, _, h2) = run();
         assert_eq!(h, h2, "same seed, same weights");
+    }
+
+    #[test]
+    fn state_weights_balance_the_states() {
+        // Each present state carries the same share of the loss.
+        let counts = [9000u64, 900, 100];
+        let w = state_weights(&counts);
+        let shares: Vec<f64> = counts
+            .iter()
+            .zip(&w)
+            .map(|(&c, &w)| c as f64 * f64::from(w))
+            .collect();
+        assert!(
+            shares
+                .iter()
+                .all(|s| (s - shares[0]).abs() < 1e-2 * shares[0])
+        );
+        // A state too rare is capped; an absent one weighs 1; no labels, all 1.
+        assert_eq!(state_weights(&[100_000, 1, 0])[1] as f64, STATE_WEIGHT_CAP);
+        assert_eq!(state_weights(&[100_000, 1, 0])[2], 1.0);
+        assert_eq!(state_weights(&[0, 0, 0]), vec![1.0; 3]);
+    }
+
+    #[test]
+    fn the_distance_head_learns_its_target() {
+        let planes = tiny_planes();
+        let cfg = UNetConfig::new()
+            .with_depth(2)
+            .with_base_channels(4)
+            .with_distance(true);
+        let device = default_device();
+        // The distance loss alone, so its fall is the head's learning.
+        let only_distance = TrainOptions {
+            class_weights: Some(vec![1.0; CLASSES]),
+            state_weight: 0.0,
+            ..options()
+        };
+        let mut t = Trainer::new(&cfg, &device, planes.clone(), only_distance, None).unwrap();
+        let mut losses = Vec::new();
+        t.train(Budget::Steps(40), &AtomicBool::new(false), |_, l| {
+            losses.push(l)
+        })
+        .unwrap();
+        let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+        let last: f32 = losses[35..].iter().sum::<f32>() / 5.0;
+        assert!(last < 0.9 * first, "loss should fall: {first} -> {last}");
+        // The head is part of the weights a swarm exchanges, and of inference's output.
+        let plain = UNetConfig::new().with_depth(2).with_base_channels(4);
+        let with_head = t.weights().unwrap();
+        let without = Trainer::new(&plain, &device, planes.clone(), options(), None)
+            .unwrap()
+            .weights()
+            .unwrap();
+        assert!(with_head.layout().total() > without.layout().total());
+        let p = &planes[0];
+        let probs = crate::infer::predict_plane(
+            &t.model(),
+            &cfg,
+            &device,
+            &p.image,
+            p.height,
+            p.width,
+            &crate::infer::InferOptions::default(),
+        );
+        let d = probs.distance.expect("a distance head's output");
+        assert_eq!(d.len(), p.height * p.width);
+        assert!(d.iter().all(|v| (0.0..=1.0).contains(v)));
     }
 
     #[test]

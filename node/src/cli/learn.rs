@@ -67,6 +67,11 @@ pub struct TrainArgs {
     /// estimated cell width (0: train and segment at the movies' own scale).
     #[arg(long, default_value_t = cellswarm_common::config::DEFAULT_DIAMETER)]
     pub diameter: u32,
+    /// How the network tells touching cells apart: `distance` (a head predicting each
+    /// pixel's normalised distance to its cell's edge; cells are seeded at its peaks) or
+    /// `boundary` (boundaries only; seeds split where their shape has a neck).
+    #[arg(long, default_value = "distance")]
+    pub instances: cellswarm_common::config::InstanceHead,
     /// Weight of the soft Dice loss term (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub dice: f32,
@@ -405,7 +410,8 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
     let config = UNetConfig::new()
         .with_depth(a.depth)
         .with_base_channels(a.width)
-        .with_diameter((a.diameter > 0).then_some(a.diameter));
+        .with_diameter((a.diameter > 0).then_some(a.diameter))
+        .with_distance(a.instances == cellswarm_common::config::InstanceHead::Distance);
     let options = TrainOptions {
         batch: a.batch,
         learning_rate: a.lr,

@@ -72,6 +72,27 @@ pub fn classes(labels: &Labels) -> Vec<u8> {
     out
 }
 
+/// The distance head's target from a plane's pixel classes: each interior pixel's
+/// distance to the nearest pixel outside its cell's interior, divided by the largest such
+/// distance in that cell (so every cell peaks at 1 whatever its size); 0 on boundary and
+/// background pixels. Boundaries part touching cells, so the target dips to 0 between
+/// them.
+#[must_use]
+pub fn distance_target(classes: &[u8], height: usize, width: usize) -> Vec<f32> {
+    let interior: Vec<bool> = classes.iter().map(|&c| c == INTERIOR).collect();
+    let depth = crate::infer::chamfer(&interior, height, width);
+    let (cells, count) = crate::infer::components(&interior, height, width);
+    let mut peak = vec![0f32; count as usize + 1];
+    for (&c, &d) in cells.iter().zip(&depth) {
+        peak[c as usize] = peak[c as usize].max(d);
+    }
+    cells
+        .iter()
+        .zip(&depth)
+        .map(|(&c, &d)| if c == 0 { 0.0 } else { d / peak[c as usize] })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +108,41 @@ mod tests {
         assert!((n.data[998] - 1.0).abs() < 1e-6);
         let flat = normalize(&Volume::from_2d(1, 3, vec![5.0; 3]), 1.0, 99.8);
         assert_eq!(flat.data, vec![0.0; 3]);
+    }
+
+    #[test]
+    fn the_distance_target_peaks_at_one_in_every_cell() {
+        // A 9-wide cell and a 5-wide cell touching it, on a 7-row plane.
+        let mut labels = Volume::from_2d(7, 16, vec![0u32; 7 * 16]);
+        for y in 0..7 {
+            for x in 0..9 {
+                labels.data[y * 16 + x] = 1;
+            }
+            if (1..6).contains(&y) {
+                for x in 9..14 {
+                    labels.data[y * 16 + x] = 2;
+                }
+            }
+        }
+        let cls = classes(&labels);
+        let d = distance_target(&cls, 7, 16);
+        let max_in = |xs: std::ops::Range<usize>| {
+            (0..7)
+                .flat_map(|y| xs.clone().map(move |x| y * 16 + x))
+                .map(|i| d[i])
+                .fold(0f32, f32::max)
+        };
+        assert_eq!(max_in(0..9), 1.0);
+        assert_eq!(max_in(9..16), 1.0);
+        for (i, &c) in cls.iter().enumerate() {
+            match c {
+                INTERIOR => assert!(d[i] > 0.0 && d[i] <= 1.0, "pixel {i}: {}", d[i]),
+                _ => assert_eq!(d[i], 0.0, "pixel {i}"),
+            }
+        }
+        // The boundary between the cells is a valley: 0 on it, rising on both sides.
+        assert_eq!(d[3 * 16 + 8], 0.0);
+        assert!(d[3 * 16 + 4] > d[3 * 16 + 7]);
     }
 
     #[test]

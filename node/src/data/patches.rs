@@ -30,6 +30,8 @@ pub struct TrainPlane {
     pub classes: Vec<u8>,
     /// Cell-state class per pixel, [`NO_STATE`] where unknown.
     pub states: Vec<u8>,
+    /// Target of the distance head ([`super::normalize::distance_target`]).
+    pub distance: Vec<f32>,
     /// Indices of cell pixels (a subsample), for foreground-biased sampling.
     foreground: Vec<u32>,
 }
@@ -61,12 +63,14 @@ impl TrainPlane {
         // Keep at most 4096 evenly spread foreground pixels.
         let step = fg.len().div_ceil(4096).max(1);
         let foreground = fg.into_iter().step_by(step).collect();
+        let distance = super::normalize::distance_target(&classes, height, width);
         Self {
             height,
             width,
             image,
             classes,
             states,
+            distance,
             foreground,
         }
     }
@@ -152,6 +156,8 @@ pub struct Batch {
     pub classes: Vec<u8>,
     /// Cell states ([`NO_STATE`] where unknown).
     pub states: Vec<u8>,
+    /// Distance-head targets.
+    pub distance: Vec<f32>,
 }
 
 /// Draws augmented patches from annotated planes.
@@ -192,6 +198,7 @@ impl PatchSampler {
             images: Vec::with_capacity(n * p * p),
             classes: Vec::with_capacity(n * p * p),
             states: Vec::with_capacity(n * p * p),
+            distance: Vec::with_capacity(n * p * p),
         };
         for _ in 0..n {
             self.one(&mut b);
@@ -287,11 +294,13 @@ impl PatchSampler {
                     b.images.push(0.0);
                     b.classes.push(BACKGROUND);
                     b.states.push(NO_STATE);
+                    b.distance.push(0.0);
                 } else {
                     let k = y as usize * w + x as usize;
                     b.images.push(plane.image[k]);
                     b.classes.push(plane.classes[k]);
                     b.states.push(plane.states[k]);
+                    b.distance.push(plane.distance[k]);
                 }
             }
         }
@@ -344,9 +353,11 @@ mod tests {
         let mut s = PatchSampler::new(vec![pl.clone()], cfg, 1);
         for _ in 0..50 {
             let b = s.batch(1);
-            for (v, c) in b.images.iter().zip(&b.classes) {
-                // Pixel value i has class i % 3 in the source plane.
+            for ((v, c), d) in b.images.iter().zip(&b.classes).zip(&b.distance) {
+                // Pixel value i has class i % 3 in the source plane, and the distance
+                // target of source pixel i.
                 assert_eq!((*v as usize) % 3, *c as usize);
+                assert_eq!(*d, pl.distance[*v as usize]);
             }
             // A patch is a permutation of a 6x6 window: its values are distinct.
             let mut vals: Vec<i64> = b.images.iter().map(|v| *v as i64).collect();
