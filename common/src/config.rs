@@ -284,7 +284,8 @@ pub struct ModelSpec {
 }
 
 /// The network's instance representation: what it predicts beside the pixel classes so
-/// that touching cells come out as separate objects.
+/// that touching cells come out as separate objects. Its `Default` is the representation
+/// new models get; a consortium file without the key means [`Self::without_key`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceHead {

@@ -39,7 +39,7 @@ pub struct InferOptions {
     /// cells cut by the border unlabelled; see [`border_objects`]).
     pub exclude_border: bool,
     /// Interior probability a pixel needs to belong to a seed region (growth then
-    /// recovers the rest of each cell).
+    /// recovers the rest of each cell); boundary models only.
     pub seed_threshold: f32,
     /// Pixels (of the network's input, as `min_size`) by which each of two touching
     /// cells' cores must be deeper (farther from the seed region's edge) than the neck
@@ -208,7 +208,7 @@ fn ramp(i: usize, n: usize, overlap: usize) -> f32 {
     a.min(b).clamp(1e-3, 1.0)
 }
 
-/// Class (and state) probabilities of a normalised 2D plane.
+/// Class (and state, and distance) probabilities of a normalised 2D plane.
 #[must_use]
 pub fn predict_plane(
     model: &UNet,
@@ -826,7 +826,7 @@ pub fn estimate_width(
     estimated_pass(model, config, device, &norm, target, opts).1
 }
 
-/// Class (and state) probabilities of every plane of a raw frame: normalised, rescaled so
+/// Class (and state, and distance) probabilities of every plane of a raw frame: normalised, rescaled so
 /// that its cells are as wide as the model's training width ([`UNetConfig::diameter`];
 /// the width is [`InferOptions::diameter`], else estimated by a first pass), predicted,
 /// and rescaled back to the frame's pixels.

@@ -677,7 +677,7 @@ mod tests {
             .with_base_channels(4)
             .with_distance(true);
         let device = default_device();
-        // The distance loss alone, so its fall is the head's learning.
+        // Equal class weights and no state loss: the loss is class CE plus distance BCE.
         let only_distance = TrainOptions {
             class_weights: Some(vec![1.0; CLASSES]),
             state_weight: 0.0,
@@ -713,6 +713,18 @@ mod tests {
         let d = probs.distance.expect("a distance head's output");
         assert_eq!(d.len(), p.height * p.width);
         assert!(d.iter().all(|v| (0.0..=1.0).contains(v)));
+        // The head learnt its target: cell centres (target above 0.5) read higher than
+        // the background (target 0).
+        let mean = |keep: &dyn Fn(usize) -> bool| {
+            let v: Vec<f32> = (0..d.len()).filter(|&i| keep(i)).map(|i| d[i]).collect();
+            v.iter().sum::<f32>() / v.len().max(1) as f32
+        };
+        let centres = mean(&|i| p.distance[i] > 0.5);
+        let background = mean(&|i| p.classes[i] == 0);
+        assert!(
+            centres > background + 0.1,
+            "centres {centres}, background {background}"
+        );
     }
 
     #[test]

@@ -131,7 +131,8 @@ pub struct InferArgs {
     /// Compute device: cpu, cuda[:N] or wgpu[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Interior probability a pixel needs to seed a cell.
+    /// Interior probability a pixel needs to seed a cell (boundary models only; a
+    /// distance model seeds at the peaks of its distance).
     #[arg(long)]
     pub seed_threshold: Option<f32>,
     /// Pixels by which two touching cells' cores must be deeper than the neck between

@@ -143,7 +143,8 @@ impl Default for SamplerConfig {
     }
 }
 
-/// A batch of `n` patches, `n x p x p` each (images, classes and states).
+/// A batch of `n` patches, `n x p x p` each (images, classes, states and distance
+/// targets).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     /// Patches.
