@@ -339,6 +339,17 @@ pub const DEFAULT_DIAMETER: u32 = 20;
 /// synthetic sites together 0.76, 2.30, 4.69).
 pub const DEFAULT_CLASS_WEIGHTS: [f64; 3] = [0.75, 2.25, 5.0];
 
+impl ModelSpec {
+    /// What is wrong with `diameter` as a training width, if anything: it must be 0 (the
+    /// movies' own scale) or 4-200 pixels.
+    #[must_use]
+    pub fn diameter_problem(diameter: u32) -> Option<String> {
+        (diameter != 0 && !(4..=200).contains(&diameter)).then(|| {
+            format!("must be 0 (the movies' own scale) or between 4 and 200 pixels, got {diameter}")
+        })
+    }
+}
+
 impl Default for ModelSpec {
     fn default() -> Self {
         Self {
@@ -747,14 +758,8 @@ impl ConsortiumConfig {
                 ),
             );
         }
-        if m.diameter != 0 && !(4..=200).contains(&m.diameter) {
-            return bad(
-                "model.diameter",
-                format!(
-                    "must be 0 (the movies' own scale) or between 4 and 200 pixels, got {}",
-                    m.diameter
-                ),
-            );
+        if let Some(problem) = ModelSpec::diameter_problem(m.diameter) {
+            return bad("model.diameter", problem);
         }
         self.validate_aggregation(file)
     }

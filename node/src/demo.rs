@@ -533,11 +533,8 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             o.sites
         )));
     }
-    if o.diameter != 0 && !(4..=200).contains(&o.diameter) {
-        return Err(DaemonError::Setup(format!(
-            "--diameter must be 0 (the movies' own scale) or between 4 and 200 pixels, got {}",
-            o.diameter
-        )));
+    if let Some(problem) = cellswarm_common::config::ModelSpec::diameter_problem(o.diameter) {
+        return Err(DaemonError::Setup(format!("--diameter {problem}")));
     }
     if let Some(k) = o.unseen.filter(|&k| k >= o.sites || o.sites < 3) {
         return Err(DaemonError::Setup(format!(
@@ -654,21 +651,23 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
     let mut model_rx = Vec::new();
     let mut local_tasks = Vec::new();
     {
-        let train: Vec<Vec<Annotated>> = sites.iter().map(|s| s.train.clone()).collect();
-        let all: Vec<Annotated> = train.iter().flatten().cloned().collect();
-        let mut jobs: Vec<(Vec<Annotated>, usize, u64)> = train
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (t, i, o.steps))
-            .chain(std::iter::once((
-                all,
-                sites.len(),
-                o.steps * sites.len() as u64,
-            )))
-            .collect();
-        if !o.baselines {
-            jobs.clear();
-        }
+        // Without baselines, no local-only or pooled model (and no copy of the frames).
+        let jobs: Vec<(Vec<Annotated>, usize, u64)> = if o.baselines {
+            let train: Vec<Vec<Annotated>> = sites.iter().map(|s| s.train.clone()).collect();
+            let all: Vec<Annotated> = train.iter().flatten().cloned().collect();
+            train
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| (t, i, o.steps))
+                .chain(std::iter::once((
+                    all,
+                    sites.len(),
+                    o.steps * sites.len() as u64,
+                )))
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (frames, index, steps) in jobs {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Weights, DaemonError>>();
             model_rx.push(rx);

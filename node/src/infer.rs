@@ -588,7 +588,7 @@ pub fn instances(
     let (h, w) = (p.height, p.width);
     let n = h * w;
     let foreground: Vec<bool> = (0..n).map(|i| p.class(0, i) < 0.5).collect();
-    let (seeds, height_map) = match &p.distance {
+    let (seeds, height_map): (_, &[f32]) = match &p.distance {
         Some(d) => {
             // Peaks of the distance, then necks in their shape: a network that has not
             // yet learnt to part two cells with a valley may still have drawn a waist.
@@ -599,7 +599,7 @@ pub fn instances(
                 }
             }
             let seeds = split_seeds(&peaks, &foreground, h, w, 0.5, split_depth, min_size);
-            (seeds, d.clone())
+            (seeds, d)
         }
         None => {
             // A seed pixel is one whose most likely class is the interior.
@@ -622,7 +622,10 @@ pub fn instances(
                 split_depth,
                 min_size,
             );
-            (seeds, (0..n).map(|i| p.class(1, i)).collect())
+            (
+                seeds,
+                &p.classes[INTERIOR as usize * n..(INTERIOR as usize + 1) * n],
+            )
         }
     };
     let mut labels = vec![0u32; n];

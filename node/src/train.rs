@@ -293,6 +293,12 @@ impl Trainer {
         if let Some(w) = init {
             load_weights(&mut model, w)?;
         }
+        // The distance head's targets, only for a network that has the head.
+        let planes = if config.distance {
+            planes.into_iter().map(TrainPlane::with_distance).collect()
+        } else {
+            planes
+        };
         let sampler = PatchSampler::new(planes, options.sampler, options.seed);
         Ok(Self {
             device,
@@ -700,7 +706,7 @@ mod tests {
             .weights()
             .unwrap();
         assert!(with_head.layout().total() > without.layout().total());
-        let p = &planes[0];
+        let p = planes[0].clone().with_distance();
         let probs = crate::infer::predict_plane(
             &t.model(),
             &cfg,

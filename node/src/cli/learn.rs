@@ -397,11 +397,8 @@ fn score(
 /// # Errors
 /// Unreadable data, bad settings, or a diverging run.
 pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
-    if a.diameter != 0 && !(4..=200).contains(&a.diameter) {
-        bail!(
-            "--diameter must be 0 (the movies' own scale) or between 4 and 200 pixels, got {}",
-            a.diameter
-        );
+    if let Some(problem) = cellswarm_common::config::ModelSpec::diameter_problem(a.diameter) {
+        bail!("--diameter {problem}");
     }
     let frames = load_frames(&a.data, a.frames)?;
     let val = match a.val_frames {

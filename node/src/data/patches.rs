@@ -30,7 +30,8 @@ pub struct TrainPlane {
     pub classes: Vec<u8>,
     /// Cell-state class per pixel, [`NO_STATE`] where unknown.
     pub states: Vec<u8>,
-    /// Target of the distance head ([`super::normalize::distance_target`]).
+    /// Target of the distance head ([`super::normalize::distance_target`]); empty
+    /// unless added by [`TrainPlane::with_distance`] (models without the head).
     pub distance: Vec<f32>,
     /// Indices of cell pixels (a subsample), for foreground-biased sampling.
     foreground: Vec<u32>,
@@ -63,16 +64,22 @@ impl TrainPlane {
         // Keep at most 4096 evenly spread foreground pixels.
         let step = fg.len().div_ceil(4096).max(1);
         let foreground = fg.into_iter().step_by(step).collect();
-        let distance = super::normalize::distance_target(&classes, height, width);
         Self {
             height,
             width,
             image,
             classes,
             states,
-            distance,
+            distance: Vec::new(),
             foreground,
         }
+    }
+
+    /// The plane with the distance head's target added.
+    #[must_use]
+    pub fn with_distance(mut self) -> Self {
+        self.distance = super::normalize::distance_target(&self.classes, self.height, self.width);
+        self
     }
 
     /// Class frequencies (background, interior, boundary).
@@ -157,7 +164,7 @@ pub struct Batch {
     pub classes: Vec<u8>,
     /// Cell states ([`NO_STATE`] where unknown).
     pub states: Vec<u8>,
-    /// Distance-head targets.
+    /// Distance-head targets (empty if the planes carry none).
     pub distance: Vec<f32>,
 }
 
@@ -199,7 +206,7 @@ impl PatchSampler {
             images: Vec::with_capacity(n * p * p),
             classes: Vec::with_capacity(n * p * p),
             states: Vec::with_capacity(n * p * p),
-            distance: Vec::with_capacity(n * p * p),
+            distance: Vec::new(),
         };
         for _ in 0..n {
             self.one(&mut b);
@@ -275,6 +282,7 @@ impl PatchSampler {
             }
         };
         let start = b.images.len();
+        let with_distance = !plane.distance.is_empty();
         for i in 0..p {
             for j in 0..p {
                 // Output pixel (i, j) reads source pixel (u, v) of the transformed patch.
@@ -295,13 +303,17 @@ impl PatchSampler {
                     b.images.push(0.0);
                     b.classes.push(BACKGROUND);
                     b.states.push(NO_STATE);
-                    b.distance.push(0.0);
+                    if with_distance {
+                        b.distance.push(0.0);
+                    }
                 } else {
                     let k = y as usize * w + x as usize;
                     b.images.push(plane.image[k]);
                     b.classes.push(plane.classes[k]);
                     b.states.push(plane.states[k]);
-                    b.distance.push(plane.distance[k]);
+                    if with_distance {
+                        b.distance.push(plane.distance[k]);
+                    }
                 }
             }
         }
@@ -350,10 +362,11 @@ mod tests {
     #[test]
     fn geometry_keeps_image_and_classes_aligned() {
         let cfg = SamplerConfig::plain(6);
-        let pl = plane(10, 10);
+        let pl = plane(10, 10).with_distance();
         let mut s = PatchSampler::new(vec![pl.clone()], cfg, 1);
         for _ in 0..50 {
             let b = s.batch(1);
+            assert_eq!(b.distance.len(), b.images.len());
             for ((v, c), d) in b.images.iter().zip(&b.classes).zip(&b.distance) {
                 // Pixel value i has class i % 3 in the source plane, and the distance
                 // target of source pixel i.
@@ -366,6 +379,9 @@ mod tests {
             vals.dedup();
             assert_eq!(vals.len(), 36);
         }
+        // Planes without distance targets (models without the head) give none.
+        let mut s = PatchSampler::new(vec![plane(10, 10)], cfg, 1);
+        assert!(s.batch(2).distance.is_empty());
     }
 
     #[test]
