@@ -5,10 +5,12 @@
 //!   [`network::NetClient`] handle.
 //! - [`local`]: local training as the swarm sees it ([`local::LocalTrainer`]).
 //! - [`engine`]: the round state machine.
+//! - [`catchup`]: verified catch-up (records checked by `cellswarm-round`, merges recomputed).
 //! - [`status`]: status snapshots and metrics.
 //! - [`bench`]: round overhead without training (`cellswarm bench round`).
 
 pub mod bench;
+pub mod catchup;
 pub mod codec;
 pub mod engine;
 pub mod local;

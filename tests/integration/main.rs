@@ -40,3 +40,6 @@ mod exhaustion;
 
 /// Secure aggregation: masked merges, a masked delta's secrecy, dropouts, refusals.
 mod secagg;
+
+/// The round protocol against lying members: forged catch-up chains, far-ahead claims.
+mod trust;

@@ -22,7 +22,9 @@
 //!    (fetching those it lacks) and commits M(r) only if its hash matches.
 //!
 //! A member that is behind (peers' heartbeats show a later round) fetches the chain of
-//! records, checks it, fetches the newest model and aggregator state, and rejoins.
+//! records, checks each by the rules of a live round and recomputes its merge from the
+//! deltas it names (`super::catchup`), and rejoins. The rules themselves live in the
+//! `cellswarm-round` crate.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -51,6 +53,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::catchup::{self, Rewind, SyncOutcome, SyncSetup};
 use super::codec::SyncResponse;
 use super::local::{LocalTrainer, TrainedRound};
 use super::network::{NetClient, NetError, NetEvent};
@@ -58,6 +61,7 @@ use super::secagg::{self, EpochKeys};
 use super::status::{Metrics, RejectReason, Status};
 use super::verify::{self, Checked, CheckedRecord, DeltaCheck, Gossip, MAX_RECORD_BYTES};
 use crate::store::{BlobKind, Head, RoundCommit, Store, StoreError};
+use cellswarm_round::{ChainCheck, OwnedRules, Position, Rules, Turns};
 
 /// What stops a node.
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +115,19 @@ impl Phase {
 struct Pooled {
     hash: DeltaHash,
     content: Checked,
+    /// When it was pooled.
+    at: Instant,
 }
 
 impl Pooled {
+    fn new(hash: DeltaHash, content: Checked) -> Self {
+        Self {
+            hash,
+            content,
+            at: Instant::now(),
+        }
+    }
+
     fn plain(&self) -> Option<&Update> {
         match &self.content {
             Checked::Plain(u) => Some(u),
@@ -257,17 +271,6 @@ impl RoundState {
     }
 }
 
-/// The outcome of catching up with a peer.
-#[derive(Debug)]
-struct SyncOutcome {
-    records: Vec<(MergeRecord, RecordHash, Vec<u8>)>,
-    /// Our head round was replaced by the peer's record of it (a fork resolved).
-    rewound: bool,
-    model: Weights,
-    model_bytes: Vec<u8>,
-    state: Vec<u8>,
-}
-
 enum Internal {
     Trained {
         round: RoundId,
@@ -312,24 +315,7 @@ enum Internal {
     Evaluated(Option<f32>),
 }
 
-/// The rejection reason for an envelope that failed to parse or verify.
-/// Merger candidates of round `r` among `signers`: ordered by SHA-256(signer ‖ r).
-#[must_use]
-pub fn merger_order(
-    round: RoundId,
-    signers: impl IntoIterator<Item = SignerKey>,
-) -> Vec<SignerKey> {
-    let mut v: Vec<(ModelHash, SignerKey)> = signers
-        .into_iter()
-        .map(|s| {
-            let mut b = s.0.to_vec();
-            b.extend_from_slice(&round.0.to_le_bytes());
-            (ModelHash::of(&b), s)
-        })
-        .collect();
-    v.sort();
-    v.into_iter().map(|(_, s)| s).collect()
-}
+pub use cellswarm_round::merger_order;
 
 /// Everything the engine needs to start.
 pub struct EngineParts {
@@ -389,6 +375,8 @@ pub struct Engine {
     connected: HashSet<PeerId>,
     peer_rounds: HashMap<PeerId, (RoundId, ModelHash)>,
     syncing: bool,
+    /// The head a catch-up in flight started from.
+    sync_head: Option<Head>,
     last_record: Option<MergeRecord>,
     metrics: Arc<Metrics>,
     status: watch::Sender<Status>,
@@ -565,6 +553,7 @@ impl Engine {
             connected: HashSet::new(),
             peer_rounds: HashMap::new(),
             syncing: false,
+            sync_head: None,
             last_record: None,
             metrics: p.metrics,
             status: p.status,
@@ -825,10 +814,12 @@ impl Engine {
         for p in peers {
             self.ask_for_deltas(p);
         }
-        let Some(mut trainer) = self.trainer_slot().take() else {
+        // The model first: a trainer taken out of its slot and then dropped would never
+        // train again.
+        let Some(model) = self.base_model() else {
             return;
         };
-        let Some(model) = self.base_model() else {
+        let Some(mut trainer) = self.trainer_slot().take() else {
             return;
         };
         let cancel = Arc::new(AtomicBool::new(false));
@@ -1134,14 +1125,14 @@ impl Engine {
             rs.own_env = Some((hash, env.into()));
             rs.pool.insert(
                 me,
-                Pooled {
+                Pooled::new(
                     hash,
-                    content: Checked::Masked {
+                    Checked::Masked {
                         words: Arc::new(words),
                         epoch,
                         samples,
                     },
-                },
+                ),
             );
         }
         self.publish_status(false);
@@ -1900,13 +1891,8 @@ impl Engine {
         if let Some(rs) = self.round.as_mut() {
             rs.own_bytes = bytes;
             rs.own_env = Some((hash, env));
-            rs.pool.insert(
-                self.me,
-                Pooled {
-                    hash,
-                    content: Checked::Plain(update),
-                },
-            );
+            rs.pool
+                .insert(self.me, Pooled::new(hash, Checked::Plain(update)));
             self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
         }
         self.announce_delta(round, hash, bytes).await;
@@ -1999,7 +1985,7 @@ impl Engine {
                         _ => false,
                     };
                     if newer {
-                        rs.pool.insert(signer, Pooled { hash, content });
+                        rs.pool.insert(signer, Pooled::new(hash, content));
                         self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
                         return true;
                     }
@@ -2021,7 +2007,7 @@ impl Engine {
                 }
                 // Others' deltas are held (decoded) for the round only; each member serves
                 // its own from its store, and the audit log keeps every merged hash.
-                rs.pool.insert(signer, Pooled { hash, content });
+                rs.pool.insert(signer, Pooled::new(hash, content));
                 self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
                 self.publish_status(false);
                 tracing::info!(round = %round, peer = %self.peer_of.get(&signer).map(ToString::to_string).unwrap_or_default(), delta = %hash.short(), pool = self.round.as_ref().map_or(0, |r| r.pool.len()), "accepted a delta");
@@ -2138,8 +2124,7 @@ impl Engine {
         }
         let Some(ready) = rs.ready_at else { return };
         let order = merger_order(rs.id, rs.pool.keys().copied());
-        let attempt =
-            (ready.elapsed().as_secs_f64() / merge_timeout.as_secs_f64().max(1e-3)) as usize;
+        let attempt = Turns::new(collect, merge_timeout).attempt_at(ready.elapsed()) as usize;
         let Some(position) = order.iter().position(|s| *s == self.me) else {
             return;
         };
@@ -2422,63 +2407,84 @@ impl Engine {
         verify::record(envelope, &self.members, self.digest)
     }
 
-    /// Rules every record of the current round must satisfy before it is recomputed.
-    fn check_round_rules(&self, record: &MergeRecord, signer: SignerKey) -> Result<(), String> {
-        let head = self.head.ok_or("no head")?;
-        if record.base != head.model {
-            return Err(format!(
-                "base {} is not our model {}",
-                record.base.short(),
-                head.model.short()
-            ));
-        }
-        if record.prev != head.record && record.prev.is_some() && head.record.is_some() {
-            tracing::warn!(round = %record.round, "the record's previous-record hash differs from ours (same base model)");
-        }
-        if record.strategy != self.merger.name() {
-            return Err(format!(
-                "strategy {} is not ours ({})",
-                record.strategy,
-                self.merger.name()
-            ));
-        }
-        if record.contributions.len() < self.quorum() {
-            return Err(format!(
-                "{} contributions, quorum is {}",
-                record.contributions.len(),
-                self.quorum()
-            ));
-        }
-        if !record
-            .contributions
-            .windows(2)
-            .all(|w| w[0].signer < w[1].signer)
-        {
-            return Err("contributions not sorted by signer, or a signer twice".into());
-        }
-        if record
-            .contributions
+    /// The agreed merger turns.
+    fn turns(&self) -> Turns {
+        let r = &self.config.consortium.rounds;
+        Turns::new(r.collect_timeout, r.merge_timeout)
+    }
+
+    /// The members' signing keys.
+    fn member_set(&self) -> BTreeSet<SignerKey> {
+        self.peer_of.keys().copied().collect()
+    }
+
+    /// What we hold of the current round, for the rule that a record leaves out no
+    /// delta an honest merger must have held ([`cellswarm_round::Pooled::binds`]). Under
+    /// secure aggregation only the current epoch's deltas count (an earlier epoch's are
+    /// superseded by the restart).
+    fn held(&self, now: Instant) -> Vec<cellswarm_round::Pooled> {
+        let Some(rs) = self.round.as_ref() else {
+            return Vec::new();
+        };
+        let epoch = rs.mask.as_ref().map(|m| m.epoch);
+        // Our own delta binds no merger: we may have pooled it before anyone could fetch
+        // it (after a restart); members who fetched it hold the merger to it.
+        let connected: HashSet<SignerKey> = self
+            .connected
             .iter()
-            .any(|c| !self.peer_of.contains_key(&c.signer))
-        {
-            return Err("a contribution from a non-member".into());
-        }
-        if record
-            .contributions
+            .filter_map(|p| self.signer_of.get(p))
+            .copied()
+            .filter(|s| *s != self.me)
+            .collect();
+        rs.pool
             .iter()
-            .any(|c| self.merged_hashes.contains(&c.delta))
-        {
-            return Err("a delta already merged in an earlier round".into());
-        }
-        let order = merger_order(record.round, record.contributions.iter().map(|c| c.signer));
-        // Turns wrap around after every candidate had one (as in `check_merge`).
-        if order.get(record.attempt as usize % order.len().max(1)) != Some(&signer) {
-            return Err(format!(
-                "signed by a member that is not merger candidate {} of this round",
-                record.attempt
-            ));
-        }
-        Ok(())
+            .filter(|(_, p)| epoch.is_none() || p.masked().map(|m| m.1) == epoch)
+            .map(|(s, p)| cellswarm_round::Pooled {
+                signer: *s,
+                delta: p.hash,
+                age: now.saturating_duration_since(p.at),
+                at: p.at.saturating_duration_since(rs.started),
+                connected: connected.contains(s),
+            })
+            .collect()
+    }
+
+    /// The rules every record of the current round must pass before it is recomputed
+    /// (`cellswarm_round::check_live`).
+    fn check_round_rules(
+        &self,
+        record: &MergeRecord,
+        signer: SignerKey,
+    ) -> Result<(), cellswarm_round::RuleError> {
+        let (Some(head), Some(rs)) = (self.head, self.round.as_ref()) else {
+            return Err(cellswarm_round::RuleError::WrongRound {
+                expected: self.current(),
+                got: record.round,
+            });
+        };
+        let members = self.member_set();
+        let rules = Rules {
+            consortium: self.digest,
+            strategy: self.merger.name(),
+            quorum: self.quorum(),
+            members: &members,
+        };
+        let at = Position {
+            round: rs.id,
+            base: head.model,
+            prev: head.record,
+        };
+        let now = Instant::now();
+        cellswarm_round::check_live(
+            &rules,
+            &at,
+            record,
+            signer,
+            |d| self.merged_hashes.contains(d),
+            &self.turns(),
+            now.saturating_duration_since(rs.started),
+            &self.held(now),
+        )
     }
 
     async fn on_record(&mut self, envelope: Vec<u8>, expected: Option<RecordHash>, peer: PeerId) {
@@ -2515,7 +2521,14 @@ impl Engine {
                 return;
             }
         }
-        if let Err(detail) = self.check_round_rules(&record, signer) {
+        if let Err(rule) = self.check_round_rules(&record, signer) {
+            if matches!(rule, cellswarm_round::RuleError::TooEarly { .. })
+                && let Some(rs) = self.round.as_mut()
+            {
+                // Looked at again if it comes again once its turn has come.
+                rs.seen_records.remove(&hash);
+            }
+            let detail = rule.to_string();
             self.reject(
                 RejectReason::BadRecord,
                 record.round,
@@ -2729,38 +2742,86 @@ impl Engine {
         self.begin_sync(from);
     }
 
+    /// Starts a verified catch-up from `peer` (`catchup::sync_from`). Training goes on
+    /// meanwhile: a claim to be ahead is believed only once records check and recompute
+    /// (`on_synced`).
     fn begin_sync(&mut self, peer: PeerId) {
         if self.syncing {
             return;
         }
+        let Some(head) = self.head else { return };
+        // Catch-up recomputes every merge from our head, so it needs the head model.
+        let Some(base) = self.base_model() else {
+            tracing::debug!("catching up waits for the head model");
+            return;
+        };
         self.syncing = true;
-        self.train_cancel.store(true, Ordering::Relaxed);
-        let net = self.net.clone();
+        self.sync_head = Some(head);
+        let rules = OwnedRules {
+            consortium: self.digest,
+            strategy: self.merger.name().to_owned(),
+            quorum: self.quorum(),
+            members: self.member_set(),
+        };
+        let at = Position {
+            round: head.round.next(),
+            base: head.model,
+            prev: head.record,
+        };
+        // The pool of the round we were collecting is not held against the chain's
+        // record of it: our round may have started late (a restart), and refusing the
+        // consortium's record on such a view would strand us for good.
+        let check = ChainCheck::new(rules, at, catchup::MAX_SYNC_RECORDS);
+        let rewind = match (&self.last_record, head.record) {
+            (Some(r), Some(ours)) if r.round == head.round && head.round.0 >= 1 => {
+                let store = Arc::clone(&self.store);
+                let layout = Arc::clone(&self.layout);
+                let limits = self.limits.layout;
+                let members = self.members.clone();
+                let cfg = self.config.consortium.aggregation.clone();
+                let (before, model) = (RoundId(head.round.0 - 1), r.base);
+                Some(Rewind {
+                    ours,
+                    before: Position {
+                        round: r.round,
+                        base: r.base,
+                        prev: r.prev,
+                    },
+                    contributions: r.contributions.iter().map(|c| c.delta).collect(),
+                    load: Box::new(move || {
+                        load_before(&*store, &layout, limits, &members, &cfg, before, model)
+                    }),
+                })
+            }
+            _ => None,
+        };
+        let setup = SyncSetup {
+            net: self.net.clone(),
+            peer,
+            members: self.members.clone(),
+            digest: self.digest,
+            check,
+            merged: self.merged_hashes.clone(),
+            base,
+            state: self.merger.save_state(&self.layout),
+            aggregation: self.config.consortium.aggregation.clone(),
+            layout: Arc::clone(&self.layout),
+            limits: self.limits,
+            holders: self.peer_of.clone(),
+            connected: self.connected.iter().copied().collect(),
+            rewind,
+        };
         let tx = self.internal_tx.clone();
-        let members = self.members.clone();
-        let digest = self.digest;
-        let head = self.head;
-        let head_record = self.last_record.as_ref().map(|r| (r.base, r.prev));
-        let layout = Arc::clone(&self.layout);
-        let max = self.config.node.net.max_message_bytes;
-        tracing::info!(peer = %peer, "catching up with a peer that is ahead");
+        tracing::info!(peer = %peer, from = %head.round, "catching up with a peer that is ahead");
         self.tracker.spawn(async move {
-            let r = sync_from(
-                &net,
-                peer,
-                &members,
-                digest,
-                (head, head_record),
-                &layout,
-                max,
-            )
-            .await;
+            let r = catchup::sync_from(setup).await;
             let _ = tx.send(Internal::Synced(r)).await;
         });
     }
 
     async fn on_synced(&mut self, outcome: Result<SyncOutcome, String>) -> Result<(), EngineError> {
         self.syncing = false;
+        let began = self.sync_head.take();
         let o = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -2768,11 +2829,16 @@ impl Engine {
                 return Ok(());
             }
         };
+        if began != self.head {
+            // A round committed while we caught up: the chain was checked from an older
+            // head. The next heartbeat from a peer ahead starts another catch-up.
+            tracing::info!("the head moved while catching up; the catch-up is dropped");
+            return Ok(());
+        }
         let Some((last, last_hash, _)) = o.records.last().cloned() else {
             return Ok(());
         };
-        self.store
-            .put_blob(BlobKind::Model, last.model.as_bytes(), &o.model_bytes)?;
+        self.store.put_model(&last.model, &o.model)?;
         self.store
             .put_blob(BlobKind::State, &last.state, &o.state)?;
         // One transaction for the whole chain: committed one by one, a crash between two
@@ -2796,14 +2862,12 @@ impl Engine {
         }
         self.merger.load_state(&o.state, &self.layout)?;
         let head = RoundCommit::of_record(&last, last_hash, Vec::new()).head;
-        tracing::info!(round = %last.round, model = %last.model.short(), records = o.records.len(), "caught up");
+        // The rounds we were in are over: a training still running for one is cancelled.
+        self.train_cancel.store(true, Ordering::Relaxed);
+        tracing::info!(round = %last.round, model = %last.model.short(), records = o.records.len(), "caught up: every record checked and its merge recomputed");
         self.last_record = Some(last);
         self.ahead_since = None;
-        self.adopt_head(
-            head,
-            Weights::from_flat(Arc::clone(&self.layout), o.model.into_values())
-                .map_err(|e| EngineError::Layout(e.to_string()))?,
-        );
+        self.adopt_head(head, o.model);
         self.round = None;
         if self.trainer_slot().is_some() {
             self.start_round().await;
@@ -3313,163 +3377,31 @@ impl Engine {
     }
 }
 
-/// Most records one catch-up collects (each at most [`MAX_RECORD_BYTES`]): a node further
-/// behind catches up in steps of this many rounds, each ending at a verified model, so a
-/// member that signs records for rounds without end cannot fill our memory.
-const MAX_SYNC_RECORDS: u64 = 1024;
-
-/// The rounds one catch-up fetches when our next round is `from` and the peer's newest
-/// record is of round `latest` (at least `from`): at most [`MAX_SYNC_RECORDS`] of them.
-fn sync_rounds(from: u64, latest: u64) -> std::ops::RangeInclusive<u64> {
-    from..=latest.min(from.saturating_add(MAX_SYNC_RECORDS - 1))
-}
-
-/// Fetches and checks the chain of records from `peer` (at most [`MAX_SYNC_RECORDS`] of
-/// them), then the model and state of the last one.
-async fn sync_from(
-    net: &NetClient,
-    peer: PeerId,
-    members: &MemberKeys,
-    digest: [u8; 32],
-    (head, head_record): (Option<Head>, Option<(ModelHash, Option<RecordHash>)>),
+/// The model and aggregator state before round `before + 1` from the store: the model by
+/// hash, the state from round `before`'s record (a fresh aggregator's before round 1).
+fn load_before(
+    store: &dyn Store,
     layout: &Arc<Layout>,
-    max: u64,
-) -> Result<SyncOutcome, String> {
-    let open = |body: Vec<u8>| -> Result<(MergeRecord, RecordHash, Vec<u8>), String> {
-        let v = UnverifiedEnvelope::parse(body, MAX_RECORD_BYTES)
-            .and_then(|e| e.verify(PayloadKind::MergeRecord, members))
-            .map_err(|e| e.to_string())?;
-        let r: MergeRecord = decode_control(v.payload()).map_err(|e| e.to_string())?;
-        if r.consortium != digest {
-            return Err("record from another consortium configuration".into());
-        }
-        Ok((r, RecordHash(v.payload_digest()), v.into_bytes()))
+    limits: Limits,
+    members: &MemberKeys,
+    cfg: &cellswarm_common::config::AggregationConfig,
+    before: RoundId,
+    model: ModelHash,
+) -> Option<(Weights, Vec<u8>)> {
+    let bytes = store.blob(BlobKind::Model, model.as_bytes()).ok()??;
+    let w = Weights::from_bytes(&bytes, &limits).ok()?;
+    layout.ensure_same(w.layout()).ok()?;
+    let w = Weights::from_flat(Arc::clone(layout), w.into_values()).ok()?;
+    let state = if before.0 == 0 {
+        Merger::from_config(cfg).ok()?.save_state(layout)
+    } else {
+        let env = store.record(before).ok()??;
+        let v = UnverifiedEnvelope::parse(env, MAX_RECORD_BYTES)
+            .ok()?
+            .verify(PayloadKind::MergeRecord, members)
+            .ok()?;
+        let r: MergeRecord = decode_control(v.payload()).ok()?;
+        store.blob(BlobKind::State, &r.state).ok()??
     };
-    let latest = net
-        .request(peer, Request::Latest)
-        .await
-        .map_err(|e| e.to_string())?;
-    if latest.header != ResponseHeader::Record {
-        return Err("the peer has no merge record yet".into());
-    }
-    let (latest, _, _) = open(latest.body.into())?;
-    let from = head.map_or(1, |h| h.round.0 + 1);
-    if latest.round.0 < from {
-        return Err("the peer is not ahead of us".into());
-    }
-    let mut records = Vec::new();
-    let (mut prev_model, mut prev_record) = (head.map(|h| h.model), head.and_then(|h| h.record));
-    // Our head round may be a dead branch: a merger that committed its own record while
-    // the others committed another one for that round (a restarted node can race them).
-    // If the peer holds another record for our head round that starts from the same
-    // model and links to the same previous record, it is the consortium's: replace ours.
-    let mut rewound = false;
-    if let (Some(h), Some((base, prev))) = (head, head_record)
-        && h.round.0 >= 1
-        && let Ok(resp) = net.request(peer, Request::Record(h.round)).await
-        && resp.header == ResponseHeader::Record
-    {
-        let (rec, hash, env) = open(resp.body.into())?;
-        if Some(hash) != h.record && rec.round == h.round {
-            if rec.base != base || rec.prev != prev {
-                return Err(format!(
-                    "the peer's record of round {} forks earlier than our head",
-                    h.round
-                ));
-            }
-            tracing::warn!(round = %h.round, ours = %h.record.map(|r| r.short()).unwrap_or_default(), theirs = %hash.short(), "our last round is not the one the consortium committed; adopting the peer's record of it");
-            prev_model = Some(rec.model);
-            prev_record = Some(hash);
-            records.push((rec, hash, env));
-            rewound = true;
-        }
-    }
-    let rounds = sync_rounds(from, latest.round.0);
-    let until = *rounds.end();
-    if until < latest.round.0 {
-        tracing::info!(
-            from,
-            until,
-            latest = latest.round.0,
-            "far behind: catching up in steps"
-        );
-    }
-    for r in rounds {
-        let resp = net
-            .request(peer, Request::Record(RoundId(r)))
-            .await
-            .map_err(|e| e.to_string())?;
-        if resp.header != ResponseHeader::Record {
-            return Err(format!("the peer lacks the record of round {r}"));
-        }
-        let (rec, hash, env) = open(resp.body.into())?;
-        if rec.round != RoundId(r) {
-            return Err(format!("asked for round {r}, got round {}", rec.round));
-        }
-        if let Some(m) = prev_model
-            && rec.base != m
-        {
-            return Err(format!(
-                "round {r} does not start from the model of round {}",
-                r - 1
-            ));
-        }
-        if prev_record.is_some() && rec.prev != prev_record {
-            return Err(format!(
-                "round {r}'s record does not link to the previous record"
-            ));
-        }
-        prev_model = Some(rec.model);
-        prev_record = Some(hash);
-        records.push((rec, hash, env));
-    }
-    let Some((last, _, _)) = records.last() else {
-        return Err("nothing to catch up".into());
-    };
-    let model = net
-        .request(peer, Request::Model(last.model))
-        .await
-        .map_err(|e| e.to_string())?;
-    if model.header != ResponseHeader::Model || ModelHash::of(&model.body) != last.model {
-        return Err("the peer's model does not match the newest record".into());
-    }
-    let limits = Limits {
-        max_tensors: 4096,
-        max_params: (max / 4).max(layout.total() as u64),
-    };
-    let weights = Weights::from_bytes(&model.body, &limits).map_err(|e| e.to_string())?;
-    layout
-        .ensure_same(weights.layout())
-        .map_err(|e| e.to_string())?;
-    let state = net
-        .request(peer, Request::State(last.state))
-        .await
-        .map_err(|e| e.to_string())?;
-    if state.header != ResponseHeader::State || sha(&state.body) != last.state {
-        return Err("the peer's aggregator state does not match the newest record".into());
-    }
-    Ok(SyncOutcome {
-        records,
-        rewound,
-        model: weights,
-        model_bytes: model.body.into(),
-        state: state.body.into(),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_catch_up_fetches_a_bounded_number_of_records() {
-        assert_eq!(sync_rounds(1, 5), 1..=5);
-        assert_eq!(sync_rounds(7, 7), 7..=7);
-        // A member claiming a round without end is followed a step at a time.
-        let far = sync_rounds(10, u64::MAX);
-        assert_eq!(*far.start(), 10);
-        assert_eq!(*far.end(), 10 + MAX_SYNC_RECORDS - 1);
-        assert_eq!(far.count() as u64, MAX_SYNC_RECORDS);
-        assert_eq!(*sync_rounds(u64::MAX - 1, u64::MAX).end(), u64::MAX);
-    }
+    Some((w, state))
 }

@@ -1,0 +1,441 @@
+//! Verified catch-up, the driver's half: fetch a peer's records and the deltas each one
+//! names, recompute every merge, and keep the records whose merge gives the model they
+//! name. The rules (chain links, quorum, members, replays, merger turns) are
+//! `cellswarm_round::ChainCheck`'s, the same as a live round's.
+//!
+//! A node catches up from its own head: it needs no model from the peer, only records
+//! and deltas, so a peer cannot hand it a model of its choosing. Each member serves its
+//! own deltas from its store; a delta is asked of its signer first, then of the peer the
+//! node catches up from, then of every connected member.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use cellswarm_aggregator::{Merger, Update};
+use cellswarm_common::config::AggregationConfig;
+use cellswarm_common::delta::DeltaLimits;
+use cellswarm_common::envelope::MemberKeys;
+use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
+use cellswarm_common::weights::{Layout, Weights};
+use cellswarm_common::wire::{MergeRecord, Request, ResponseHeader};
+use cellswarm_round::{ChainCheck, Position};
+use libp2p::PeerId;
+
+use super::network::NetClient;
+use super::verify::{self, Checked, DeltaCheck};
+
+/// The most records one catch-up checks and commits; a node further behind catches up
+/// in several steps.
+pub const MAX_SYNC_RECORDS: usize = 1024;
+
+/// A record confirmed by recomputation: the record, its hash and its signed envelope.
+pub(super) type Confirmed = (MergeRecord, RecordHash, Vec<u8>);
+
+/// What a catch-up needs, taken from the engine when it begins.
+pub(super) struct SyncSetup {
+    /// The network handle.
+    pub net: NetClient,
+    /// The peer that is ahead.
+    pub peer: PeerId,
+    /// The members' keys (envelope signatures).
+    pub members: MemberKeys,
+    /// The consortium agreement digest.
+    pub digest: [u8; 32],
+    /// The rules, from our head.
+    pub check: ChainCheck,
+    /// Deltas merged up to our head.
+    pub merged: HashSet<DeltaHash>,
+    /// Our head model.
+    pub base: Arc<Weights>,
+    /// Our aggregator state at the head.
+    pub state: Vec<u8>,
+    /// The agreed aggregation settings.
+    pub aggregation: AggregationConfig,
+    /// The model layout.
+    pub layout: Arc<Layout>,
+    /// Delta size limits.
+    pub limits: DeltaLimits,
+    /// Who serves each member's deltas, and who else is connected.
+    pub holders: BTreeMap<SignerKey, PeerId>,
+    /// Connected peers.
+    pub connected: Vec<PeerId>,
+    /// Our head record, when our head round may be a dead branch to replace: its round,
+    /// hash and the position before it, the model and state before it, and the deltas it
+    /// merged (no longer merged if it is replaced).
+    pub rewind: Option<Rewind>,
+}
+
+impl std::fmt::Debug for SyncSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncSetup")
+            .field("peer", &self.peer)
+            .field("at", &self.check.position())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Our head round, replaceable by the consortium's record of it.
+pub(super) struct Rewind {
+    /// Our head record's hash.
+    pub ours: RecordHash,
+    /// The position our head record continued.
+    pub before: Position,
+    /// Reads the model and aggregator state before our head round (from our store).
+    pub load: Box<dyn FnOnce() -> Option<(Weights, Vec<u8>)> + Send>,
+    /// The deltas our head record merged.
+    pub contributions: Vec<DeltaHash>,
+}
+
+/// The outcome of catching up with a peer.
+#[derive(Debug)]
+pub(super) struct SyncOutcome {
+    /// Records confirmed, oldest first.
+    pub records: Vec<Confirmed>,
+    /// Our head round was replaced by the peer's record of it (a fork resolved).
+    pub rewound: bool,
+    /// The model after the last record.
+    pub model: Weights,
+    /// The aggregator state after the last record.
+    pub state: Vec<u8>,
+}
+
+fn sha(bytes: &[u8]) -> [u8; 32] {
+    ModelHash::of(bytes).0
+}
+
+/// The rounds to ask for: from `from` on, at most `limit` of them, up to `latest`.
+pub(super) fn sync_rounds(from: u64, latest: u64, limit: usize) -> std::ops::RangeInclusive<u64> {
+    from..=latest.min(from.saturating_add(limit.max(1) as u64 - 1))
+}
+
+/// The merge state a catch-up carries from record to record.
+struct Chain {
+    check: ChainCheck,
+    merger: Merger,
+    base: Arc<Weights>,
+    state: Vec<u8>,
+    merged: HashSet<DeltaHash>,
+}
+
+/// Catches up with `s.peer`: see the module documentation.
+pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
+    let members = s.members.clone();
+    let open = |body: Vec<u8>| verify::record(body, &members, s.digest).map_err(|(_, e)| e);
+    let latest = s
+        .net
+        .request(s.peer, Request::Latest)
+        .await
+        .map_err(|e| e.to_string())?;
+    if latest.header != ResponseHeader::Record {
+        return Err("the peer has no merge record yet".into());
+    }
+    let (latest, _, _, _) = open(latest.body.into())?;
+    let from = s.check.position().round.0;
+    if latest.round.0 < from {
+        return Err("the peer is not ahead of us".into());
+    }
+    let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
+    merger
+        .load_state(&s.state, &s.layout)
+        .map_err(|e| e.to_string())?;
+    let mut chain = Chain {
+        check: s.check,
+        merger,
+        base: s.base,
+        state: s.state,
+        merged: s.merged,
+    };
+    let ctx = Ctx {
+        net: &s.net,
+        peer: s.peer,
+        holders: &s.holders,
+        connected: &s.connected,
+        members: &s.members,
+        digest: s.digest,
+        layout: &s.layout,
+        limits: &s.limits,
+        aggregation: &s.aggregation,
+    };
+    let mut records = Vec::new();
+    let mut rewound = false;
+    // Our head round may be a dead branch: a merger that committed its own record while
+    // the others committed another one for that round (a restarted node can race them).
+    // If the peer holds another record for our head round that continues the same
+    // position and recomputes, it is the consortium's: replace ours.
+    if let Some(rw) = s.rewind
+        && let Ok(resp) = s
+            .net
+            .request(s.peer, Request::Record(rw.before.round))
+            .await
+        && resp.header == ResponseHeader::Record
+    {
+        let (rec, hash, signer, env) = open(resp.body.into())?;
+        if hash != rw.ours && rec.round == rw.before.round {
+            if rec.base != rw.before.base || rec.prev != rw.before.prev {
+                return Err(format!(
+                    "the peer's record of round {} forks earlier than our head",
+                    rw.before.round
+                ));
+            }
+            let (model, state) = tokio::task::spawn_blocking(rw.load)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the model before our head round is not in the store")?;
+            tracing::warn!(round = %rw.before.round, ours = %rw.ours.short(), theirs = %hash.short(), "our last round may not be the one the consortium committed; checking the peer's record of it");
+            let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
+            merger
+                .load_state(&state, &s.layout)
+                .map_err(|e| e.to_string())?;
+            for d in &rw.contributions {
+                chain.merged.remove(d);
+            }
+            chain.check = chain.check.restart_at(rw.before);
+            chain.merger = merger;
+            chain.base = Arc::new(model);
+            chain.state = state;
+            records.push(verify_one(&mut chain, &ctx, rec, hash, signer, env).await?);
+            rewound = true;
+        }
+    }
+    let from = chain.check.position().round.0;
+    let rounds = sync_rounds(from, latest.round.0, MAX_SYNC_RECORDS - records.len());
+    if *rounds.end() < latest.round.0 {
+        tracing::info!(
+            from,
+            until = *rounds.end(),
+            latest = latest.round.0,
+            "far behind: catching up in steps"
+        );
+    }
+    for r in rounds {
+        let resp = s
+            .net
+            .request(s.peer, Request::Record(RoundId(r)))
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.header != ResponseHeader::Record {
+            if records.is_empty() {
+                return Err(format!("the peer lacks the record of round {r}"));
+            }
+            break;
+        }
+        let (rec, hash, signer, env) = open(resp.body.into())?;
+        match verify_one(&mut chain, &ctx, rec, hash, signer, env).await {
+            Ok(c) => records.push(c),
+            // What was confirmed before stays confirmed: commit it, report the rest.
+            Err(e) if !records.is_empty() => {
+                tracing::warn!(round = r, error = %e, "catch-up stopped at a record that does not check");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if records.is_empty() {
+        return Err("nothing to catch up".into());
+    }
+    let model = Arc::try_unwrap(chain.base).unwrap_or_else(|shared| (*shared).clone());
+    Ok(SyncOutcome {
+        records,
+        rewound,
+        model,
+        state: chain.state,
+    })
+}
+
+/// What fetching and checking a record's deltas needs.
+struct Ctx<'a> {
+    net: &'a NetClient,
+    peer: PeerId,
+    holders: &'a BTreeMap<SignerKey, PeerId>,
+    connected: &'a [PeerId],
+    members: &'a MemberKeys,
+    digest: [u8; 32],
+    layout: &'a Arc<Layout>,
+    limits: &'a DeltaLimits,
+    aggregation: &'a AggregationConfig,
+}
+
+/// Checks one record by the rules, fetches its deltas, recomputes its merge and, if the
+/// merge gives the record's model and state, moves the chain on.
+async fn verify_one(
+    chain: &mut Chain,
+    ctx: &Ctx<'_>,
+    record: MergeRecord,
+    hash: RecordHash,
+    signer: SignerKey,
+    envelope: Vec<u8>,
+) -> Result<Confirmed, String> {
+    let merged = &chain.merged;
+    let record = chain
+        .check
+        .check(record, hash, signer, |d| merged.contains(d))
+        .map_err(|e| e.to_string())?
+        .clone();
+    if ctx.aggregation.secure_aggregation {
+        // Masked deltas cannot be summed without the round's revealed seeds, which are
+        // not kept: a record of a secure-aggregation round is checked by the rules only
+        // (docs/security.md lists this as an open gap).
+        tracing::warn!(round = %record.round, record = %hash.short(), "secure aggregation: catch-up checks this record's rules but cannot recompute its merge");
+        chain
+            .check
+            .confirm(record.model, record.state)
+            .map_err(|e| e.to_string())?;
+        let state = fetch_state(ctx, record.state).await?;
+        let model = fetch_model(ctx, record.model).await?;
+        chain
+            .merger
+            .load_state(&state, ctx.layout)
+            .map_err(|e| e.to_string())?;
+        chain.base = Arc::new(model);
+        chain.state = state;
+        chain
+            .merged
+            .extend(record.contributions.iter().map(|c| c.delta));
+        return Ok((record, hash, envelope));
+    }
+    let mut updates = Vec::with_capacity(record.contributions.len());
+    for c in &record.contributions {
+        updates.push(fetch_update(ctx, &record, c.signer, c.delta, c.sample_count).await?);
+    }
+    // The merge runs off the async threads; the merger and base travel with it.
+    let base = Arc::clone(&chain.base);
+    let merger = std::mem::replace(
+        &mut chain.merger,
+        Merger::from_config(ctx.aggregation).map_err(|e| e.to_string())?,
+    );
+    let layout = Arc::clone(ctx.layout);
+    let round = record.round;
+    let base_hash = record.base;
+    let (merger, result) = tokio::task::spawn_blocking(move || {
+        let mut merger = merger;
+        let result = merger.merge(&base, base_hash, &updates, round).map(|m| {
+            merger.commit(m.outcome.next_state.clone());
+            let state = merger.save_state(&layout);
+            (m, state)
+        });
+        (merger, result)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    chain.merger = merger;
+    let (merged, state) = result.map_err(|e| format!("round {round}: the merge fails: {e}"))?;
+    chain
+        .check
+        .confirm(merged.hash, sha(&state))
+        .map_err(|e| e.to_string())?;
+    chain
+        .merged
+        .extend(record.contributions.iter().map(|c| c.delta));
+    chain.base = Arc::new(merged.weights);
+    chain.state = state;
+    Ok((record, hash, envelope))
+}
+
+/// Peers to ask for something `signer` made: the signer, the peer we catch up from,
+/// then everyone connected.
+fn sources(ctx: &Ctx<'_>, signer: Option<SignerKey>) -> Vec<PeerId> {
+    let mut v = Vec::new();
+    if let Some(p) = signer.and_then(|s| ctx.holders.get(&s))
+        && ctx.connected.contains(p)
+    {
+        v.push(*p);
+    }
+    for p in std::iter::once(ctx.peer).chain(ctx.connected.iter().copied()) {
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    v
+}
+
+/// Fetches and checks one delta a record names: signed by its contributor, for the
+/// record's round and base, with the sample count the record gives it.
+async fn fetch_update(
+    ctx: &Ctx<'_>,
+    record: &MergeRecord,
+    signer: SignerKey,
+    delta: DeltaHash,
+    samples: u64,
+) -> Result<Update, String> {
+    let none = HashSet::new();
+    let check = DeltaCheck {
+        members: ctx.members,
+        consortium: ctx.digest,
+        round: record.round,
+        base: record.base,
+        layout: ctx.layout,
+        limits: ctx.limits,
+        max_norm: ctx.aggregation.max_update_norm,
+        // Replays were refused by the chain's rules before any delta was fetched.
+        merged: &none,
+        secure_aggregation: false,
+    };
+    let mut last = format!("no peer served delta {}", delta.short());
+    for p in sources(ctx, Some(signer)) {
+        let Ok(resp) = ctx.net.request(p, Request::Delta(delta)).await else {
+            continue;
+        };
+        if resp.header != ResponseHeader::Delta {
+            continue;
+        }
+        match check.check(delta, resp.body.into()) {
+            Ok((s, Checked::Plain(u))) if s == signer && u.sample_count == samples => {
+                return Ok(u);
+            }
+            Ok(_) => {
+                last = format!(
+                    "round {}: delta {} is not {}'s with {samples} samples",
+                    record.round,
+                    delta.short(),
+                    signer.short()
+                );
+            }
+            Err((_, e)) => last = format!("round {}: delta {}: {e}", record.round, delta.short()),
+        }
+    }
+    Err(last)
+}
+
+async fn fetch_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, String> {
+    let limits = ctx.limits.layout;
+    for p in sources(ctx, None) {
+        if let Ok(r) = ctx.net.request(p, Request::Model(hash)).await
+            && r.header == ResponseHeader::Model
+            && ModelHash::of(&r.body) == hash
+            && let Ok(w) = Weights::from_bytes(&r.body, &limits)
+            && ctx.layout.ensure_same(w.layout()).is_ok()
+        {
+            return Weights::from_flat(Arc::clone(ctx.layout), w.into_values())
+                .map_err(|e| e.to_string());
+        }
+    }
+    Err(format!("no peer served model {}", hash.short()))
+}
+
+async fn fetch_state(ctx: &Ctx<'_>, hash: [u8; 32]) -> Result<Vec<u8>, String> {
+    for p in sources(ctx, None) {
+        if let Ok(r) = ctx.net.request(p, Request::State(hash)).await
+            && r.header == ResponseHeader::State
+            && sha(&r.body) == hash
+        {
+            return Ok(r.body.into());
+        }
+    }
+    Err("no peer served the aggregator state".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_catch_up_fetches_a_bounded_number_of_records() {
+        assert_eq!(sync_rounds(1, 5, 1024), 1..=5);
+        assert_eq!(sync_rounds(7, 7, 1024), 7..=7);
+        // A member claiming a round without end is followed a step at a time.
+        let far = sync_rounds(10, u64::MAX, MAX_SYNC_RECORDS);
+        assert_eq!(*far.start(), 10);
+        assert_eq!(*far.end(), 10 + MAX_SYNC_RECORDS as u64 - 1);
+        assert_eq!(*sync_rounds(u64::MAX - 1, u64::MAX, 8).end(), u64::MAX);
+    }
+}

@@ -1,0 +1,20 @@
+//! The cellswarm round protocol's rules, as pure code: given what a node knows (its head,
+//! the members, what it pooled and when), decide whether a merge record may be adopted.
+//!
+//! Time is an input (durations measured by the caller), never read here; nothing here
+//! does I/O, and nothing here knows the model or the network. The node's driver
+//! (`node/src/swarm/`) turns network and store events into calls and carries out what
+//! the rules decide. One rulebook serves every path a record can take into a node: the
+//! live round ([`rules::check_live`]) and catch-up ([`chain::ChainCheck`]), so that the
+//! path taken by a lagging or restarting node is not weaker than the live one.
+//!
+//! See `docs/protocol.md` ("Rules every record must pass") for the rules and why.
+
+pub mod chain;
+pub mod rules;
+pub mod turns;
+
+pub use chain::OwnedRules;
+pub use chain::{ChainCheck, ChainError};
+pub use rules::{Pooled, Position, RuleError, Rules, check_live, check_record, must_include};
+pub use turns::{Turns, merger_order};
