@@ -5,8 +5,10 @@
 //! does I/O, and nothing here knows the model or the network. The node's driver
 //! (`node/src/swarm/`) turns network and store events into calls and carries out what
 //! the rules decide. One rulebook serves every path a record can take into a node: the
-//! live round ([`rules::check_live`]) and catch-up ([`chain::ChainCheck`]), so that the
-//! path taken by a lagging or restarting node is not weaker than the live one.
+//! live round ([`rules::check_live`]) and catch-up ([`chain::ChainCheck`]) share
+//! [`rules::check_record`]; what only a node that saw the round can check, catch-up makes
+//! up for by leaving the newest record to the live round (its driver commits only records
+//! with a recomputed successor).
 //!
 //! See `docs/protocol.md` ("Rules every record must pass") for the rules and why.
 

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use cellswarm_aggregator::{Merger, Update};
+use cellswarm_aggregator::Merger;
 use cellswarm_common::config::AggregationConfig;
 use cellswarm_common::delta::DeltaLimits;
 use cellswarm_common::envelope::MemberKeys;
@@ -84,6 +84,9 @@ pub(super) struct Rewind {
     pub load: Box<dyn FnOnce() -> Option<(Weights, Vec<u8>)> + Send>,
     /// The deltas our head record merged.
     pub contributions: Vec<DeltaHash>,
+    /// The aggregator state hash before our head round (none before round 1: a fresh
+    /// aggregator's), to fetch it if the store lacks it.
+    pub state_before: Option<[u8; 32]>,
 }
 
 /// The outcome of catching up with a peer.
@@ -115,6 +118,8 @@ struct Chain {
     base: Arc<Weights>,
     state: Vec<u8>,
     merged: HashSet<DeltaHash>,
+    /// The model and state before the last confirmed record.
+    before: Option<(Arc<Weights>, Vec<u8>)>,
 }
 
 /// Catches up with `s.peer`: see the module documentation.
@@ -144,6 +149,7 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
         base: s.base,
         state: s.state,
         merged: s.merged,
+        before: None,
     };
     let ctx = Ctx {
         net: &s.net,
@@ -177,10 +183,23 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
                     rw.before.round
                 ));
             }
-            let (model, state) = tokio::task::spawn_blocking(rw.load)
+            let stored = tokio::task::spawn_blocking(rw.load)
                 .await
-                .map_err(|e| e.to_string())?
-                .ok_or("the model before our head round is not in the store")?;
+                .map_err(|e| e.to_string())?;
+            // Not in the store (a catch-up keeps only its last model): fetched by the
+            // hashes our own records name.
+            let (model, state) = match stored {
+                Some(x) => x,
+                None => {
+                    let state = match rw.state_before {
+                        Some(h) => fetch_state(&ctx, h).await?,
+                        None => Merger::from_config(&s.aggregation)
+                            .map_err(|e| e.to_string())?
+                            .save_state(&s.layout),
+                    };
+                    (fetch_model(&ctx, rw.before.base).await?, state)
+                }
+            };
             tracing::warn!(round = %rw.before.round, ours = %rw.ours.short(), theirs = %hash.short(), "our last round may not be the one the consortium committed; checking the peer's record of it");
             let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
             merger
@@ -230,15 +249,30 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
             Err(e) => return Err(e),
         }
     }
-    if records.is_empty() {
+    // The newest record confirmed has no round on top of it, so nothing shows that the
+    // other members adopted it: its deltas and its merge check out, but its merger may
+    // have chosen them (a subset of the round's deltas, refused by the members who saw
+    // the round). It is left to the live round, whose rules see that. Every earlier
+    // record is followed by one whose deltas, signed by a quorum of members, start from
+    // its model: while fewer members lie than `rounds.min_peers`, an honest member
+    // adopted it.
+    if records.pop().is_none() {
         return Err("nothing to catch up".into());
     }
-    let model = Arc::try_unwrap(chain.base).unwrap_or_else(|shared| (*shared).clone());
+    let (base, state) = chain.before.take().ok_or("nothing to catch up")?;
+    if records.is_empty() {
+        return Err(
+            "the peer's newest record has no round on top of it yet; the live round decides it"
+                .into(),
+        );
+    }
+    drop(chain.base);
+    let model = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
     Ok(SyncOutcome {
         records,
         rewound,
         model,
-        state: chain.state,
+        state,
     })
 }
 
@@ -275,7 +309,10 @@ async fn verify_one(
         // Masked deltas cannot be summed without the round's revealed seeds, which are
         // not kept: a record of a secure-aggregation round is checked by the rules only
         // (docs/security.md lists this as an open gap).
-        tracing::warn!(round = %record.round, record = %hash.short(), "secure aggregation: catch-up checks this record's rules but cannot recompute its merge");
+        tracing::warn!(round = %record.round, record = %hash.short(), "secure aggregation: catch-up checks this record's rules and deltas but cannot recompute its merge");
+        for c in &record.contributions {
+            fetch_checked(ctx, &record, c.signer, c.delta, c.sample_count, true).await?;
+        }
         chain
             .check
             .confirm(record.model, record.state)
@@ -286,8 +323,8 @@ async fn verify_one(
             .merger
             .load_state(&state, ctx.layout)
             .map_err(|e| e.to_string())?;
-        chain.base = Arc::new(model);
-        chain.state = state;
+        let old = std::mem::replace(&mut chain.base, Arc::new(model));
+        chain.before = Some((old, std::mem::replace(&mut chain.state, state)));
         chain
             .merged
             .extend(record.contributions.iter().map(|c| c.delta));
@@ -295,7 +332,12 @@ async fn verify_one(
     }
     let mut updates = Vec::with_capacity(record.contributions.len());
     for c in &record.contributions {
-        updates.push(fetch_update(ctx, &record, c.signer, c.delta, c.sample_count).await?);
+        match fetch_checked(ctx, &record, c.signer, c.delta, c.sample_count, false).await? {
+            Checked::Plain(u) => updates.push(u),
+            Checked::Masked { .. } => {
+                return Err("a masked delta outside secure aggregation".into());
+            }
+        }
     }
     // The merge runs off the async threads; the merger and base travel with it.
     let base = Arc::clone(&chain.base);
@@ -326,8 +368,8 @@ async fn verify_one(
     chain
         .merged
         .extend(record.contributions.iter().map(|c| c.delta));
-    chain.base = Arc::new(merged.weights);
-    chain.state = state;
+    let old = std::mem::replace(&mut chain.base, Arc::new(merged.weights));
+    chain.before = Some((old, std::mem::replace(&mut chain.state, state)));
     Ok((record, hash, envelope))
 }
 
@@ -350,13 +392,14 @@ fn sources(ctx: &Ctx<'_>, signer: Option<SignerKey>) -> Vec<PeerId> {
 
 /// Fetches and checks one delta a record names: signed by its contributor, for the
 /// record's round and base, with the sample count the record gives it.
-async fn fetch_update(
+async fn fetch_checked(
     ctx: &Ctx<'_>,
     record: &MergeRecord,
     signer: SignerKey,
     delta: DeltaHash,
     samples: u64,
-) -> Result<Update, String> {
+    masked: bool,
+) -> Result<Checked, String> {
     let none = HashSet::new();
     let check = DeltaCheck {
         members: ctx.members,
@@ -368,7 +411,7 @@ async fn fetch_update(
         max_norm: ctx.aggregation.max_update_norm,
         // Replays were refused by the chain's rules before any delta was fetched.
         merged: &none,
-        secure_aggregation: false,
+        secure_aggregation: masked,
     };
     let mut last = format!("no peer served delta {}", delta.short());
     for p in sources(ctx, Some(signer)) {
@@ -380,7 +423,10 @@ async fn fetch_update(
         }
         match check.check(delta, resp.body.into()) {
             Ok((s, Checked::Plain(u))) if s == signer && u.sample_count == samples => {
-                return Ok(u);
+                return Ok(Checked::Plain(u));
+            }
+            Ok((s, m @ Checked::Masked { samples: n, .. })) if s == signer && n == samples => {
+                return Ok(m);
             }
             Ok(_) => {
                 last = format!(

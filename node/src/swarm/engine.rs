@@ -2780,7 +2780,13 @@ impl Engine {
                 let members = self.members.clone();
                 let cfg = self.config.consortium.aggregation.clone();
                 let (before, model) = (RoundId(head.round.0 - 1), r.base);
+                let state_before = if before.0 == 0 {
+                    None
+                } else {
+                    self.load_record(before).ok().flatten().map(|r| r.state)
+                };
                 Some(Rewind {
+                    state_before,
                     ours,
                     before: Position {
                         round: r.round,
