@@ -182,7 +182,10 @@ impl Merger {
     /// # Errors
     /// As [`Merger::new`], and secure aggregation with a strategy that must see each update.
     pub fn from_config(cfg: &AggregationConfig) -> Result<Self, AggregateError> {
-        let weighted = FedAvg::new(true);
+        let weighted = FedAvg {
+            max_samples: cfg.max_samples.unwrap_or(u64::MAX),
+            ..FedAvg::new(true)
+        };
         let adaptive = |kind| {
             ServerOptimizer::Adaptive(
                 kind,
@@ -207,6 +210,7 @@ impl Merger {
                 Box::new(FedAvg {
                     weighted: false,
                     step: cfg.server_step,
+                    ..weighted
                 }),
                 ServerOptimizer::Sgd,
             ),

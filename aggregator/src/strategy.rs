@@ -85,11 +85,16 @@ fn linear_selection(view: &View<'_>, weights: Vec<f64>) -> Selection {
 /// A sample count is only what a member declares, so each is first clipped at the
 /// round's median declared count ([`clipped_counts`]): members claiming more than the
 /// median weigh as much as the median member, and no minority of liars outweighs the
-/// rest by claiming huge counts (`u64::MAX` used to give one member weight ~1).
+/// rest by claiming huge counts (`u64::MAX` used to give one member weight ~1). Before
+/// that, every count is capped at `max_samples` (`aggregation.max_samples`), the most a
+/// member may declare, so that no member, even among liars that are the majority of a
+/// round, weighs more than that ceiling allows.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FedAvg {
     /// Weight by sample count (true) or equally (false).
     pub weighted: bool,
+    /// The most samples any member's count stands for (`u64::MAX`: no ceiling).
+    pub max_samples: u64,
     /// Server step size eta_g: every weight is multiplied by it (1 keeps the bits of the
     /// plain mean, since `w * 1.0 == w`).
     pub step: f64,
@@ -101,6 +106,7 @@ impl FedAvg {
     pub fn new(weighted: bool) -> Self {
         Self {
             weighted,
+            max_samples: u64::MAX,
             step: 1.0,
         }
     }
@@ -121,7 +127,12 @@ impl Strategy for FedAvg {
             if let Some(i) = view.sample_counts.iter().position(|&c| c == 0) {
                 return Err(AggregateError::ZeroSamples(view.signers[i]));
             }
-            let counts = clipped_counts(&view.sample_counts);
+            let capped: Vec<u64> = view
+                .sample_counts
+                .iter()
+                .map(|&c| c.min(self.max_samples))
+                .collect();
+            let counts = clipped_counts(&capped);
             let total: f64 = counts.iter().map(|&c| c as f64).sum();
             counts
                 .iter()

@@ -337,6 +337,39 @@ fn mismatched_inputs_give_typed_errors() {
         vec![5, 6, 6, 6]
     );
     assert_eq!(cellswarm_aggregator::clipped_counts(&[9, 3]), vec![3, 3]);
+    // Issue 15, hole 4: with `max_samples` no member outweighs the ceiling, even when
+    // the liars are the round's majority and the median count is theirs.
+    let mut majority = inputs.updates.clone();
+    for (i, u) in majority.iter_mut().enumerate() {
+        u.sample_count = if i == 0 { 100 } else { u64::MAX };
+    }
+    let capped = |cap: u64| {
+        Merger::new(
+            Box::new(FedAvg {
+                max_samples: cap,
+                ..FedAvg::new(true)
+            }),
+            ServerOptimizer::Sgd,
+            None,
+            None,
+        )
+        .unwrap()
+        .merge(&inputs.base, inputs.base_hash, &majority, RoundId(1))
+        .unwrap()
+    };
+    // A ceiling of 100 gives every member the same weight: the plain mean.
+    let equal = Merger::new(
+        Box::new(FedAvg::new(false)),
+        ServerOptimizer::Sgd,
+        None,
+        None,
+    )
+    .unwrap()
+    .merge(&inputs.base, inputs.base_hash, &majority, RoundId(1))
+    .unwrap();
+    assert!(relative_distance(capped(100).weights.values(), equal.weights.values()) < 1e-6);
+    // Without it, the majority's median count is theirs and member 0 weighs nothing.
+    assert!(relative_distance(capped(u64::MAX).weights.values(), equal.weights.values()) > 1e-3);
     assert!(cellswarm_aggregator::clipped_counts(&[]).is_empty());
 
     let mut zero = inputs.updates.clone();

@@ -520,10 +520,14 @@ pub struct AggregationConfig {
     pub clip_norm: Option<f64>,
     /// Trimmed mean: fraction of values trimmed at each end (0 <= beta < 0.5).
     pub trim_beta: f64,
-    /// Krum and Multi-Krum: the number f of Byzantine members tolerated.
+    /// The number f of Byzantine members tolerated: Krum's and Multi-Krum's f, and a
+    /// commit certificate needs f + 1 members' attestations.
     pub byzantine: u32,
     /// Multi-Krum: how many updates to average (default n - f).
     pub multi_krum_keep: Option<u32>,
+    /// Weighted FedAvg and the server optimisers: the most samples any member's declared
+    /// count stands for (unset: no ceiling beyond the round's median count).
+    pub max_samples: Option<u64>,
     /// Server optimisers: learning rate (eta).
     pub server_learning_rate: f64,
     /// FedAvg (weighted or not): the server step size eta_g. The model moves by eta_g
@@ -553,6 +557,7 @@ impl Default for AggregationConfig {
             trim_beta: 0.1,
             byzantine: 1,
             multi_krum_keep: None,
+            max_samples: None,
             server_learning_rate: 0.01,
             server_step: 1.0,
             server_beta1: 0.9,
@@ -817,6 +822,12 @@ impl ConsortiumConfig {
             return bad(
                 "multi_krum_keep",
                 format!("must be between 1 and rounds.min_peers ({quorum}), got {keep}"),
+            );
+        }
+        if a.max_samples == Some(0) {
+            return bad(
+                "max_samples",
+                "must be at least 1 (leave it out for no ceiling)".into(),
             );
         }
         if !positive(a.server_learning_rate) {

@@ -415,6 +415,17 @@ pub enum Announcement {
         /// The model it starts that round from.
         model: ModelHash,
     },
+    /// A member's attestation: it checked the record of `round` (recomputed its merge, or
+    /// made it) and committed it. Enough of them, from distinct members, make a commit
+    /// certificate, which lets a node adopt a record it cannot recompute itself.
+    Committed {
+        /// The round.
+        round: RoundId,
+        /// The committed record's hash.
+        record: RecordHash,
+        /// The model it gives.
+        model: ModelHash,
+    },
 }
 
 /// One member's delta included in a merge.
@@ -470,6 +481,9 @@ pub enum Request {
     State([u8; 32]),
     /// The deltas the peer holds for a round (signer and hash of each).
     Deltas(RoundId),
+    /// The attestations (signed [`Announcement::Committed`] envelopes) the peer holds for
+    /// a round.
+    Attestations(RoundId),
 }
 
 /// Header of a response frame; the body carries the bytes named.
@@ -489,6 +503,8 @@ pub enum ResponseHeader {
     NotFound,
     /// The peer refuses (the reason is for logs).
     Refused(String),
+    /// No body: attestation envelopes of the round asked about (at most one per member).
+    Attestations(#[serde(deserialize_with = "grown_vec")] Vec<Vec<u8>>),
 }
 
 #[cfg(test)]
@@ -532,6 +548,11 @@ mod tests {
                 round: RoundId(2),
                 model: ModelHash::of(b"c"),
             },
+            Announcement::Committed {
+                round: RoundId(3),
+                record: RecordHash::of(b"r"),
+                model: ModelHash::of(b"d"),
+            },
         ] {
             assert_eq!(
                 decode_control::<Announcement>(&encode_control(&a).unwrap()).unwrap(),
@@ -542,12 +563,18 @@ mod tests {
             Request::Latest,
             Request::Record(RoundId(5)),
             Request::Model(ModelHash::of(b"x")),
+            Request::Attestations(RoundId(4)),
         ] {
             assert_eq!(
                 decode_control::<Request>(&encode_control(&q).unwrap()).unwrap(),
                 q
             );
         }
+        let h = ResponseHeader::Attestations(vec![vec![1, 2, 3], vec![4]]);
+        assert_eq!(
+            decode_control::<ResponseHeader>(&encode_control(&h).unwrap()).unwrap(),
+            h
+        );
     }
 
     #[test]

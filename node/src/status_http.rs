@@ -67,9 +67,12 @@ async fn get_metrics(State(s): State<Shared>) -> impl IntoResponse {
         "# HELP cellswarm_abusive_disconnects_total Peers disconnected and refused for a while after repeated protocol violations.\n\
          # TYPE cellswarm_abusive_disconnects_total counter\ncellswarm_abusive_disconnects_total {}\n\
          # HELP cellswarm_oversize_total Messages refused for declaring more bytes than the limit.\n\
-         # TYPE cellswarm_oversize_total counter\ncellswarm_oversize_total {}\n",
+         # TYPE cellswarm_oversize_total counter\ncellswarm_oversize_total {}\n\
+         # HELP cellswarm_net_events_dropped_total Gossip messages and requests dropped because the engine was busy.\n\
+         # TYPE cellswarm_net_events_dropped_total counter\ncellswarm_net_events_dropped_total {}\n",
         s.traffic.abusive_disconnects.load(Ordering::Relaxed),
         s.traffic.oversize.load(Ordering::Relaxed),
+        s.traffic.events_dropped.load(Ordering::Relaxed),
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -291,6 +291,24 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Database errors.
     fn peer(&self, peer: &str) -> Result<Option<Vec<String>>, StoreError>;
 
+    /// Keeps a member's signed attestation of a round (`Announcement::Committed`): the
+    /// first one per member and round is kept, later ones are ignored.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_attestation(
+        &self,
+        round: RoundId,
+        signer: &[u8; 32],
+        envelope: &[u8],
+    ) -> Result<(), StoreError>;
+
+    /// The attestation envelopes kept for a round, one per member at most.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn attestations(&self, round: RoundId) -> Result<Vec<Vec<u8>>, StoreError>;
+
     /// Flushes everything to disk.
     ///
     /// # Errors
@@ -311,6 +329,7 @@ pub struct DiskStore {
     records: sled::Tree,
     audit: sled::Tree,
     peers: sled::Tree,
+    attest: sled::Tree,
 }
 
 impl fmt::Debug for DiskStore {
@@ -520,6 +539,7 @@ impl DiskStore {
             records: tree("records")?,
             audit: tree("audit")?,
             peers: tree("peers")?,
+            attest: tree("attestations")?,
             root: root.to_owned(),
             db,
         })
@@ -783,6 +803,29 @@ impl Store for DiskStore {
             .get(peer.as_bytes())?
             .map(|v| dec("peer", &v).map(|PeerRecord(values)| values))
             .transpose()
+    }
+
+    fn put_attestation(
+        &self,
+        round: RoundId,
+        signer: &[u8; 32],
+        envelope: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut key = round.0.to_be_bytes().to_vec();
+        key.extend_from_slice(signer);
+        // First one wins: a member that attests two records of a round is a liar, and
+        // its second word changes nothing.
+        let _ = self
+            .attest
+            .compare_and_swap(key, None::<&[u8]>, Some(envelope))?;
+        Ok(())
+    }
+
+    fn attestations(&self, round: RoundId) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.attest
+            .scan_prefix(round.0.to_be_bytes())
+            .map(|kv| Ok(kv?.1.to_vec()))
+            .collect()
     }
 
     fn flush(&self) -> Result<(), StoreError> {

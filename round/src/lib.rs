@@ -12,10 +12,12 @@
 //!
 //! See `docs/protocol.md` ("Rules every record must pass") for the rules and why.
 
+pub mod cert;
 pub mod chain;
 pub mod rules;
 pub mod turns;
 
+pub use cert::{Attestation, certified, threshold};
 pub use chain::OwnedRules;
 pub use chain::{ChainCheck, ChainError};
 pub use rules::{Pooled, Position, RuleError, Rules, check_live, check_record, must_include};

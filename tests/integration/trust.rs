@@ -17,7 +17,7 @@ use cellswarm_node::swarm::local::{LocalTrainer, VectorTrainer};
 use cellswarm_node::swarm::network::{self, NetEvent, NetSettings};
 use tokio::sync::mpsc;
 
-use crate::swarm_util::{Consortium, Setup, runtime, stop_all, wait_all_agree};
+use crate::swarm_util::{Consortium, Setup, runtime, stop_all, wait_all_agree, wait_status};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -307,4 +307,51 @@ fn a_far_ahead_claim_without_records_cancels_no_training() {
         let (_, model) = tokio::join!(forged, watch);
         assert_ne!(model, c.genesis);
     });
+}
+
+/// A node that lost its store (and its own deltas with it) catches up after a member
+/// that contributed to the early rounds left for good: those rounds cannot be
+/// recomputed by anyone, so they are adopted on their commit certificates (the
+/// attestations the members signed when they committed them, kept by the others).
+#[test]
+fn a_node_that_lost_its_store_catches_up_on_commit_certificates_after_a_member_left() {
+    let c = Consortium::new(Setup {
+        nodes: 3,
+        min_peers: 2,
+        collect: "3s",
+        merge: "3s",
+        rounds: 4,
+        ..Setup::default()
+    });
+    runtime().block_on(async {
+        let mut nodes = c.start_all().await;
+        // The third member leaves after round 2, taking its deltas with it.
+        wait_status(&nodes[2], "round 2 at the member that leaves", LONG, |s| {
+            s.head_round.0 >= 2
+        })
+        .await;
+        let leaver = nodes.pop().expect("three nodes");
+        stop_all(vec![leaver]).await;
+        let model = wait_all_agree(&nodes, 4, LONG).await;
+        // The first member loses its store.
+        let b = nodes.pop().expect("two nodes");
+        let a = nodes.pop().expect("one node");
+        stop_all(vec![a]).await;
+        std::fs::remove_dir_all(&c.sites[0].store).expect("the store is removed");
+        let a = c.start(0, None).await;
+        let s = wait_status(&a, "the node that lost its store catching up", LONG, |s| {
+            s.head_round.0 >= 4
+        })
+        .await;
+        assert_eq!(s.model, Some(model), "{s:?}");
+        stop_all(vec![a, b]).await;
+    });
+    let (head, audit) = c.sites[0].stored();
+    assert_eq!(head.expect("a head").round, RoundId(4));
+    // The rounds the leaver contributed to are in the rebuilt audit log.
+    let leaver = c.sites[2].identity().signer_key();
+    assert!(
+        audit.iter().any(|e| e.signer == leaver && e.round.0 <= 2),
+        "{audit:?}"
+    );
 }

@@ -8,7 +8,7 @@
 //! own deltas from its store; a delta is asked of its signer first, then of the peer the
 //! node catches up from, then of every connected member.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use cellswarm_aggregator::Merger;
@@ -59,6 +59,10 @@ pub(super) struct SyncSetup {
     pub holders: BTreeMap<SignerKey, PeerId>,
     /// Connected peers.
     pub connected: Vec<PeerId>,
+    /// The members' signing keys.
+    pub member_set: BTreeSet<SignerKey>,
+    /// Attestations a commit certificate needs.
+    pub threshold: usize,
     /// Our head record, when our head round may be a dead branch to replace: its round,
     /// hash and the position before it, the model and state before it, and the deltas it
     /// merged (no longer merged if it is replaced).
@@ -161,6 +165,8 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
         layout: &s.layout,
         limits: &s.limits,
         aggregation: &s.aggregation,
+        member_set: &s.member_set,
+        threshold: s.threshold,
     };
     let mut records = Vec::new();
     let mut rewound = false;
@@ -200,7 +206,7 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
                     (fetch_model(&ctx, rw.before.base).await?, state)
                 }
             };
-            tracing::warn!(round = %rw.before.round, ours = %rw.ours.short(), theirs = %hash.short(), "our last round may not be the one the consortium committed; checking the peer's record of it");
+            tracing::warn!(round = %rw.before.round, ours = %rw.ours.short(), theirs = %hash.short(), "our last round is not the one the peer committed; checking the peer's record of it");
             let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
             merger
                 .load_state(&state, &s.layout)
@@ -252,21 +258,29 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
     // The newest record confirmed has no round on top of it, so nothing shows that the
     // other members adopted it: its deltas and its merge check out, but its merger may
     // have chosen them (a subset of the round's deltas, refused by the members who saw
-    // the round). It is left to the live round, whose rules see that. Every earlier
-    // record is followed by one whose deltas, signed by a quorum of members, start from
-    // its model: while fewer members lie than `rounds.min_peers`, an honest member
-    // adopted it.
-    if records.pop().is_none() {
-        return Err("nothing to catch up".into());
-    }
-    let (base, state) = chain.before.take().ok_or("nothing to catch up")?;
+    // the round). Without a commit certificate it is left to the live round, whose rules
+    // see that. Every earlier record is followed by one whose deltas, signed by a quorum
+    // of members, start from its model: while fewer members lie than
+    // `rounds.min_peers`, an honest member adopted it.
+    let newest_certified = match records.last() {
+        Some((r, h, _)) => certificate(&ctx, r, *h).await,
+        None => false,
+    };
+    let (base, state) = if newest_certified {
+        (chain.base, chain.state)
+    } else {
+        if records.pop().is_none() {
+            return Err("nothing to catch up".into());
+        }
+        drop(chain.base);
+        chain.before.take().ok_or("nothing to catch up")?
+    };
     if records.is_empty() {
         return Err(
             "the peer's newest record has no round on top of it yet; the live round decides it"
                 .into(),
         );
     }
-    drop(chain.base);
     let model = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
     Ok(SyncOutcome {
         records,
@@ -287,6 +301,8 @@ struct Ctx<'a> {
     layout: &'a Arc<Layout>,
     limits: &'a DeltaLimits,
     aggregation: &'a AggregationConfig,
+    member_set: &'a BTreeSet<SignerKey>,
+    threshold: usize,
 }
 
 /// Checks one record by the rules, fetches its deltas, recomputes its merge and, if the
@@ -307,37 +323,38 @@ async fn verify_one(
         .clone();
     if ctx.aggregation.secure_aggregation {
         // Masked deltas cannot be summed without the round's revealed seeds, which are
-        // not kept: a record of a secure-aggregation round is checked by the rules only
-        // (docs/security.md lists this as an open gap).
+        // not kept: a record of a secure-aggregation round is checked by the rules and its
+        // signed deltas, and adopted only with a successor or a commit certificate
+        // (docs/security.md).
         tracing::warn!(round = %record.round, record = %hash.short(), "secure aggregation: catch-up checks this record's rules and deltas but cannot recompute its merge");
-        for c in &record.contributions {
-            fetch_checked(ctx, &record, c.signer, c.delta, c.sample_count, true).await?;
+        for checked in fetch_all(ctx, &record, true).await {
+            checked?;
         }
-        chain
-            .check
-            .confirm(record.model, record.state)
-            .map_err(|e| e.to_string())?;
-        let state = fetch_state(ctx, record.state).await?;
-        let model = fetch_model(ctx, record.model).await?;
-        chain
-            .merger
-            .load_state(&state, ctx.layout)
-            .map_err(|e| e.to_string())?;
-        let old = std::mem::replace(&mut chain.base, Arc::new(model));
-        chain.before = Some((old, std::mem::replace(&mut chain.state, state)));
-        chain
-            .merged
-            .extend(record.contributions.iter().map(|c| c.delta));
-        return Ok((record, hash, envelope));
+        return adopt_unrecomputed(chain, ctx, record, hash, envelope).await;
     }
     let mut updates = Vec::with_capacity(record.contributions.len());
-    for c in &record.contributions {
-        match fetch_checked(ctx, &record, c.signer, c.delta, c.sample_count, false).await? {
-            Checked::Plain(u) => updates.push(u),
-            Checked::Masked { .. } => {
+    let mut gone = None;
+    for checked in fetch_all(ctx, &record, false).await {
+        match checked {
+            Ok(Checked::Plain(u)) => updates.push(u),
+            Ok(Checked::Masked { .. }) => {
                 return Err("a masked delta outside secure aggregation".into());
             }
+            Err(e) => {
+                gone = Some(e);
+                break;
+            }
         }
+    }
+    if let Some(e) = gone {
+        // A delta no reachable member serves (its signer left, or lied): only a commit
+        // certificate can vouch for the record now.
+        if certificate(ctx, &record, hash).await {
+            tracing::info!(round = %record.round, record = %hash.short(), "a record whose deltas are gone is adopted on its commit certificate");
+            drop(updates);
+            return adopt_unrecomputed(chain, ctx, record, hash, envelope).await;
+        }
+        return Err(e);
     }
     // The merge runs off the async threads; the merger and base travel with it.
     let base = Arc::clone(&chain.base);
@@ -373,6 +390,68 @@ async fn verify_one(
     Ok((record, hash, envelope))
 }
 
+/// Moves the chain on over a record whose merge is not recomputed (a secure-aggregation
+/// round, or one adopted on its certificate): the model and state are fetched by the
+/// hashes the record names.
+async fn adopt_unrecomputed(
+    chain: &mut Chain,
+    ctx: &Ctx<'_>,
+    record: MergeRecord,
+    hash: RecordHash,
+    envelope: Vec<u8>,
+) -> Result<Confirmed, String> {
+    chain
+        .check
+        .confirm(record.model, record.state)
+        .map_err(|e| e.to_string())?;
+    let state = fetch_state(ctx, record.state).await?;
+    let model = fetch_model(ctx, record.model).await?;
+    chain
+        .merger
+        .load_state(&state, ctx.layout)
+        .map_err(|e| e.to_string())?;
+    let old = std::mem::replace(&mut chain.base, Arc::new(model));
+    chain.before = Some((old, std::mem::replace(&mut chain.state, state)));
+    chain
+        .merged
+        .extend(record.contributions.iter().map(|c| c.delta));
+    Ok((record, hash, envelope))
+}
+
+/// Whether the members' attestations, asked of the peer and of everyone connected,
+/// certify `record` (`cellswarm_round::cert`).
+async fn certificate(ctx: &Ctx<'_>, record: &MergeRecord, hash: RecordHash) -> bool {
+    let mut atts = Vec::new();
+    for p in sources(ctx, None) {
+        let Ok(resp) = ctx
+            .net
+            .request(p, Request::Attestations(record.round))
+            .await
+        else {
+            continue;
+        };
+        let ResponseHeader::Attestations(envs) = resp.header else {
+            continue;
+        };
+        atts.extend(
+            envs.into_iter()
+                .take(ctx.member_set.len())
+                .filter_map(|e| verify::attestation(e, ctx.members)),
+        );
+        if cellswarm_round::certified(
+            record.round,
+            hash,
+            record.model,
+            &atts,
+            ctx.member_set,
+            ctx.threshold,
+        ) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Peers to ask for something `signer` made: the signer, the peer we catch up from,
 /// then everyone connected.
 fn sources(ctx: &Ctx<'_>, signer: Option<SignerKey>) -> Vec<PeerId> {
@@ -388,6 +467,21 @@ fn sources(ctx: &Ctx<'_>, signer: Option<SignerKey>) -> Vec<PeerId> {
         }
     }
     v
+}
+
+/// Fetches and checks every delta a record names, all at once.
+async fn fetch_all(
+    ctx: &Ctx<'_>,
+    record: &MergeRecord,
+    masked: bool,
+) -> Vec<Result<Checked, String>> {
+    futures::future::join_all(
+        record
+            .contributions
+            .iter()
+            .map(|c| fetch_checked(ctx, record, c.signer, c.delta, c.sample_count, masked)),
+    )
+    .await
 }
 
 /// Fetches and checks one delta a record names: signed by its contributor, for the

@@ -54,6 +54,8 @@ pub struct Traffic {
     pub oversize: AtomicU64,
     /// Peers disconnected for repeated protocol violations.
     pub abusive_disconnects: AtomicU64,
+    /// Gossip messages and requests dropped because the engine's queue was full.
+    pub events_dropped: AtomicU64,
     capture: Option<Mutex<std::fs::File>>,
 }
 

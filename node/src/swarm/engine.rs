@@ -215,6 +215,8 @@ struct MaskRound {
     /// (inconsistent keys): nothing can be learnt from them, so answering a later epoch
     /// among the same participants is allowed after one.
     burned: BTreeSet<u32>,
+    /// An epoch whose unmasked mean was refused for its norm (not computed again).
+    refused: Option<u32>,
 }
 
 impl MaskRound {
@@ -249,6 +251,10 @@ struct RoundState {
     own_env: Option<(DeltaHash, bytes::Bytes)>,
     /// Secure aggregation, when on.
     mask: Option<MaskRound>,
+    /// The round started when we committed the previous one live, about when the others
+    /// did; not after a restart or a catch-up, whose start says nothing of theirs (the
+    /// rules that read our clock are then not applied).
+    on_time: bool,
 }
 
 impl RoundState {
@@ -267,6 +273,7 @@ impl RoundState {
             last_list_request: HashMap::new(),
             own_bytes: 0,
             own_env: None,
+            on_time: false,
         }
     }
 }
@@ -375,6 +382,8 @@ pub struct Engine {
     connected: HashSet<PeerId>,
     peer_rounds: HashMap<PeerId, (RoundId, ModelHash)>,
     syncing: bool,
+    /// The last commit was a live round's (ours or verified), not a catch-up's.
+    last_commit_live: bool,
     /// The head a catch-up in flight started from.
     sync_head: Option<Head>,
     last_record: Option<MergeRecord>,
@@ -447,6 +456,37 @@ fn privatize_delta(delta: Delta, clip: f64, noise_multiplier: f64) -> Result<Del
 
 /// The mean of a complete epoch's masked deltas as one update for the merger (signed
 /// by the first participant, named by the hash of the contributions).
+/// Why a masked round's sum gave no update to merge.
+#[derive(Debug)]
+enum MaskedError {
+    /// The masks did not cancel (or the inputs were not masked deltas).
+    Cancel(String),
+    /// The unmasked mean is longer than `clip_norm` allows: a participant sent an update
+    /// it had not clipped (which no one can tell from its masked words).
+    Norm {
+        /// The mean's L2 norm.
+        norm: f64,
+        /// `aggregation.clip_norm`.
+        clip: f64,
+    },
+}
+
+impl std::fmt::Display for MaskedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cancel(e) => f.write_str(e),
+            Self::Norm { norm, clip } => write!(
+                f,
+                "the unmasked mean's L2 norm is {norm:.6}, over clip_norm {clip}: a participant sent an update it had not clipped"
+            ),
+        }
+    }
+}
+
+/// The mean of a masked round's deltas, unmasked with every self-mask seed. Each member
+/// clips its update to `clip_norm` before masking, so the mean of honest updates is no
+/// longer than that (plus the fixed-point rounding): a longer one is refused.
+#[allow(clippy::too_many_arguments)]
 fn masked_update(
     fp: &FixedPoint,
     layout: &Arc<Layout>,
@@ -455,14 +495,15 @@ fn masked_update(
     round: RoundId,
     epoch: u32,
     base: ModelHash,
-) -> Result<Update, String> {
+    clip_norm: Option<f64>,
+) -> Result<Update, MaskedError> {
     let mut words = Vec::new();
     let mut ids = Vec::new();
     let mut samples = 0u64;
     for (_, p) in entries {
         let (w, _, n) = p
             .masked()
-            .ok_or_else(|| "an unmasked delta in a masked round".to_owned())?;
+            .ok_or_else(|| MaskedError::Cancel("an unmasked delta in a masked round".to_owned()))?;
         words.push(w);
         ids.extend_from_slice(p.hash.as_bytes());
         samples = samples.saturating_add(n);
@@ -470,8 +511,22 @@ fn masked_update(
     let first = entries
         .first()
         .map(|(s, _)| *s)
-        .ok_or_else(|| "no masked deltas".to_owned())?;
-    let mean = secagg::unmask_mean(fp, &words, self_seeds, round, epoch, layout)?;
+        .ok_or_else(|| MaskedError::Cancel("no masked deltas".to_owned()))?;
+    let mean = secagg::unmask_mean(fp, &words, self_seeds, round, epoch, layout)
+        .map_err(MaskedError::Cancel)?;
+    if let Some(clip) = clip_norm {
+        let v = mean.values();
+        let norm = v
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        // Each coordinate of the mean is within one fixed-point step of the true mean.
+        let rounding = (v.len() as f64).sqrt() / fp.scale();
+        if norm > clip * (1.0 + 1e-6) + rounding {
+            return Err(MaskedError::Norm { norm, clip });
+        }
+    }
     Ok(Update::new(
         first,
         DeltaHash(sha(&ids)),
@@ -553,6 +608,7 @@ impl Engine {
             connected: HashSet::new(),
             peer_rounds: HashMap::new(),
             syncing: false,
+            last_commit_live: false,
             sync_head: None,
             last_record: None,
             metrics: p.metrics,
@@ -773,7 +829,9 @@ impl Engine {
                 return;
             }
         }
-        self.round = Some(RoundState::new(r));
+        let mut rs = RoundState::new(r);
+        rs.on_time = self.last_commit_live;
+        self.round = Some(rs);
         if self.fixed_point.is_some() {
             self.mask_keys.retain(|(round, _), _| *round >= r);
             self.mask_shares.retain(|(round, _), _| *round >= r);
@@ -920,6 +978,7 @@ impl Engine {
                     answered_set: None,
                     past: BTreeMap::new(),
                     burned: BTreeSet::new(),
+                    refused: None,
                 });
             }
         }
@@ -1539,7 +1598,7 @@ impl Engine {
             if m.participants.iter().any(|p| !m.reveals.contains_key(p)) {
                 return;
             }
-            if !my_turn {
+            if !my_turn || m.refused == Some(epoch) {
                 return;
             }
             let seeds: Vec<[u8; 32]> = m.reveals.values().copied().collect();
@@ -1560,8 +1619,15 @@ impl Engine {
                 round,
                 epoch,
                 head.model,
+                self.config.consortium.aggregation.clip_norm,
             ) {
                 Ok(u) => u,
+                Err(e @ MaskedError::Norm { .. }) => {
+                    // Masking again gives the same sum: the round waits for the next.
+                    m.refused = Some(epoch);
+                    tracing::error!(round = %round, epoch, error = %e, "secure aggregation: the round's sum is refused");
+                    return;
+                }
                 Err(e) => {
                     // Every seed is in and the sum still does not cancel: a participant
                     // masked with other keys (it restarted and made new ones). Nothing can
@@ -1897,6 +1963,53 @@ impl Engine {
         }
         self.announce_delta(round, hash, bytes).await;
         self.publish_status(false);
+    }
+
+    /// Attests a round we checked ourselves (made or recomputed) and committed: kept in
+    /// our store, served on request and sent to everyone (`cellswarm_round::cert`).
+    async fn attest(&self, round: RoundId, record: RecordHash, model: ModelHash) {
+        let a = Announcement::Committed {
+            round,
+            record,
+            model,
+        };
+        let Ok(payload) = encode_control(&a) else {
+            return;
+        };
+        let env = seal(&self.identity, PayloadKind::Announcement, &payload);
+        if let Err(e) = self.store.put_attestation(round, &self.me.0, &env) {
+            tracing::warn!(round = %round, error = %e, "could not keep our attestation");
+        }
+        if let Err(e) = self.net.publish(env).await {
+            tracing::debug!(error = %e, "attestation not published (no peers yet?)");
+        }
+    }
+
+    /// Attestations needed for a commit certificate.
+    fn cert_threshold(&self) -> usize {
+        cellswarm_round::threshold(
+            self.peer_of.len(),
+            self.config.consortium.aggregation.byzantine,
+        )
+    }
+
+    /// Whether our store holds a commit certificate for `record` of `round`.
+    fn certified(&self, round: RoundId, record: RecordHash, model: ModelHash) -> bool {
+        let Ok(envs) = self.store.attestations(round) else {
+            return false;
+        };
+        let atts: Vec<cellswarm_round::Attestation> = envs
+            .into_iter()
+            .filter_map(|e| verify::attestation(e, &self.members))
+            .collect();
+        cellswarm_round::certified(
+            round,
+            record,
+            model,
+            &atts,
+            &self.member_set(),
+            self.cert_threshold(),
+        )
     }
 
     async fn announce(&self, a: &Announcement) {
@@ -2305,7 +2418,9 @@ impl Engine {
         })
         .await;
         tracing::info!(round = %round, model = %merged.hash.short(), record = %hash.short(), "published the merge record");
+        let model = merged.hash;
         self.commit(record, hash, envelope, merged, &state)?;
+        self.attest(round, hash, model).await;
         Ok(())
     }
 
@@ -2354,6 +2469,7 @@ impl Engine {
             "round committed"
         );
         self.last_record = Some(record);
+        self.last_commit_live = true;
         self.adopt_head(head, merged.weights);
         self.round = None;
         self.ahead_since = None;
@@ -2475,6 +2591,11 @@ impl Engine {
             prev: head.record,
         };
         let now = Instant::now();
+        if !rs.on_time {
+            return cellswarm_round::check_record(&rules, &at, record, signer, |d| {
+                self.merged_hashes.contains(d)
+            });
+        }
         cellswarm_round::check_live(
             &rules,
             &at,
@@ -2521,11 +2642,26 @@ impl Engine {
                 return;
             }
         }
-        if let Err(rule) = self.check_round_rules(&record, signer) {
-            if matches!(rule, cellswarm_round::RuleError::TooEarly { .. })
-                && let Some(rs) = self.round.as_mut()
+        let checked = match self.check_round_rules(&record, signer) {
+            // What only our view of the round says against it is overruled by a commit
+            // certificate: enough members checked it and committed it.
+            Err(
+                cellswarm_round::RuleError::TooEarly { .. }
+                | cellswarm_round::RuleError::Omitted { .. },
+            ) if self.certified(record.round, hash, record.model) => {
+                tracing::info!(round = %record.round, record = %hash.short(), "a record our view of the round refused is certified by the members' attestations");
+                Ok(())
+            }
+            other => other,
+        };
+        if let Err(rule) = checked {
+            if matches!(
+                rule,
+                cellswarm_round::RuleError::TooEarly { .. }
+                    | cellswarm_round::RuleError::Omitted { .. }
+            ) && let Some(rs) = self.round.as_mut()
             {
-                // Looked at again if it comes again once its turn has come.
+                // Looked at again if it comes again (its turn came, or it got certified).
                 rs.seen_records.remove(&hash);
             }
             let detail = rule.to_string();
@@ -2615,6 +2751,7 @@ impl Engine {
                     record.round,
                     epoch,
                     record.base,
+                    self.config.consortium.aggregation.clip_norm,
                 )
             }) {
                 Some(Ok(u)) => vec![u],
@@ -2626,7 +2763,7 @@ impl Engine {
                         round,
                         Some(peer),
                         &hash.short(),
-                        &e,
+                        &e.to_string(),
                     );
                     return;
                 }
@@ -2706,7 +2843,9 @@ impl Engine {
         if let Some(rs) = self.round.as_mut() {
             rs.merging = false;
         }
+        let model = merged.hash;
         self.commit(record, hash, envelope, merged, &state)?;
+        self.attest(round, hash, model).await;
         self.publish_status(false);
         Ok(())
     }
@@ -2726,16 +2865,19 @@ impl Engine {
         let current = self.current();
         let now = Instant::now();
         if round.0 == current.0 + 1 && self.round.is_some() {
+            // Catch-up never adopts the newest record, so the record of the round we are
+            // in is always asked for, and checked like a live one.
+            let verifying = self.round.as_ref().is_some_and(|r| r.verifying.is_some());
+            let recent = self
+                .last_record_request
+                .is_some_and(|t| now.duration_since(t) < Duration::from_millis(500));
+            if !verifying && !recent {
+                self.last_record_request = Some(now);
+                self.fetch_record(current, None, from);
+            }
+            // Still behind after two heartbeats: our head may be a dead branch.
             let since = *self.ahead_since.get_or_insert(now);
             if now.duration_since(since) < self.heartbeat * 2 {
-                let verifying = self.round.as_ref().is_some_and(|r| r.verifying.is_some());
-                let recent = self
-                    .last_record_request
-                    .is_some_and(|t| now.duration_since(t) < Duration::from_millis(500));
-                if !verifying && !recent {
-                    self.last_record_request = Some(now);
-                    self.fetch_record(current, None, from);
-                }
                 return;
             }
         }
@@ -2814,6 +2956,8 @@ impl Engine {
             layout: Arc::clone(&self.layout),
             limits: self.limits,
             holders: self.peer_of.clone(),
+            member_set: self.member_set(),
+            threshold: self.cert_threshold(),
             connected: self.connected.iter().copied().collect(),
             rewind,
         };
@@ -2870,7 +3014,8 @@ impl Engine {
         let head = RoundCommit::of_record(&last, last_hash, Vec::new()).head;
         // The rounds we were in are over: a training still running for one is cancelled.
         self.train_cancel.store(true, Ordering::Relaxed);
-        tracing::info!(round = %last.round, model = %last.model.short(), records = o.records.len(), "caught up: every record checked and its merge recomputed");
+        self.last_commit_live = false;
+        tracing::info!(round = %last.round, model = %last.model.short(), records = o.records.len(), "caught up");
         self.last_record = Some(last);
         self.ahead_since = None;
         self.adopt_head(head, o.model);
@@ -3096,6 +3241,8 @@ impl Engine {
 
     async fn on_gossip(&mut self, source: PeerId, data: Vec<u8>) -> MessageAcceptance {
         let current = self.current();
+        // Kept only if it is an attestation (announcements are a few hundred bytes).
+        let raw = data.clone();
         let (signer, a) = match verify::gossip(
             data,
             super::network::MAX_GOSSIP_BYTES as u64,
@@ -3134,6 +3281,31 @@ impl Engine {
                     self.fetch_record(round, Some(record), from);
                 } else if round > current {
                     self.peer_ahead(round, from);
+                }
+            }
+            Announcement::Committed {
+                round,
+                record,
+                model,
+            } => {
+                if round > current {
+                    self.peer_ahead(round, from);
+                } else {
+                    // Kept (one per member and round, for rounds we have reached): served
+                    // to nodes that catch up, and for the round we are in, enough of them
+                    // let us adopt a record our own view of the round refused.
+                    if let Err(e) = self.store.put_attestation(round, &signer.0, &raw) {
+                        tracing::warn!(round = %round, error = %e, "could not keep an attestation");
+                    }
+                    if round == current
+                        && self.round.is_some()
+                        && self.certified(round, record, model)
+                    {
+                        if let Some(rs) = self.round.as_mut() {
+                            rs.seen_records.remove(&record);
+                        }
+                        self.fetch_record(round, Some(record), from);
+                    }
                 }
             }
             Announcement::Heartbeat { round, model } => {
@@ -3231,6 +3403,9 @@ impl Engine {
                             }
                             _ => SyncResponse::empty(ResponseHeader::DeltaList(Vec::new())),
                         }),
+                        Request::Attestations(r) => Ok(SyncResponse::empty(
+                            ResponseHeader::Attestations(store.attestations(r)?),
+                        )),
                     }
                 })
                 .await;
@@ -3410,4 +3585,74 @@ fn load_before(
         store.blob(BlobKind::State, &r.state).ok()??
     };
     Some((w, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 15, hole 6: the unmasked mean of a secure-aggregation round was never checked
+    /// against `clip_norm`, so a participant that skipped clipping moved the model as far
+    /// as the fixed-point range allowed.
+    #[test]
+    fn an_unmasked_mean_longer_than_clip_norm_is_refused() {
+        let layout = Arc::new(Layout::new(vec![("w", vec![16])]).unwrap());
+        let fp = FixedPoint::new(16, 1.0, 2).unwrap();
+        let me = SignerKey([1; 32]);
+        let (round, epoch, seed) = (RoundId(3), 0, [9u8; 32]);
+        let pooled = |values: &[f32]| {
+            let mut words = secagg::mask(values, &fp, &me, &[], round);
+            secagg::self_mask(&mut words, &seed, round, epoch, false);
+            Pooled::new(
+                DeltaHash::of(&secagg::words_to_bytes(&words)),
+                Checked::Masked {
+                    words: Arc::new(words),
+                    epoch,
+                    samples: 10,
+                },
+            )
+        };
+        // Clipped to norm 0.4: merged. Unclipped (every coordinate 0.9, norm 3.6): refused.
+        let honest = pooled(&[0.1; 16]);
+        let mean = masked_update(
+            &fp,
+            &layout,
+            &[(me, &honest)],
+            &[seed],
+            round,
+            epoch,
+            ModelHash::default(),
+            Some(0.5),
+        );
+        assert!(mean.is_ok(), "{mean:?}");
+        let liar = pooled(&[0.9; 16]);
+        let refused = masked_update(
+            &fp,
+            &layout,
+            &[(me, &liar)],
+            &[seed],
+            round,
+            epoch,
+            ModelHash::default(),
+            Some(0.5),
+        );
+        assert!(
+            matches!(refused, Err(MaskedError::Norm { .. })),
+            "{refused:?}"
+        );
+        // Without clip_norm (plain rounds never reach here) nothing is checked.
+        assert!(
+            masked_update(
+                &fp,
+                &layout,
+                &[(me, &liar)],
+                &[seed],
+                round,
+                epoch,
+                ModelHash::default(),
+                None
+            )
+            .is_ok()
+        );
+    }
 }

@@ -508,10 +508,40 @@ impl EventLoop {
         }
     }
 
-    fn emit(&self, e: NetEvent) -> impl Future<Output = ()> + Send + use<> {
-        let tx = self.events.clone();
-        async move {
-            let _ = tx.send(e).await;
+    /// Hands an event to the engine without ever waiting for it (the engine may itself be
+    /// waiting for this loop, to publish or to request). When the engine's queue is full,
+    /// a gossip message is ignored (announcements are repeated every heartbeat) and a
+    /// request is dropped unanswered (the asker times out and retries), both counted in
+    /// `cellswarm_net_events_dropped_total`; a change of connection or listen address is
+    /// handed over by a task of its own, since the engine must not miss it.
+    fn emit(&mut self, e: NetEvent) {
+        let e = match self.events.try_send(e) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(e)) => e,
+        };
+        match e {
+            NetEvent::Gossip { source, id, .. } => {
+                self.traffic_for_loop
+                    .events_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %source, "engine busy: a gossip message is ignored");
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, MessageAcceptance::Ignore);
+            }
+            NetEvent::Inbound { peer, .. } => {
+                self.traffic_for_loop
+                    .events_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %peer, "engine busy: a request is dropped unanswered");
+            }
+            other => {
+                let tx = self.events.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(other).await;
+                });
+            }
         }
     }
 
@@ -519,7 +549,7 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
-                self.emit(NetEvent::Listening(address)).await;
+                self.emit(NetEvent::Listening(address));
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
@@ -528,7 +558,7 @@ impl EventLoop {
                     .add_peer_address(peer_id, endpoint.get_remote_address().clone());
                 if self.connected.insert(peer_id) {
                     tracing::info!(peer = %peer_id, "member connected");
-                    self.emit(NetEvent::Connected(peer_id)).await;
+                    self.emit(NetEvent::Connected(peer_id));
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -537,7 +567,7 @@ impl EventLoop {
                 ..
             } if self.connected.remove(&peer_id) => {
                 tracing::info!(peer = %peer_id, "member disconnected");
-                self.emit(NetEvent::Disconnected(peer_id)).await;
+                self.emit(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
@@ -560,8 +590,7 @@ impl EventLoop {
                     source: propagation_source,
                     id: message_id,
                     data: message.data,
-                })
-                .await;
+                });
             }
             SwarmEvent::Behaviour(CellswarmBehaviourEvent::Sync(event)) => {
                 self.handle_sync(event).await
@@ -597,8 +626,7 @@ impl EventLoop {
                         peer,
                         request,
                         channel,
-                    })
-                    .await;
+                    });
                 }
                 request_response::Message::Response {
                     request_id,

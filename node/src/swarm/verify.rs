@@ -242,6 +242,35 @@ pub fn gossip(
 /// A verified merge record: the record, its hash, its signer and the envelope bytes.
 pub type CheckedRecord = (MergeRecord, RecordHash, SignerKey, Vec<u8>);
 
+/// A member's attestation (`Announcement::Committed`) from its signed envelope; `None`
+/// for anything else or anything that does not verify.
+#[must_use]
+pub fn attestation(
+    envelope: Vec<u8>,
+    members: &MemberKeys,
+) -> Option<cellswarm_round::Attestation> {
+    let v = UnverifiedEnvelope::parse(envelope, MAX_ATTESTATION_BYTES)
+        .ok()?
+        .verify(PayloadKind::Announcement, members)
+        .ok()?;
+    match decode_control::<Announcement>(v.payload()).ok()? {
+        Announcement::Committed {
+            round,
+            record,
+            model,
+        } => Some(cellswarm_round::Attestation {
+            signer: v.signer(),
+            round,
+            record,
+            model,
+        }),
+        _ => None,
+    }
+}
+
+/// Largest attestation envelope accepted.
+pub const MAX_ATTESTATION_BYTES: u64 = 4096;
+
 /// Verifies a merge-record envelope of this consortium and decodes it.
 ///
 /// # Errors
