@@ -265,6 +265,43 @@ where
     d.deserialize_seq(Grow(std::marker::PhantomData))
 }
 
+/// Most attestations one response carries (one per member; no consortium has more).
+pub const MAX_ATTESTATIONS: usize = 4096;
+
+/// Like [`grown_vec`], refusing more than [`MAX_ATTESTATIONS`] elements, so that a
+/// response of empty entries cannot make the reader hold millions of them.
+///
+/// # Errors
+/// A malformed sequence, or too many elements.
+pub fn attestation_list<'de, D>(d: D) -> Result<Vec<Vec<u8>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Grow;
+    impl<'de> serde::de::Visitor<'de> for Grow {
+        type Value = Vec<Vec<u8>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_ATTESTATIONS} attestations")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                if out.len() == MAX_ATTESTATIONS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX_ATTESTATIONS} attestations"
+                    )));
+                }
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Grow)
+}
+
 /// What a member reports about its local training with its delta.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 pub struct LocalMetrics {
@@ -504,7 +541,7 @@ pub enum ResponseHeader {
     /// The peer refuses (the reason is for logs).
     Refused(String),
     /// No body: attestation envelopes of the round asked about (at most one per member).
-    Attestations(#[serde(deserialize_with = "grown_vec")] Vec<Vec<u8>>),
+    Attestations(#[serde(deserialize_with = "attestation_list")] Vec<Vec<u8>>),
 }
 
 #[cfg(test)]
@@ -575,6 +612,8 @@ mod tests {
             decode_control::<ResponseHeader>(&encode_control(&h).unwrap()).unwrap(),
             h
         );
+        let many = ResponseHeader::Attestations(vec![Vec::new(); MAX_ATTESTATIONS + 1]);
+        assert!(decode_control::<ResponseHeader>(&encode_control(&many).unwrap()).is_err());
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! the rules decide. One rulebook serves every path a record can take into a node: the
 //! live round ([`rules::check_live`]) and catch-up ([`chain::ChainCheck`]) share
 //! [`rules::check_record`]; what only a node that saw the round can check, catch-up makes
-//! up for by leaving the newest record to the live round (its driver commits only records
-//! with a recomputed successor).
+//! up for by leaving the newest record to the live round unless a commit certificate
+//! ([`cert`]) vouches for it (its driver commits only records with a recomputed successor
+//! or a certificate).
 //!
 //! See `docs/protocol.md` ("Rules every record must pass") for the rules and why.
 

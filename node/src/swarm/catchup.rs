@@ -327,8 +327,14 @@ async fn verify_one(
         // signed deltas, and adopted only with a successor or a commit certificate
         // (docs/security.md).
         tracing::warn!(round = %record.round, record = %hash.short(), "secure aggregation: catch-up checks this record's rules and deltas but cannot recompute its merge");
-        for checked in fetch_all(ctx, &record, true).await {
-            checked?;
+        let gone = fetch_all(ctx, &record, true)
+            .await
+            .into_iter()
+            .find_map(Result::err);
+        if let Some(e) = gone
+            && !certificate(ctx, &record, hash).await
+        {
+            return Err(e);
         }
         return adopt_unrecomputed(chain, ctx, record, hash, envelope).await;
     }

@@ -251,10 +251,9 @@ struct RoundState {
     own_env: Option<(DeltaHash, bytes::Bytes)>,
     /// Secure aggregation, when on.
     mask: Option<MaskRound>,
-    /// The round started when we committed the previous one live, about when the others
-    /// did; not after a restart or a catch-up, whose start says nothing of theirs (the
-    /// rules that read our clock are then not applied).
-    on_time: bool,
+    /// Records of this round accepted on a commit certificate over our own view of the
+    /// round: recomputed and committed, but not attested by us.
+    certified: HashSet<RecordHash>,
 }
 
 impl RoundState {
@@ -273,7 +272,7 @@ impl RoundState {
             last_list_request: HashMap::new(),
             own_bytes: 0,
             own_env: None,
-            on_time: false,
+            certified: HashSet::new(),
         }
     }
 }
@@ -382,8 +381,8 @@ pub struct Engine {
     connected: HashSet<PeerId>,
     peer_rounds: HashMap<PeerId, (RoundId, ModelHash)>,
     syncing: bool,
-    /// The last commit was a live round's (ours or verified), not a catch-up's.
-    last_commit_live: bool,
+    /// Our attestation of the head round, repeated with every heartbeat.
+    last_attestation: Option<Vec<u8>>,
     /// The head a catch-up in flight started from.
     sync_head: Option<Head>,
     last_record: Option<MergeRecord>,
@@ -608,7 +607,7 @@ impl Engine {
             connected: HashSet::new(),
             peer_rounds: HashMap::new(),
             syncing: false,
-            last_commit_live: false,
+            last_attestation: None,
             sync_head: None,
             last_record: None,
             metrics: p.metrics,
@@ -829,9 +828,7 @@ impl Engine {
                 return;
             }
         }
-        let mut rs = RoundState::new(r);
-        rs.on_time = self.last_commit_live;
-        self.round = Some(rs);
+        self.round = Some(RoundState::new(r));
         if self.fixed_point.is_some() {
             self.mask_keys.retain(|(round, _), _| *round >= r);
             self.mask_shares.retain(|(round, _), _| *round >= r);
@@ -1967,7 +1964,7 @@ impl Engine {
 
     /// Attests a round we checked ourselves (made or recomputed) and committed: kept in
     /// our store, served on request and sent to everyone (`cellswarm_round::cert`).
-    async fn attest(&self, round: RoundId, record: RecordHash, model: ModelHash) {
+    async fn attest(&mut self, round: RoundId, record: RecordHash, model: ModelHash) {
         let a = Announcement::Committed {
             round,
             record,
@@ -1980,6 +1977,7 @@ impl Engine {
         if let Err(e) = self.store.put_attestation(round, &self.me.0, &env) {
             tracing::warn!(round = %round, error = %e, "could not keep our attestation");
         }
+        self.last_attestation = Some(env.clone());
         if let Err(e) = self.net.publish(env).await {
             tracing::debug!(error = %e, "attestation not published (no peers yet?)");
         }
@@ -2043,6 +2041,13 @@ impl Engine {
                 model: h.model,
             })
             .await;
+        }
+        // Gossip reaches only those connected (and a busy peer may drop it): our
+        // attestation of the head round is repeated, like the heartbeat.
+        if let Some(env) = self.last_attestation.clone()
+            && let Err(e) = self.net.publish(env).await
+        {
+            tracing::debug!(error = %e, "attestation not repeated");
         }
     }
 
@@ -2469,7 +2474,6 @@ impl Engine {
             "round committed"
         );
         self.last_record = Some(record);
-        self.last_commit_live = true;
         self.adopt_head(head, merged.weights);
         self.round = None;
         self.ahead_since = None;
@@ -2591,11 +2595,6 @@ impl Engine {
             prev: head.record,
         };
         let now = Instant::now();
-        if !rs.on_time {
-            return cellswarm_round::check_record(&rules, &at, record, signer, |d| {
-                self.merged_hashes.contains(d)
-            });
-        }
         cellswarm_round::check_live(
             &rules,
             &at,
@@ -2650,6 +2649,9 @@ impl Engine {
                 | cellswarm_round::RuleError::Omitted { .. },
             ) if self.certified(record.round, hash, record.model) => {
                 tracing::info!(round = %record.round, record = %hash.short(), "a record our view of the round refused is certified by the members' attestations");
+                if let Some(rs) = self.round.as_mut() {
+                    rs.certified.insert(hash);
+                }
                 Ok(())
             }
             other => other,
@@ -2844,8 +2846,15 @@ impl Engine {
             rs.merging = false;
         }
         let model = merged.hash;
+        // A record we took on a certificate over our own view is not ours to vouch for.
+        let vouch = self
+            .round
+            .as_ref()
+            .is_none_or(|r| !r.certified.contains(&hash));
         self.commit(record, hash, envelope, merged, &state)?;
-        self.attest(round, hash, model).await;
+        if vouch {
+            self.attest(round, hash, model).await;
+        }
         self.publish_status(false);
         Ok(())
     }
@@ -2865,8 +2874,8 @@ impl Engine {
         let current = self.current();
         let now = Instant::now();
         if round.0 == current.0 + 1 && self.round.is_some() {
-            // Catch-up never adopts the newest record, so the record of the round we are
-            // in is always asked for, and checked like a live one.
+            // Catch-up adopts the newest record only on a certificate, so the record of
+            // the round we are in is always asked for, and checked like a live one.
             let verifying = self.round.as_ref().is_some_and(|r| r.verifying.is_some());
             let recent = self
                 .last_record_request
@@ -3014,7 +3023,6 @@ impl Engine {
         let head = RoundCommit::of_record(&last, last_hash, Vec::new()).head;
         // The rounds we were in are over: a training still running for one is cancelled.
         self.train_cancel.store(true, Ordering::Relaxed);
-        self.last_commit_live = false;
         tracing::info!(round = %last.round, model = %last.model.short(), records = o.records.len(), "caught up");
         self.last_record = Some(last);
         self.ahead_since = None;

@@ -362,6 +362,7 @@ pub fn start(
             connected: HashSet::new(),
             strikes: HashMap::new(),
             banned: HashMap::new(),
+            deferred: VecDeque::new(),
             traffic_for_loop: Arc::clone(&client_traffic),
         },
     ))
@@ -378,6 +379,8 @@ pub struct EventLoop {
     strikes: HashMap<PeerId, VecDeque<(Instant, String)>>,
     /// Peers disconnected for abuse, and until when they stay refused.
     banned: HashMap<PeerId, Instant>,
+    /// Connection and listen events the engine's full queue could not take yet, in order.
+    deferred: VecDeque<NetEvent>,
     traffic_for_loop: Arc<Traffic>,
 }
 
@@ -402,10 +405,13 @@ impl EventLoop {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut unban = tokio::time::interval(Duration::from_secs(1));
         unban.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut retry = tokio::time::interval(Duration::from_millis(20));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 _ = unban.tick(), if !self.banned.is_empty() => self.lift_bans(),
+                _ = retry.tick(), if !self.deferred.is_empty() => self.flush_deferred(),
                 event = self.swarm.select_next_some() => self.handle_swarm(event).await,
                 command = self.commands.recv() => match command {
                     Some(c) => self.handle_command(c),
@@ -510,11 +516,22 @@ impl EventLoop {
 
     /// Hands an event to the engine without ever waiting for it (the engine may itself be
     /// waiting for this loop, to publish or to request). When the engine's queue is full,
-    /// a gossip message is ignored (announcements are repeated every heartbeat) and a
-    /// request is dropped unanswered (the asker times out and retries), both counted in
+    /// a gossip message is ignored (heartbeats, delta announcements and our attestation
+    /// are repeated every heartbeat) and a request is dropped unanswered (its stream
+    /// closes and the asker tries again), both counted in
     /// `cellswarm_net_events_dropped_total`; a change of connection or listen address is
-    /// handed over by a task of its own, since the engine must not miss it.
+    /// kept, in order, and handed over as soon as the queue has room, since the engine
+    /// must not miss it.
     fn emit(&mut self, e: NetEvent) {
+        self.flush_deferred();
+        let keep_order = matches!(
+            e,
+            NetEvent::Connected(_) | NetEvent::Disconnected(_) | NetEvent::Listening(_)
+        );
+        if keep_order && !self.deferred.is_empty() {
+            self.deferred.push_back(e);
+            return;
+        }
         let e = match self.events.try_send(e) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
             Err(mpsc::error::TrySendError::Full(e)) => e,
@@ -536,11 +553,24 @@ impl EventLoop {
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %peer, "engine busy: a request is dropped unanswered");
             }
-            other => {
-                let tx = self.events.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(other).await;
-                });
+            other => self.deferred.push_back(other),
+        }
+    }
+
+    /// Hands deferred connection events to the engine, in order, as far as its queue
+    /// takes them.
+    fn flush_deferred(&mut self) {
+        while let Some(e) = self.deferred.pop_front() {
+            match self.events.try_send(e) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(e)) => {
+                    self.deferred.push_front(e);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.deferred.clear();
+                    return;
+                }
             }
         }
     }
