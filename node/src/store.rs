@@ -935,7 +935,7 @@ mod tests {
             .collect();
         s.commit_rounds(&commits).unwrap();
         drop(s);
-        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.head().unwrap(), Some(commits[2].head));
         for c in &commits {
             assert_eq!(
@@ -944,6 +944,21 @@ mod tests {
             );
             assert_eq!(s.audit(c.head.round).unwrap(), c.audit);
         }
+    }
+
+    /// Opens a store whose previous handle was just dropped in this process: sled's
+    /// flusher thread lets go of the database lock a moment after the last handle goes
+    /// (a restarted node is a new process, whose lock is free at once). Bounded.
+    fn reopen(path: &Path) -> DiskStore {
+        for _ in 0..500 {
+            match DiskStore::open(path, 1 << 20) {
+                Err(StoreError::Open { message, .. }) if message.contains("acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the store stayed locked 5 s after its handle was dropped");
     }
 
     #[test]
@@ -987,7 +1002,7 @@ mod tests {
             s.put_peer("peer-a", &["/ip4/127.0.0.1/tcp/1".into()])
                 .unwrap();
         }
-        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        let s = reopen(dir.path());
         let head = s.head().unwrap().unwrap();
         assert_eq!(
             (head.round, head.record, head.model),
@@ -1016,7 +1031,7 @@ mod tests {
         let tmp = dir.path().join("tmp");
         fs::write(tmp.join("0102030405060708.99.3.partial"), b"half").unwrap();
         fs::write(tmp.join("keep.txt"), b"not ours").unwrap();
-        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        let s = reopen(dir.path());
         let left: Vec<_> = fs::read_dir(&tmp)
             .unwrap()
             .map(|e| e.unwrap().file_name())
