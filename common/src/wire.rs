@@ -462,6 +462,8 @@ pub enum Announcement {
         record: RecordHash,
         /// The model it gives.
         model: ModelHash,
+        /// The aggregator state after it.
+        state: [u8; 32],
     },
 }
 
@@ -589,6 +591,7 @@ mod tests {
                 round: RoundId(3),
                 record: RecordHash::of(b"r"),
                 model: ModelHash::of(b"d"),
+                state: [5; 32],
             },
         ] {
             assert_eq!(

@@ -263,7 +263,7 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
     // of members, start from its model: while fewer members lie than
     // `rounds.min_peers`, an honest member adopted it.
     let newest_certified = match records.last() {
-        Some((r, h, _)) => certificate(&ctx, r, *h).await,
+        Some((r, _, _)) => certificate(&ctx, r).await,
         None => false,
     };
     let (base, state) = if newest_certified {
@@ -332,7 +332,7 @@ async fn verify_one(
             .into_iter()
             .find_map(Result::err);
         if let Some(e) = gone
-            && !certificate(ctx, &record, hash).await
+            && !certificate(ctx, &record).await
         {
             return Err(e);
         }
@@ -355,7 +355,7 @@ async fn verify_one(
     if let Some(e) = gone {
         // A delta no reachable member serves (its signer left, or lied): only a commit
         // certificate can vouch for the record now.
-        if certificate(ctx, &record, hash).await {
+        if certificate(ctx, &record).await {
             tracing::info!(round = %record.round, record = %hash.short(), "a record whose deltas are gone is adopted on its commit certificate");
             drop(updates);
             return adopt_unrecomputed(chain, ctx, record, hash, envelope).await;
@@ -425,8 +425,8 @@ async fn adopt_unrecomputed(
 }
 
 /// Whether the members' attestations, asked of the peer and of everyone connected,
-/// certify `record` (`cellswarm_round::cert`).
-async fn certificate(ctx: &Ctx<'_>, record: &MergeRecord, hash: RecordHash) -> bool {
+/// certify `record`'s model and state as its round's outcome (`cellswarm_round::cert`).
+async fn certificate(ctx: &Ctx<'_>, record: &MergeRecord) -> bool {
     let mut atts = Vec::new();
     for p in sources(ctx, None) {
         let Ok(resp) = ctx
@@ -446,8 +446,8 @@ async fn certificate(ctx: &Ctx<'_>, record: &MergeRecord, hash: RecordHash) -> b
         );
         if cellswarm_round::certified(
             record.round,
-            hash,
             record.model,
+            record.state,
             &atts,
             ctx.member_set,
             ctx.threshold,

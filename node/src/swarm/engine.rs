@@ -1964,11 +1964,18 @@ impl Engine {
 
     /// Attests a round we checked ourselves (made or recomputed) and committed: kept in
     /// our store, served on request and sent to everyone (`cellswarm_round::cert`).
-    async fn attest(&mut self, round: RoundId, record: RecordHash, model: ModelHash) {
+    async fn attest(
+        &mut self,
+        round: RoundId,
+        record: RecordHash,
+        model: ModelHash,
+        state: [u8; 32],
+    ) {
         let a = Announcement::Committed {
             round,
             record,
             model,
+            state,
         };
         let Ok(payload) = encode_control(&a) else {
             return;
@@ -1991,8 +1998,9 @@ impl Engine {
         )
     }
 
-    /// Whether our store holds a commit certificate for `record` of `round`.
-    fn certified(&self, round: RoundId, record: RecordHash, model: ModelHash) -> bool {
+    /// Whether our store holds a commit certificate for `model` and `state` as the
+    /// outcome of `round`.
+    fn certified(&self, round: RoundId, model: ModelHash, state: [u8; 32]) -> bool {
         let Ok(envs) = self.store.attestations(round) else {
             return false;
         };
@@ -2002,8 +2010,8 @@ impl Engine {
             .collect();
         cellswarm_round::certified(
             round,
-            record,
             model,
+            state,
             &atts,
             &self.member_set(),
             self.cert_threshold(),
@@ -2423,9 +2431,9 @@ impl Engine {
         })
         .await;
         tracing::info!(round = %round, model = %merged.hash.short(), record = %hash.short(), "published the merge record");
-        let model = merged.hash;
+        let (model, state_hash) = (merged.hash, record.state);
         self.commit(record, hash, envelope, merged, &state)?;
-        self.attest(round, hash, model).await;
+        self.attest(round, hash, model, state_hash).await;
         Ok(())
     }
 
@@ -2647,7 +2655,7 @@ impl Engine {
             Err(
                 cellswarm_round::RuleError::TooEarly { .. }
                 | cellswarm_round::RuleError::Omitted { .. },
-            ) if self.certified(record.round, hash, record.model) => {
+            ) if self.certified(record.round, record.model, record.state) => {
                 tracing::info!(round = %record.round, record = %hash.short(), "a record our view of the round refused is certified by the members' attestations");
                 if let Some(rs) = self.round.as_mut() {
                     rs.certified.insert(hash);
@@ -2845,7 +2853,7 @@ impl Engine {
         if let Some(rs) = self.round.as_mut() {
             rs.merging = false;
         }
-        let model = merged.hash;
+        let (model, state_hash) = (merged.hash, record.state);
         // A record we took on a certificate over our own view is not ours to vouch for.
         let vouch = self
             .round
@@ -2853,7 +2861,7 @@ impl Engine {
             .is_none_or(|r| !r.certified.contains(&hash));
         self.commit(record, hash, envelope, merged, &state)?;
         if vouch {
-            self.attest(round, hash, model).await;
+            self.attest(round, hash, model, state_hash).await;
         }
         self.publish_status(false);
         Ok(())
@@ -3295,6 +3303,7 @@ impl Engine {
                 round,
                 record,
                 model,
+                state,
             } => {
                 if round > current {
                     self.peer_ahead(round, from);
@@ -3307,7 +3316,7 @@ impl Engine {
                     }
                     if round == current
                         && self.round.is_some()
-                        && self.certified(round, record, model)
+                        && self.certified(round, model, state)
                     {
                         if let Some(rs) = self.round.as_mut() {
                             rs.seen_records.remove(&record);

@@ -258,11 +258,13 @@ pub fn attestation(
             round,
             record,
             model,
+            state,
         } => Some(cellswarm_round::Attestation {
             signer: v.signer(),
             round,
             record,
             model,
+            state,
         }),
         _ => None,
     }
