@@ -2892,9 +2892,10 @@ impl Engine {
                 self.last_record_request = Some(now);
                 self.fetch_record(current, None, from);
             }
-            // Still behind after two heartbeats: our head may be a dead branch.
+            // Still behind after two heartbeats, and not recomputing the record of this
+            // round already: our head may be a dead branch.
             let since = *self.ahead_since.get_or_insert(now);
-            if now.duration_since(since) < self.heartbeat * 2 {
+            if verifying || now.duration_since(since) < self.heartbeat * 2 {
                 return;
             }
         }
