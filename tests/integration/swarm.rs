@@ -22,7 +22,7 @@ use cellswarm_node::swarm::network::{self, NetEvent, NetSettings};
 use cellswarm_node::swarm::status::RejectReason;
 
 use crate::swarm_util::{
-    Consortium, Setup, runtime, stop_all, wait_all_agree, wait_done, wait_status,
+    Consortium, Setup, raw_member, runtime, stop_all, wait_all_agree, wait_done, wait_status,
 };
 
 const LONG: Duration = Duration::from_secs(120);
@@ -215,39 +215,10 @@ async fn adversary(
     params: usize,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    let me = config
-        .consortium
-        .members
-        .iter()
-        .position(|m| m.peer_id == id.peer_id())
-        .expect("the adversary is a member");
-    let members: Vec<_> = config
-        .consortium
-        .members
-        .iter()
-        .map(|m| m.peer_id)
-        .collect();
-    let keys = MemberKeys::new(
-        members
-            .iter()
-            .map(|p| cellswarm_common::identity::signer_key_from_peer_id(p).expect("ed25519")),
-    );
-    let (net, mut events, event_loop) = network::start(
-        id.libp2p_keypair(),
-        &NetSettings {
-            net: config.node.net.clone(),
-            members,
-        },
-    )
-    .expect("the adversary's network starts");
-    let el = tokio::spawn(event_loop.run(cancel.clone()));
-    for (i, m) in config.consortium.members.iter().enumerate() {
-        if i != me {
-            for a in &m.addresses {
-                net.dial(a.clone()).await;
-            }
-        }
-    }
+    let keys = MemberKeys::new(config.consortium.members.iter().map(|m| {
+        cellswarm_common::identity::signer_key_from_peer_id(&m.peer_id).expect("ed25519")
+    }));
+    let (net, mut events, el) = raw_member(&config, &id, cancel.clone()).await;
     let digest = config.consortium.agreement_digest();
     let mut served: HashMap<DeltaHash, Vec<u8>> = HashMap::new();
     let mut honest: BTreeMap<RoundId, Vec<(DeltaHash, libp2p::PeerId)>> = BTreeMap::new();

@@ -512,3 +512,41 @@ pub(crate) fn terminate(child: &mut Child, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A member with no engine, only a network handle, for tests that play a lying member:
+/// its swarm started as its site file says, its event loop running until `cancel`, and
+/// every other member dialled.
+pub(crate) async fn raw_member(
+    config: &Config,
+    id: &Identity,
+    cancel: tokio_util::sync::CancellationToken,
+) -> (
+    cellswarm_node::swarm::network::NetClient,
+    tokio::sync::mpsc::Receiver<cellswarm_node::swarm::network::NetEvent>,
+    tokio::task::JoinHandle<()>,
+) {
+    use cellswarm_node::swarm::network::{self, NetSettings};
+    let members: Vec<_> = config
+        .consortium
+        .members
+        .iter()
+        .map(|m| m.peer_id)
+        .collect();
+    let (net, events, event_loop) = network::start(
+        id.libp2p_keypair(),
+        &NetSettings {
+            net: config.node.net.clone(),
+            members,
+        },
+    )
+    .expect("the member's network starts");
+    let el = tokio::spawn(event_loop.run(cancel));
+    for m in &config.consortium.members {
+        if m.peer_id != id.peer_id() {
+            for a in &m.addresses {
+                net.dial(a.clone()).await;
+            }
+        }
+    }
+    (net, events, el)
+}

@@ -14,10 +14,12 @@ use cellswarm_common::wire::{
 use cellswarm_node::swarm::codec::SyncResponse;
 use cellswarm_node::swarm::engine::merger_order;
 use cellswarm_node::swarm::local::{LocalTrainer, VectorTrainer};
-use cellswarm_node::swarm::network::{self, NetEvent, NetSettings};
+use cellswarm_node::swarm::network::NetEvent;
 use tokio::sync::mpsc;
 
-use crate::swarm_util::{Consortium, Setup, runtime, stop_all, wait_all_agree, wait_status};
+use crate::swarm_util::{
+    Consortium, Setup, raw_member, runtime, stop_all, wait_all_agree, wait_status,
+};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -47,28 +49,7 @@ async fn forger(
     let config = c.sites[me].config();
     let id: Identity = c.sites[me].identity();
     let params = c.setup.params as usize;
-    let members: Vec<_> = config
-        .consortium
-        .members
-        .iter()
-        .map(|m| m.peer_id)
-        .collect();
-    let (net, mut events, event_loop) = network::start(
-        id.libp2p_keypair(),
-        &NetSettings {
-            net: config.node.net.clone(),
-            members: members.clone(),
-        },
-    )
-    .expect("the forger's network starts");
-    let el = tokio::spawn(event_loop.run(cancel.clone()));
-    for (i, m) in config.consortium.members.iter().enumerate() {
-        if i != me {
-            for a in &m.addresses {
-                net.dial(a.clone()).await;
-            }
-        }
-    }
+    let (net, mut events, el) = raw_member(&config, &id, cancel.clone()).await;
     // The model it wants everyone to adopt, and a valid state to go with it.
     let genesis = VectorTrainer::new(params, 0, Duration::ZERO).genesis(0);
     let chosen = Weights::from_flat(
