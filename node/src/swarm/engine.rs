@@ -2420,19 +2420,21 @@ impl Engine {
         };
         let hash = RecordHash::of(&payload);
         let envelope = seal(&self.identity, PayloadKind::MergeRecord, &payload);
-        // Publish, then commit: a merger that dies in between leaves a record nobody
-        // can fetch, and the next candidate takes over. Until the commit the record is
-        // served from memory.
+        // Commit, then publish: what we announce is durable first, so a record a member
+        // adopted is never one its merger lost in a crash. A merger that dies in between
+        // holds a record nobody saw; the next candidate takes over, and on restart the
+        // merger replaces its head by the consortium's record (catch-up's rewind, checked
+        // like any record).
         self.published = Some((round, envelope.clone()));
+        let (model, state_hash) = (merged.hash, record.state);
+        self.commit(record, hash, envelope, merged, &state)?;
         self.announce(&Announcement::MergeReady {
             round,
             record: hash,
-            model: merged.hash,
+            model,
         })
         .await;
-        tracing::info!(round = %round, model = %merged.hash.short(), record = %hash.short(), "published the merge record");
-        let (model, state_hash) = (merged.hash, record.state);
-        self.commit(record, hash, envelope, merged, &state)?;
+        tracing::info!(round = %round, model = %model.short(), record = %hash.short(), "published the merge record");
         self.attest(round, hash, model, state_hash).await;
         Ok(())
     }
