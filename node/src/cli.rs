@@ -496,7 +496,7 @@ fn bench_round(nodes: usize, params: usize, rounds: u64) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(crate::swarm::bench::round_overhead(nodes, params, rounds))?;
+        .block_on(crate::bench_round::round_overhead(nodes, params, rounds))?;
     println!("round overhead: {nodes} nodes, {params} parameters, {rounds} timed rounds");
     for (i, t) in r.rounds.iter().enumerate() {
         println!("  round {:>3}  {:>9.1} ms", i + 2, t.as_secs_f64() * 1e3);

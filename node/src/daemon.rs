@@ -26,10 +26,11 @@ use crate::data::dataset::{Annotated, load_annotated};
 use crate::model::UNetConfig;
 use crate::store::{BlobKind, DiskStore, Store, StoreError};
 use crate::swarm::engine::{Engine, EngineError, EngineParts};
-use crate::swarm::local::{LocalTrainer, UNetTrainer, VectorTrainer};
+use crate::swarm::local::{LocalTrainer, VectorTrainer};
 use crate::swarm::network::{self, NetClient, NetError, NetSettings};
 use crate::swarm::status::{Metrics, Status};
 use crate::train::TrainOptions;
+use crate::train::site::UNetTrainer;
 
 /// The `test-vector` architecture name (a protocol-test model).
 pub const TEST_VECTOR: &str = "test-vector";

@@ -30,13 +30,14 @@ use crate::data::ctc::Movie;
 use crate::data::dataset::{Annotated, load_annotated};
 use crate::data::patches::SamplerConfig;
 use crate::data::volume::Labels;
-use crate::infer::{InferOptions, classical_segment, estimate_width, segment};
+use crate::infer::{InferOptions, classical_segment, segment};
 use crate::metrics::{MatchCounts, Overlaps, match_counts};
 use crate::model::{UNetConfig, default_device, save_model};
 use crate::store::{BlobKind, DiskStore, Store};
-use crate::swarm::local::{LocalTrainer, TrainedRound, UNetTrainer};
+use crate::swarm::local::{LocalTrainer, TrainedRound};
 use crate::train::TrainOptions;
 use crate::train::params::load_weights;
+use crate::train::site::{UNetTrainer, movie_counts};
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -472,19 +473,13 @@ fn score(
     let mut net = config.init(&device);
     load_weights(&mut net, model)
         .map_err(|e| DaemonError::Setup(format!("loading weights: {e}")))?;
-    let mut counts = MatchCounts::default();
-    // One cell width for the whole movie, estimated on its middle frame (as `cellswarm
-    // segment` does), so every frame is seen at the same scale.
-    let mut opts = InferOptions::default();
-    if let (Some(target), Some(mid)) = (config.diameter, frames.get(frames.len() / 2)) {
-        let width = estimate_width(&net, config, &device, &mid.image, &opts);
-        opts.diameter = Some(width.unwrap_or(target as f32));
-    }
-    for a in frames {
-        let pred = segment(&net, config, &device, &a.image, &opts);
-        counts += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);
-    }
-    Ok(counts)
+    Ok(movie_counts(
+        &net,
+        config,
+        &device,
+        frames,
+        &InferOptions::default(),
+    ))
 }
 
 /// Scores of one model on each site and on the union of all sites' held-out frames.

@@ -5,7 +5,8 @@
 //! - [`data`]: movies in CTC layout, TIFF files, normalisation, training patches.
 //! - [`synth`]: synthetic movies with exact ground truth.
 //! - [`model`]: the burn U-Net and model folders (safetensors).
-//! - [`train`]: local training, and [`train::params`] for the model's [`Weights`].
+//! - [`train`]: local training, [`train::params`] for the model's [`Weights`], and
+//!   [`train::site`], the U-Net trainer the swarm drives.
 //! - [`infer`]: tiled inference and instance extraction.
 //! - [`scale`]: cell width in an image, and resampling to the model's cell width.
 //! - [`metrics`]: instance matching and the CTC SEG measure.
@@ -16,6 +17,7 @@
 //! - [`daemon`]: the node as a long-running process (`cellswarm run`).
 //! - [`status_http`]: the `/status` and `/metrics` endpoint, and its client.
 //! - [`demo`]: `cellswarm demo`, a consortium on one machine and its report.
+//! - [`bench_round`]: `cellswarm bench round`, the protocol's overhead without training.
 //!
 //! [`Weights`]: cellswarm_common::weights::Weights
 //!
@@ -30,6 +32,7 @@
 #![deny(missing_docs, rustdoc::broken_intra_doc_links)]
 
 pub mod alloc;
+pub mod bench_round;
 pub mod cli;
 pub mod daemon;
 pub mod data;

@@ -1,4 +1,6 @@
-//! The swarm: libp2p networking and the round protocol.
+//! The swarm: libp2p networking and the round protocol. Nothing here knows the model, the
+//! movies or the daemon: the U-Net trainer lives in `crate::train::site`, the round
+//! benchmark in `crate::bench_round`.
 //!
 //! - [`codec`]: the length-prefixed request-response codec with limits.
 //! - [`network`]: the composed behaviour, the event loop that owns the swarm, and the
@@ -7,9 +9,7 @@
 //! - [`engine`]: the round state machine.
 //! - [`catchup`]: verified catch-up (records checked by `cellswarm-round`, merges recomputed).
 //! - [`status`]: status snapshots and metrics.
-//! - [`bench`]: round overhead without training (`cellswarm bench round`).
 
-pub mod bench;
 pub mod catchup;
 pub mod codec;
 pub mod engine;

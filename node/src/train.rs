@@ -14,6 +14,7 @@
 //! wall-clock time. [`params`] converts the model to and from [`Weights`].
 
 pub mod params;
+pub mod site;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

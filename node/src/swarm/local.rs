@@ -1,9 +1,10 @@
 //! Local training as the swarm sees it: any function that turns the round's model into
 //! an updated model.
 //!
-//! [`LocalTrainer`] is implemented by [`UNetTrainer`] (a site's movies and the U-Net) and
-//! by [`VectorTrainer`] (the `test-vector` model: a flat vector that each site pulls
-//! towards its own target; cheap and deterministic, for protocol tests and benchmarks).
+//! [`LocalTrainer`] is implemented by `crate::train::site::UNetTrainer` (a site's movies
+//! and the U-Net, kept with training so that the swarm never imports the model) and by
+//! [`VectorTrainer`] (the `test-vector` model: a flat vector that each site pulls towards
+//! its own target; cheap and deterministic, for protocol tests and benchmarks).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,13 +15,6 @@ use cellswarm_common::weights::{Layout, Weights};
 use cellswarm_common::wire::LocalMetrics;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-use crate::data::dataset::Annotated;
-use crate::infer::{InferOptions, segment};
-use crate::metrics::{MatchCounts, Overlaps, match_counts};
-use crate::model::UNetConfig;
-use crate::train::params::to_weights;
-use crate::train::{Budget, TrainOptions, Trainer};
 
 /// The result of one round of local training.
 #[derive(Debug, Clone)]
@@ -173,121 +167,6 @@ impl LocalTrainer for VectorTrainer {
 
     fn evaluate(&mut self, _model: &Weights) -> Option<f32> {
         None
-    }
-}
-
-/// A site's U-Net training for the swarm: steps per round on its movies, FedProx if
-/// configured, the held-out frames scored after each merge.
-pub struct UNetTrainer {
-    config: UNetConfig,
-    trainer: Trainer,
-    steps: u64,
-    heldout: Vec<Annotated>,
-    infer: InferOptions,
-    cosine_rounds: Option<u64>,
-}
-
-impl std::fmt::Debug for UNetTrainer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UNetTrainer")
-            .field("steps", &self.steps)
-            .field("heldout", &self.heldout.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl UNetTrainer {
-    /// A trainer over `train` planes, scoring `heldout` frames.
-    ///
-    /// # Errors
-    /// As [`Trainer::new`].
-    pub fn new(
-        config: UNetConfig,
-        train: &[Annotated],
-        heldout: Vec<Annotated>,
-        options: TrainOptions,
-        steps: u64,
-    ) -> Result<Self, crate::train::TrainError> {
-        let device = crate::model::default_device();
-        let trainer = Trainer::new(
-            &config,
-            &device,
-            crate::data::dataset::train_planes(train, config.diameter),
-            options,
-            None,
-        )?;
-        Ok(Self {
-            config,
-            trainer,
-            steps,
-            heldout,
-            infer: InferOptions::default(),
-            cosine_rounds: None,
-        })
-    }
-
-    /// Decays the learning rate along one cosine over `rounds` rounds (to 5 % in the
-    /// last), by the round number each round trains for.
-    #[must_use]
-    pub fn with_cosine_rounds(mut self, rounds: u64) -> Self {
-        self.cosine_rounds = Some(rounds.max(1));
-        self
-    }
-}
-
-impl LocalTrainer for UNetTrainer {
-    fn genesis(&mut self, seed: u64) -> Weights {
-        let device = crate::model::default_device();
-        device.seed(seed);
-        let model = self.config.init(&device);
-        to_weights(&model)
-            .unwrap_or_else(|e| unreachable!("a freshly initialised model is finite: {e}"))
-    }
-
-    fn train_round(
-        &mut self,
-        base: &Weights,
-        round: RoundId,
-        cancel: &AtomicBool,
-    ) -> Result<TrainedRound, String> {
-        self.trainer.load(base).map_err(|e| e.to_string())?;
-        self.trainer.set_anchor();
-        if let Some(total) = self.cosine_rounds {
-            let done = round.0.saturating_sub(1).min(total) * self.steps;
-            self.trainer.set_cosine_span(done, total * self.steps);
-        }
-        let report = self
-            .trainer
-            .train(Budget::Steps(self.steps), cancel, |_, _| {})
-            .map_err(|e| e.to_string())?;
-        if report.cancelled {
-            return Err("cancelled".into());
-        }
-        Ok(TrainedRound {
-            weights: self.trainer.weights().map_err(|e| e.to_string())?,
-            samples: report.samples,
-            metrics: LocalMetrics {
-                train_loss: report.mean_loss,
-                val_f1: None,
-                steps: report.steps as u32,
-                epsilon: None,
-            },
-        })
-    }
-
-    fn evaluate(&mut self, model: &Weights) -> Option<f32> {
-        if self.heldout.is_empty() {
-            return None;
-        }
-        let device = crate::model::default_device();
-        let mut net = self.config.init(&device);
-        crate::train::params::load_weights(&mut net, model).ok()?;
-        let mut counts = MatchCounts::default();
-        for a in &self.heldout {
-            let pred = segment(&net, &self.config, &device, &a.image, &self.infer);
-            counts += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);
-        }
-        Some(counts.scores(0.5).f1 as f32)
     }
 }
 

@@ -12,8 +12,8 @@ use cellswarm_common::config::Config;
 use cellswarm_common::identity::Identity;
 use cellswarm_common::ids::RoundId;
 
-use super::local::{LocalTrainer, VectorTrainer};
 use crate::daemon::{DaemonError, Node, build_trainer};
+use crate::swarm::local::{LocalTrainer, VectorTrainer};
 
 /// What one run measured.
 #[derive(Debug, Clone)]
@@ -117,7 +117,8 @@ pub async fn round_overhead(
     }
     let mut status = running[0].status();
     let timeout = Duration::from_secs(60);
-    let wait_round = |status: &mut tokio::sync::watch::Receiver<super::status::Status>, r: u64| {
+    let wait_round = |status: &mut tokio::sync::watch::Receiver<crate::swarm::status::Status>,
+                      r: u64| {
         let mut status = status.clone();
         async move {
             tokio::time::timeout(timeout, status.wait_for(|s| s.head_round >= RoundId(r)))

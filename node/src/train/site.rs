@@ -1,0 +1,161 @@
+//! A site's U-Net as the swarm trains it: [`UNetTrainer`] implements the swarm's
+//! [`LocalTrainer`] (steps per round on the site's movies, FedProx if configured, the
+//! held-out frames scored after each merge), and [`movie_counts`] scores a model on one
+//! movie the way `cellswarm segment` sees it (one cell width for the whole movie).
+
+use std::sync::atomic::AtomicBool;
+
+use cellswarm_common::ids::RoundId;
+use cellswarm_common::weights::Weights;
+use cellswarm_common::wire::LocalMetrics;
+
+use super::params::to_weights;
+use super::{Budget, TrainOptions, Trainer};
+use crate::data::dataset::Annotated;
+use crate::infer::{InferOptions, estimate_width, segment};
+use crate::metrics::{MatchCounts, Overlaps, match_counts};
+use burn::prelude::Device;
+
+use crate::model::{UNet, UNetConfig};
+use crate::swarm::local::{LocalTrainer, TrainedRound};
+
+/// Object matches at IoU 0.5 of `net` on `frames`, the frames of one movie, segmented at
+/// one cell width estimated on the movie's middle frame (as `cellswarm segment` does), so
+/// every frame is seen at the same scale. Counts add up over movies.
+#[must_use]
+pub fn movie_counts(
+    net: &UNet,
+    config: &UNetConfig,
+    device: &Device,
+    frames: &[Annotated],
+    opts: &InferOptions,
+) -> MatchCounts {
+    let mut opts = *opts;
+    if let (Some(target), Some(mid), None) =
+        (config.diameter, frames.get(frames.len() / 2), opts.diameter)
+    {
+        let width = estimate_width(net, config, device, &mid.image, &opts);
+        opts.diameter = Some(width.unwrap_or(target as f32));
+    }
+    let mut counts = MatchCounts::default();
+    for a in frames {
+        let pred = segment(net, config, device, &a.image, &opts);
+        counts += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);
+    }
+    counts
+}
+
+/// A site's U-Net training for the swarm: steps per round on its movies, FedProx if
+/// configured, the held-out frames scored after each merge.
+pub struct UNetTrainer {
+    config: UNetConfig,
+    trainer: Trainer,
+    steps: u64,
+    heldout: Vec<Annotated>,
+    infer: InferOptions,
+    cosine_rounds: Option<u64>,
+}
+
+impl std::fmt::Debug for UNetTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UNetTrainer")
+            .field("steps", &self.steps)
+            .field("heldout", &self.heldout.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UNetTrainer {
+    /// A trainer over `train` planes, scoring `heldout` frames.
+    ///
+    /// # Errors
+    /// As [`Trainer::new`].
+    pub fn new(
+        config: UNetConfig,
+        train: &[Annotated],
+        heldout: Vec<Annotated>,
+        options: TrainOptions,
+        steps: u64,
+    ) -> Result<Self, super::TrainError> {
+        let device = crate::model::default_device();
+        let trainer = Trainer::new(
+            &config,
+            &device,
+            crate::data::dataset::train_planes(train, config.diameter),
+            options,
+            None,
+        )?;
+        Ok(Self {
+            config,
+            trainer,
+            steps,
+            heldout,
+            infer: InferOptions::default(),
+            cosine_rounds: None,
+        })
+    }
+
+    /// Decays the learning rate along one cosine over `rounds` rounds (to 5 % in the
+    /// last), by the round number each round trains for.
+    #[must_use]
+    pub fn with_cosine_rounds(mut self, rounds: u64) -> Self {
+        self.cosine_rounds = Some(rounds.max(1));
+        self
+    }
+}
+
+impl LocalTrainer for UNetTrainer {
+    fn genesis(&mut self, seed: u64) -> Weights {
+        let device = crate::model::default_device();
+        device.seed(seed);
+        let model = self.config.init(&device);
+        to_weights(&model)
+            .unwrap_or_else(|e| unreachable!("a freshly initialised model is finite: {e}"))
+    }
+
+    fn train_round(
+        &mut self,
+        base: &Weights,
+        round: RoundId,
+        cancel: &AtomicBool,
+    ) -> Result<TrainedRound, String> {
+        self.trainer.load(base).map_err(|e| e.to_string())?;
+        self.trainer.set_anchor();
+        if let Some(total) = self.cosine_rounds {
+            let done = round.0.saturating_sub(1).min(total) * self.steps;
+            self.trainer.set_cosine_span(done, total * self.steps);
+        }
+        let report = self
+            .trainer
+            .train(Budget::Steps(self.steps), cancel, |_, _| {})
+            .map_err(|e| e.to_string())?;
+        if report.cancelled {
+            return Err("cancelled".into());
+        }
+        Ok(TrainedRound {
+            weights: self.trainer.weights().map_err(|e| e.to_string())?,
+            samples: report.samples,
+            metrics: LocalMetrics {
+                train_loss: report.mean_loss,
+                val_f1: None,
+                steps: report.steps as u32,
+                epsilon: None,
+            },
+        })
+    }
+
+    fn evaluate(&mut self, model: &Weights) -> Option<f32> {
+        if self.heldout.is_empty() {
+            return None;
+        }
+        let device = crate::model::default_device();
+        let mut net = self.config.init(&device);
+        super::params::load_weights(&mut net, model).ok()?;
+        // Movie by movie, each at one cell width (as the demo scores them).
+        let mut counts = MatchCounts::default();
+        for movie in self.heldout.chunk_by(|a, b| a.movie == b.movie) {
+            counts += movie_counts(&net, &self.config, &device, movie, &self.infer);
+        }
+        Some(counts.scores(0.5).f1 as f32)
+    }
+}
