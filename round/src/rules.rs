@@ -544,3 +544,88 @@ pub(crate) mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::tests::{key, members, record};
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One way a record can differ from the honest one.
+    #[derive(Debug, Clone, Copy)]
+    enum Lie {
+        Round,
+        Base,
+        Prev,
+        Consortium,
+        Strategy,
+        TooFew,
+        Outsider,
+        Signer,
+        Replay,
+        Twice,
+    }
+
+    fn lie() -> impl Strategy<Value = Lie> {
+        prop_oneof![
+            Just(Lie::Round),
+            Just(Lie::Base),
+            Just(Lie::Prev),
+            Just(Lie::Consortium),
+            Just(Lie::Strategy),
+            Just(Lie::TooFew),
+            Just(Lie::Outsider),
+            Just(Lie::Signer),
+            Just(Lie::Replay),
+            Just(Lie::Twice),
+        ]
+    }
+
+    proptest! {
+        /// Every honest record passes, at any round, attempt and subset of at least a
+        /// quorum of members; every record that differs from it in one way is refused.
+        #[test]
+        fn honest_records_pass_and_any_single_lie_is_refused(
+            round in 1u64..1_000,
+            attempt in 0u32..20,
+            subset in proptest::collection::btree_set(1u8..=7, 3..=7),
+            lie in lie(),
+        ) {
+            let m = members(7);
+            let rules = Rules { consortium: [7; 32], strategy: "fedavg", quorum: 3, members: &m };
+            let at = Position {
+                round: RoundId(round),
+                base: ModelHash::of(&round.to_le_bytes()),
+                prev: Some(RecordHash::of(&round.to_be_bytes())),
+            };
+            let signers: Vec<u8> = subset.into_iter().collect();
+            let (mut r, mut signer) = record(&at, &signers, attempt);
+            prop_assert_eq!(check_record(&rules, &at, &r, signer, |_| false), Ok(()));
+            let mut replayed = None;
+            match lie {
+                Lie::Round => r.round = RoundId(round + 1),
+                Lie::Base => r.base = ModelHash::of(b"another model"),
+                Lie::Prev => r.prev = None,
+                Lie::Consortium => r.consortium = [8; 32],
+                Lie::Strategy => r.strategy = "median".into(),
+                Lie::TooFew => r.contributions.truncate(2),
+                Lie::Outsider => {
+                    r.contributions[0].signer = key(0);
+                    r.contributions.sort();
+                }
+                Lie::Signer => {
+                    signer = r
+                        .contributions
+                        .iter()
+                        .map(|c| c.signer)
+                        .find(|s| *s != signer)
+                        .unwrap_or(key(9));
+                }
+                Lie::Replay => replayed = Some(r.contributions[1].delta),
+                Lie::Twice => r.contributions[1].delta = r.contributions[0].delta,
+            }
+            let merged = |d: &DeltaHash| Some(*d) == replayed;
+            prop_assert!(check_record(&rules, &at, &r, signer, merged).is_err(), "{lie:?} passed");
+        }
+    }
+}
