@@ -248,21 +248,30 @@ where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    struct Grow<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Grow<T> {
-        type Value = Vec<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a sequence")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut out = Vec::new();
-            while let Some(x) = seq.next_element()? {
-                out.push(x);
-            }
-            Ok(out)
-        }
+    d.deserialize_seq(Grow::<T>(usize::MAX, std::marker::PhantomData))
+}
+
+/// Grows a sequence as its elements decode, refusing more than `.0` of them.
+struct Grow<T>(usize, std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Grow<T> {
+    type Value = Vec<T>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a sequence of at most {} elements", self.0)
     }
-    d.deserialize_seq(Grow(std::marker::PhantomData))
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(x) = seq.next_element()? {
+            if out.len() == self.0 {
+                return Err(serde::de::Error::custom(format!(
+                    "more than {} elements",
+                    self.0
+                )));
+            }
+            out.push(x);
+        }
+        Ok(out)
+    }
 }
 
 /// Most attestations one response carries (one per member; no consortium has more).
@@ -277,29 +286,7 @@ pub fn attestation_list<'de, D>(d: D) -> Result<Vec<Vec<u8>>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    struct Grow;
-    impl<'de> serde::de::Visitor<'de> for Grow {
-        type Value = Vec<Vec<u8>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "at most {MAX_ATTESTATIONS} attestations")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::new();
-            while let Some(x) = seq.next_element()? {
-                if out.len() == MAX_ATTESTATIONS {
-                    return Err(serde::de::Error::custom(format!(
-                        "more than {MAX_ATTESTATIONS} attestations"
-                    )));
-                }
-                out.push(x);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_seq(Grow)
+    d.deserialize_seq(Grow::<Vec<u8>>(MAX_ATTESTATIONS, std::marker::PhantomData))
 }
 
 /// What a member reports about its local training with its delta.

@@ -21,8 +21,10 @@ use cellswarm_common::wire::{MergeRecord, Request, ResponseHeader};
 use cellswarm_round::{ChainCheck, Position};
 use libp2p::PeerId;
 
+use super::engine::{read_model, sha};
 use super::network::NetClient;
 use super::verify::{self, Checked, DeltaCheck};
+use crate::store::{BlobKind, Store};
 
 /// The most records one catch-up checks and commits; a node further behind catches up
 /// in several steps.
@@ -47,8 +49,10 @@ pub(super) struct SyncSetup {
     pub merged: HashSet<DeltaHash>,
     /// Our head model.
     pub base: Arc<Weights>,
-    /// Our aggregator state at the head.
-    pub state: Vec<u8>,
+    /// Our store (aggregator states, and models a rewind starts from).
+    pub store: Arc<dyn Store>,
+    /// Our aggregator state at the head, by hash (read in the catch-up's task).
+    pub state: [u8; 32],
     /// The agreed aggregation settings.
     pub aggregation: AggregationConfig,
     /// The model layout.
@@ -84,8 +88,6 @@ pub(super) struct Rewind {
     pub ours: RecordHash,
     /// The position our head record continued.
     pub before: Position,
-    /// Reads the model and aggregator state before our head round (from our store).
-    pub load: Box<dyn FnOnce() -> Option<(Weights, Vec<u8>)> + Send>,
     /// The deltas our head record merged.
     pub contributions: Vec<DeltaHash>,
     /// The aggregator state hash before our head round (none before round 1: a fresh
@@ -104,10 +106,6 @@ pub(super) struct SyncOutcome {
     pub model: Weights,
     /// The aggregator state after the last record.
     pub state: Vec<u8>,
-}
-
-fn sha(bytes: &[u8]) -> [u8; 32] {
-    ModelHash::of(bytes).0
 }
 
 /// The rounds to ask for: from `from` on, at most `limit` of them, up to `latest`.
@@ -143,18 +141,6 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
     if latest.round.0 < from {
         return Err("the peer is not ahead of us".into());
     }
-    let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
-    merger
-        .load_state(&s.state, &s.layout)
-        .map_err(|e| e.to_string())?;
-    let mut chain = Chain {
-        check: s.check,
-        merger,
-        base: s.base,
-        state: s.state,
-        merged: s.merged,
-        before: None,
-    };
     let ctx = Ctx {
         net: &s.net,
         peer: s.peer,
@@ -167,6 +153,20 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
         aggregation: &s.aggregation,
         member_set: &s.member_set,
         threshold: s.threshold,
+        store: &s.store,
+    };
+    let state = stored_state(&ctx, s.state).await?;
+    let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
+    merger
+        .load_state(&state, &s.layout)
+        .map_err(|e| e.to_string())?;
+    let mut chain = Chain {
+        check: s.check,
+        merger,
+        base: s.base,
+        state,
+        merged: s.merged,
+        before: None,
     };
     let mut records = Vec::new();
     let mut rewound = false;
@@ -189,22 +189,14 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
                     rw.before.round
                 ));
             }
-            let stored = tokio::task::spawn_blocking(rw.load)
-                .await
-                .map_err(|e| e.to_string())?;
-            // Not in the store (a catch-up keeps only its last model): fetched by the
-            // hashes our own records name.
-            let (model, state) = match stored {
-                Some(x) => x,
-                None => {
-                    let state = match rw.state_before {
-                        Some(h) => fetch_state(&ctx, h).await?,
-                        None => Merger::from_config(&s.aggregation)
-                            .map_err(|e| e.to_string())?
-                            .save_state(&s.layout),
-                    };
-                    (fetch_model(&ctx, rw.before.base).await?, state)
-                }
+            // From our store, else (a catch-up keeps only its last model) from the peers
+            // by the hashes our own records name; before round 1, a fresh aggregator's.
+            let model = stored_model(&ctx, rw.before.base).await?;
+            let state = match rw.state_before {
+                Some(h) => stored_state(&ctx, h).await?,
+                None => Merger::from_config(&s.aggregation)
+                    .map_err(|e| e.to_string())?
+                    .save_state(&s.layout),
             };
             tracing::warn!(round = %rw.before.round, ours = %rw.ours.short(), theirs = %hash.short(), "our last round is not the one the peer committed; checking the peer's record of it");
             let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
@@ -303,6 +295,7 @@ struct Ctx<'a> {
     aggregation: &'a AggregationConfig,
     member_set: &'a BTreeSet<SignerKey>,
     threshold: usize,
+    store: &'a Arc<dyn Store>,
 }
 
 /// Checks one record by the rules, fetches its deltas, recomputes its merge and, if the
@@ -540,6 +533,31 @@ async fn fetch_checked(
         }
     }
     Err(last)
+}
+
+/// A model from our store, else from the peers.
+async fn stored_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, String> {
+    let (store, layout, limits) = (
+        Arc::clone(ctx.store),
+        Arc::clone(ctx.layout),
+        ctx.limits.layout,
+    );
+    let stored =
+        tokio::task::spawn_blocking(move || read_model(&*store, &layout, limits, &hash)).await;
+    match stored {
+        Ok(Ok(Some(w))) => Ok(w),
+        _ => fetch_model(ctx, hash).await,
+    }
+}
+
+/// Aggregator state bytes from our store, else from the peers.
+async fn stored_state(ctx: &Ctx<'_>, hash: [u8; 32]) -> Result<Vec<u8>, String> {
+    let store = Arc::clone(ctx.store);
+    let stored = tokio::task::spawn_blocking(move || store.blob(BlobKind::State, &hash)).await;
+    match stored {
+        Ok(Ok(Some(b))) => Ok(b),
+        _ => fetch_state(ctx, hash).await,
+    }
 }
 
 async fn fetch_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, String> {

@@ -535,8 +535,31 @@ fn masked_update(
     ))
 }
 
-fn sha(bytes: &[u8]) -> [u8; 32] {
+/// SHA-256 of `bytes` (aggregator states are named by it).
+pub(super) fn sha(bytes: &[u8]) -> [u8; 32] {
     *ModelHash::of(bytes).as_bytes()
+}
+
+/// A model from `store` by hash, on `layout` (shared, so merges take the pointer-equality
+/// fast path); `None` if the store lacks it.
+///
+/// # Errors
+/// Store errors, and a stored model of another layout.
+pub(super) fn read_model(
+    store: &dyn Store,
+    layout: &Arc<Layout>,
+    limits: Limits,
+    hash: &ModelHash,
+) -> Result<Option<Weights>, EngineError> {
+    let Some(bytes) = store.blob(BlobKind::Model, hash.as_bytes())? else {
+        return Ok(None);
+    };
+    let layout_err = |e: &dyn std::fmt::Display| EngineError::Layout(e.to_string());
+    let w = Weights::from_bytes(&bytes, &limits).map_err(|e| layout_err(&e))?;
+    layout.ensure_same(w.layout()).map_err(|e| layout_err(&e))?;
+    Ok(Some(
+        Weights::from_flat(Arc::clone(layout), w.into_values()).map_err(|e| layout_err(&e))?,
+    ))
 }
 
 impl Engine {
@@ -740,19 +763,7 @@ impl Engine {
     }
 
     fn load_model(&self, hash: &ModelHash) -> Result<Option<Weights>, EngineError> {
-        let Some(bytes) = self.store.blob(BlobKind::Model, hash.as_bytes())? else {
-            return Ok(None);
-        };
-        let w = Weights::from_bytes(&bytes, &self.limits.layout)
-            .map_err(|e| EngineError::Layout(e.to_string()))?;
-        self.layout
-            .ensure_same(w.layout())
-            .map_err(|e| EngineError::Layout(e.to_string()))?;
-        // Share the layout so merges take the pointer-equality fast path.
-        Ok(Some(
-            Weights::from_flat(Arc::clone(&self.layout), w.into_values())
-                .map_err(|e| EngineError::Layout(e.to_string()))?,
-        ))
+        read_model(&*self.store, &self.layout, self.limits.layout, hash)
     }
 
     /// The head model: held, or (while a merge writes over the lent one, or after a
@@ -2936,12 +2947,7 @@ impl Engine {
         let check = ChainCheck::new(rules, at, catchup::MAX_SYNC_RECORDS);
         let rewind = match (&self.last_record, head.record) {
             (Some(r), Some(ours)) if r.round == head.round && head.round.0 >= 1 => {
-                let store = Arc::clone(&self.store);
-                let layout = Arc::clone(&self.layout);
-                let limits = self.limits.layout;
-                let members = self.members.clone();
-                let cfg = self.config.consortium.aggregation.clone();
-                let (before, model) = (RoundId(head.round.0 - 1), r.base);
+                let before = RoundId(head.round.0 - 1);
                 let state_before = if before.0 == 0 {
                     None
                 } else {
@@ -2956,9 +2962,6 @@ impl Engine {
                         prev: r.prev,
                     },
                     contributions: r.contributions.iter().map(|c| c.delta).collect(),
-                    load: Box::new(move || {
-                        load_before(&*store, &layout, limits, &members, &cfg, before, model)
-                    }),
                 })
             }
             _ => None,
@@ -2971,7 +2974,8 @@ impl Engine {
             check,
             merged: self.merged_hashes.clone(),
             base,
-            state: self.merger.save_state(&self.layout),
+            store: Arc::clone(&self.store),
+            state: head.state,
             aggregation: self.config.consortium.aggregation.clone(),
             layout: Arc::clone(&self.layout),
             limits: self.limits,
@@ -3260,15 +3264,14 @@ impl Engine {
 
     async fn on_gossip(&mut self, source: PeerId, data: Vec<u8>) -> MessageAcceptance {
         let current = self.current();
-        // Kept only if it is an attestation (announcements are a few hundred bytes).
-        let raw = data.clone();
-        let (signer, a) = match verify::gossip(
+        let (signer, a, attestation) = match verify::gossip(
             data,
             super::network::MAX_GOSSIP_BYTES as u64,
             &self.members,
             self.digest,
         ) {
-            Ok((signer, Gossip::Announcement(a))) => (signer, a),
+            Ok((signer, Gossip::Announcement(a))) => (signer, a, None),
+            Ok((signer, Gossip::Attestation(a, envelope))) => (signer, a, Some(envelope)),
             Ok((signer, Gossip::Mask(m))) => {
                 if self.fixed_point.is_none() {
                     return MessageAcceptance::Ignore;
@@ -3314,7 +3317,9 @@ impl Engine {
                     // Kept (one per member and round, for rounds we have reached): served
                     // to nodes that catch up, and for the round we are in, enough of them
                     // let us adopt a record our own view of the round refused.
-                    if let Err(e) = self.store.put_attestation(round, &signer.0, &raw) {
+                    if let Some(env) = &attestation
+                        && let Err(e) = self.store.put_attestation(round, &signer.0, env)
+                    {
                         tracing::warn!(round = %round, error = %e, "could not keep an attestation");
                     }
                     if round == current
@@ -3576,35 +3581,6 @@ impl Engine {
             }
         });
     }
-}
-
-/// The model and aggregator state before round `before + 1` from the store: the model by
-/// hash, the state from round `before`'s record (a fresh aggregator's before round 1).
-fn load_before(
-    store: &dyn Store,
-    layout: &Arc<Layout>,
-    limits: Limits,
-    members: &MemberKeys,
-    cfg: &cellswarm_common::config::AggregationConfig,
-    before: RoundId,
-    model: ModelHash,
-) -> Option<(Weights, Vec<u8>)> {
-    let bytes = store.blob(BlobKind::Model, model.as_bytes()).ok()??;
-    let w = Weights::from_bytes(&bytes, &limits).ok()?;
-    layout.ensure_same(w.layout()).ok()?;
-    let w = Weights::from_flat(Arc::clone(layout), w.into_values()).ok()?;
-    let state = if before.0 == 0 {
-        Merger::from_config(cfg).ok()?.save_state(layout)
-    } else {
-        let env = store.record(before).ok()??;
-        let v = UnverifiedEnvelope::parse(env, MAX_RECORD_BYTES)
-            .ok()?
-            .verify(PayloadKind::MergeRecord, members)
-            .ok()?;
-        let r: MergeRecord = decode_control(v.payload()).ok()?;
-        store.blob(BlobKind::State, &r.state).ok()??
-    };
-    Some((w, state))
 }
 
 #[cfg(test)]

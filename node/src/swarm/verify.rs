@@ -186,6 +186,8 @@ impl DeltaCheck<'_> {
 pub enum Gossip {
     /// A round announcement.
     Announcement(Announcement),
+    /// An attestation (`Announcement::Committed`), with its signed envelope to keep.
+    Attestation(Announcement, Vec<u8>),
     /// A secure-aggregation message of this consortium.
     Mask(MaskMessage),
 }
@@ -214,7 +216,11 @@ pub fn gossip(
                 format!("undecodable announcement: {e}"),
             )
         })?;
-        return Ok((v.signer(), Gossip::Announcement(a)));
+        let signer = v.signer();
+        if matches!(a, Announcement::Committed { .. }) {
+            return Ok((signer, Gossip::Attestation(a, v.into_bytes())));
+        }
+        return Ok((signer, Gossip::Announcement(a)));
     }
     let v = env
         .verify(PayloadKind::KeyShare, members)
