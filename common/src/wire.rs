@@ -476,7 +476,8 @@ pub struct MergeRecord {
     pub round: RoundId,
     /// Hash of M(r-1).
     pub base: ModelHash,
-    /// Hash of the previous round's record (none for round 1).
+    /// The previous round's outcome: a hash of its round, model and aggregator state
+    /// (`cellswarm_round::link`; none for round 1).
     pub prev: Option<RecordHash>,
     /// The strategy's config name.
     pub strategy: String,

@@ -13,6 +13,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
+use cellswarm_common::records::Head;
 use cellswarm_common::wire::MergeRecord;
 
 use crate::rules::{Position, RuleError, Rules, check_record};
@@ -102,11 +103,16 @@ impl ChainCheck {
     /// whose head round may be a dead branch starts one round earlier.
     #[must_use]
     pub fn restart_at(mut self, at: Position) -> Self {
+        self.restart(at);
+        self
+    }
+
+    /// [`ChainCheck::restart_at`] in place: from `at`, if no record was confirmed yet.
+    pub fn restart(&mut self, at: Position) {
         if self.confirmed == 0 {
             self.at = at;
             self.waiting = None;
         }
-        self
     }
 
     /// Where the chain stands: the next record must continue it.
@@ -186,11 +192,12 @@ impl ChainCheck {
         }
         self.merged
             .extend(record.contributions.iter().map(|c| c.delta));
-        self.at = Position {
-            round: record.round.next(),
-            base: record.model,
-            prev: Some(hash),
-        };
+        self.at = Position::after(&Head {
+            round: record.round,
+            record: Some(hash),
+            model: record.model,
+            state: record.state,
+        });
         self.confirmed += 1;
         Ok((record, hash))
     }
@@ -227,7 +234,14 @@ mod tests {
             let (done, hash) = c.confirm(model, state).unwrap();
             assert_eq!(hash, h);
             assert_eq!(c.position().base, done.model);
-            assert_eq!(c.position().prev, Some(h));
+            // The next record links to this round's outcome, not to its record.
+            let outcome = Head {
+                round: done.round,
+                record: Some(h),
+                model: done.model,
+                state: done.state,
+            };
+            assert_eq!(c.position().prev, crate::rules::link(&outcome));
         }
         assert_eq!(c.confirmed(), 5);
         assert_eq!(c.position().round, RoundId(6));

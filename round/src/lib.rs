@@ -11,15 +11,21 @@
 //! ([`cert`]) vouches for it (its driver commits only records with a recomputed successor
 //! or a certificate).
 //!
-//! See `docs/protocol.md` ("Rules every record must pass") for the rules and why.
+//! [`machine`] puts the rules to work: the plain-round protocol as a deterministic state
+//! machine (inputs and time in, effects out), which `tests/sim.rs` runs against liars,
+//! crashes and partitions.
+//!
+//! See `docs/protocol.md` ("Rules every record must pass", "Outcomes, finality and fork
+//! choice", "The round as a state machine") for the rules and why.
 
 pub mod cert;
 pub mod chain;
+pub mod machine;
 pub mod rules;
 pub mod turns;
 
 pub use cert::{Attestation, certified, threshold};
 pub use chain::OwnedRules;
 pub use chain::{ChainCheck, ChainError};
-pub use rules::{Pooled, Position, RuleError, Rules, check_live, check_record, must_include};
+pub use rules::{Pooled, Position, RuleError, Rules, check_live, check_record, link, must_include};
 pub use turns::{Turns, merger_order};

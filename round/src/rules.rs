@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
+use cellswarm_common::records::Head;
 use cellswarm_common::wire::MergeRecord;
 
 use crate::turns::{Turns, merger_order};
@@ -106,6 +107,24 @@ pub enum RuleError {
     },
 }
 
+/// What a record names as `prev`: the previous round's *outcome* (round, model and
+/// aggregator state), not its record's hash. Two merger candidates whose turns overlap
+/// sign twin records of one merge (they differ only in signer and attempt); linking
+/// outcomes lets either continue the chain, where linking records split the members
+/// between the twins and forked the next round. None before round 1.
+#[must_use]
+pub fn link(head: &Head) -> Option<RecordHash> {
+    if head.round.0 == 0 {
+        return None;
+    }
+    let mut b = Vec::with_capacity(18 + 8 + 64);
+    b.extend_from_slice(b"cellswarm outcome\0");
+    b.extend_from_slice(&head.round.0.to_le_bytes());
+    b.extend_from_slice(&head.model.0);
+    b.extend_from_slice(&head.state);
+    Some(RecordHash::of(&b))
+}
+
 /// What the consortium agreed that every record is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules<'a> {
@@ -128,6 +147,18 @@ pub struct Position {
     pub base: ModelHash,
     /// The record it must link to (none before round 1).
     pub prev: Option<RecordHash>,
+}
+
+impl Position {
+    /// The position after `head`: the next round, from its model, linked to its outcome.
+    #[must_use]
+    pub fn after(head: &Head) -> Self {
+        Self {
+            round: head.round.next(),
+            base: head.model,
+            prev: link(head),
+        }
+    }
 }
 
 /// A delta a node holds for the round being checked: when it came and from whom.

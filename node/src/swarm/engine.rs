@@ -2314,7 +2314,7 @@ impl Engine {
             consortium: self.digest,
             round,
             base: head.model,
-            prev: head.record,
+            prev: cellswarm_round::link(&head),
             strategy: self.merger.name().to_owned(),
             contributions,
             model: ModelHash::default(),
@@ -2613,7 +2613,7 @@ impl Engine {
         let at = Position {
             round: rs.id,
             base: head.model,
-            prev: head.record,
+            prev: cellswarm_round::link(&head),
         };
         let now = Instant::now();
         cellswarm_round::check_live(
@@ -2939,7 +2939,7 @@ impl Engine {
         let at = Position {
             round: head.round.next(),
             base: head.model,
-            prev: head.record,
+            prev: cellswarm_round::link(&head),
         };
         // The pool of the round we were collecting is not held against the chain's
         // record of it: our round may have started late (a restart), and refusing the

@@ -1,0 +1,621 @@
+//! The round protocol as a deterministic state machine, in the style of quinn-proto and
+//! str0m: the caller feeds it [`Input`]s with the time they happened, carries out the
+//! [`Effect`]s it asks for, and wakes it at [`Machine::next_wake`]. It holds no clock,
+//! no randomness, no sockets and no files; the same inputs always give the same effects,
+//! which is what lets `tests/sim.rs` run thousands of consortia with liars, crashes and
+//! partitions from one seed each.
+//!
+//! What the caller does: verify signatures and delta contents (an input names the member
+//! who signed it, and a [`DeltaMeta`] is a delta whose envelope checked), run merges
+//! ([`Effect::Merge`], answered by [`Input::Merged`]), make writes durable before it
+//! acknowledges them ([`Effect::Commit`] / [`Input::Committed`], [`Effect::Persist`] /
+//! [`Input::Persisted`]), and answer the peers' requests from its store
+//! ([`Machine::serve`] answers what only the machine knows).
+//!
+//! Plain rounds only: secure aggregation stays in the node's engine for now.
+//!
+//! The machine's rules are the crate's: [`crate::rules`] for every record, live or
+//! caught up, [`crate::chain`] for catch-up, [`crate::cert`] for certificates. What it
+//! adds is when each rule runs, and finality (see [`final_threshold`]).
+
+mod fork;
+mod live;
+mod sync;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use cellswarm_common::ids::{DeltaHash, ModelHash, RoundId, SignerKey};
+use cellswarm_common::records::Head;
+use cellswarm_common::wire::Contribution;
+
+use crate::cert::{Attestation, certified, threshold};
+
+pub use live::Live;
+pub use sync::{MAX_SYNC_RECORDS, Sync};
+pub use types::{
+    Config, Counters, DeltaMeta, Durable, Effect, Input, Job, Kept, Msg, Refusal, Req, Resp,
+    Restored, SignedRecord,
+};
+
+/// Time as the driver measures it: since a fixed moment of its own (monotonic).
+pub type Time = Duration;
+
+/// How many of the newest committed rounds a node keeps what it needs to replace them
+/// (a head that turned out to be a dead branch).
+pub const HISTORY: usize = 8;
+
+/// Rounds whose own attestations a member repeats with every heartbeat.
+pub const REPEAT: u64 = 3;
+
+/// Records asked for in one catch-up batch.
+pub const BATCH: u32 = 16;
+
+/// Records of one round the machine keeps waiting for their deltas.
+pub const PENDING: usize = 8;
+
+/// Attestations needed for a round's outcome to be final: any two sets of this many
+/// members share more than `byzantine` members, so two different outcomes of one round
+/// can never both be final while at most `byzantine` members lie (honest members attest
+/// one outcome per round). Needs `members ≥ 3 × byzantine + 1` to be reachable with the
+/// liars silent.
+#[must_use]
+pub fn final_threshold(members: usize, byzantine: u32) -> usize {
+    ((members + byzantine as usize) / 2 + 1).min(members.max(1))
+}
+
+/// One node's round protocol: see the module documentation.
+#[derive(Debug)]
+pub struct Machine {
+    cfg: Config,
+    now: Time,
+    head: Head,
+    kept: VecDeque<Kept>,
+    merged: BTreeSet<DeltaHash>,
+    connected: BTreeSet<SignerKey>,
+    live: Option<Live>,
+    sync: Option<Sync>,
+    /// Attestations by round and signer (first wins), for rounds near the head.
+    atts: BTreeMap<RoundId, BTreeMap<SignerKey, Attestation>>,
+    /// A second, different attestation of a round by one member: proof that it lied.
+    two_faced: BTreeMap<RoundId, BTreeMap<SignerKey, Attestation>>,
+    /// The newest round we attested (we attest each round once, never after a rewind).
+    attested: RoundId,
+    /// Messages held until what they announce is durable.
+    held: Vec<Msg>,
+    /// The newest commit not yet durable.
+    unsynced: Option<RoundId>,
+    last_heartbeat: Option<Time>,
+    /// Our persisted delta of the round after the head.
+    own: VecDeque<DeltaMeta>,
+    /// When a peer was first seen ahead of us.
+    ahead_since: Option<Time>,
+    /// When we last asked a member for its record of our head's round (fork choice).
+    fork_asked: Option<Time>,
+    /// Members asked so far about our head (fork choice).
+    fork_tried: BTreeSet<SignerKey>,
+    /// Peers whose last catch-up chain broke a rule, and when.
+    distrust: BTreeMap<SignerKey, Time>,
+    out: VecDeque<Effect>,
+    counters: Counters,
+}
+
+impl Machine {
+    /// A node starting from what its store held, at time `now`.
+    #[must_use]
+    pub fn new(cfg: Config, restored: Restored, now: Time) -> Self {
+        let mut m = Self {
+            attested: restored.head.round,
+            head: restored.head,
+            kept: restored.kept.into(),
+            merged: restored.merged,
+            connected: BTreeSet::new(),
+            live: None,
+            sync: None,
+            atts: BTreeMap::new(),
+            two_faced: BTreeMap::new(),
+            held: Vec::new(),
+            unsynced: None,
+            last_heartbeat: None,
+            own: restored.own.into(),
+            ahead_since: None,
+            fork_asked: None,
+            fork_tried: BTreeSet::new(),
+            distrust: BTreeMap::new(),
+            out: VecDeque::new(),
+            counters: Counters::default(),
+            cfg,
+            now,
+        };
+        for a in restored.attestations {
+            m.on_attestation(a);
+        }
+        m.out.clear();
+        m.start_round();
+        m
+    }
+
+    /// The agreed parameters.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The head of our chain.
+    #[must_use]
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    /// The round being worked on.
+    #[must_use]
+    pub fn current(&self) -> RoundId {
+        self.head.round.next()
+    }
+
+    /// Counters since start.
+    #[must_use]
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Whether the configured number of rounds is done.
+    #[must_use]
+    pub fn done(&self) -> bool {
+        self.cfg.max_rounds.is_some_and(|m| self.head.round.0 >= m)
+    }
+
+    /// The next effect to carry out, in order.
+    pub fn poll(&mut self) -> Option<Effect> {
+        self.out.pop_front()
+    }
+
+    /// Items the machine holds in memory (pool, known deltas, pending records,
+    /// attestations, catch-up queue): bounded by the members and the constants above.
+    #[must_use]
+    pub fn footprint(&self) -> usize {
+        self.live.as_ref().map_or(0, Live::footprint)
+            + self.sync.as_ref().map_or(0, Sync::footprint)
+            + self.atts.values().map(BTreeMap::len).sum::<usize>()
+            + self.two_faced.values().map(BTreeMap::len).sum::<usize>()
+            + self.distrust.len()
+            + self.held.len()
+            + self.kept.len()
+    }
+
+    /// When to be woken with [`Input::Tick`] at the latest.
+    #[must_use]
+    pub fn next_wake(&self) -> Time {
+        // A deadline already passed is not one to wake for again (a heartbeat held back
+        // until a commit is durable waits for that input instead).
+        let hb = self
+            .last_heartbeat
+            .map_or(self.now, |t| t + self.cfg.heartbeat);
+        let live = self.live.as_ref().map(|l| l.next_wake(&self.cfg, self.now));
+        [Some(hb), live]
+            .into_iter()
+            .flatten()
+            .filter(|t| *t > self.now)
+            .min()
+            .unwrap_or(self.now + self.cfg.heartbeat)
+    }
+
+    /// Whether the attestations we hold make `round`'s outcome final.
+    #[must_use]
+    pub fn is_final(&self, round: RoundId, model: ModelHash, state: [u8; 32]) -> bool {
+        self.attested_by(round, model, state)
+            >= final_threshold(self.cfg.members.len(), self.cfg.byzantine)
+    }
+
+    /// Whether our head is final ([`Machine::final_at`]).
+    #[must_use]
+    pub fn head_is_final(&self) -> bool {
+        self.final_at(self.head.round)
+    }
+
+    /// Whether our record of `round` is final: it and every round of ours before it
+    /// that we still keep are attested by [`final_threshold`] members (rounds older than
+    /// what we keep count as final). A record attested by enough members on top of a
+    /// round that is not final is not final: it may stand on a dead branch.
+    #[must_use]
+    pub fn final_at(&self, round: RoundId) -> bool {
+        self.outcomes()
+            .take_while(|h| h.round <= round)
+            .all(|h| self.is_final(h.round, h.model, h.state))
+    }
+
+    /// Our outcomes of the rounds we keep, oldest first.
+    fn outcomes(&self) -> impl Iterator<Item = Head> + '_ {
+        self.kept
+            .iter()
+            .skip(1)
+            .map(|k| k.before)
+            .chain((!self.kept.is_empty()).then_some(self.head))
+    }
+
+    /// An outcome of a round we kept became final and it is not ours (we preferred
+    /// another before its attestations reached us): our chain from that round stands on
+    /// a dead branch; catch up from a member that attested the final one, replacing it.
+    fn check_final(&mut self, a: Attestation) {
+        if self.sync.is_some() || a.round > self.head.round || a.round.0 == 0 {
+            return;
+        }
+        let Some(ours) = self.outcomes().find(|h| h.round == a.round) else {
+            return;
+        };
+        if (ours.model, ours.state) == (a.model, a.state)
+            || !self.is_final(a.round, a.model, a.state)
+            || !self.final_at(RoundId(a.round.0 - 1))
+        {
+            return;
+        }
+        let depth = (self.head.round.0 - a.round.0 + 1) as usize;
+        if depth > self.kept.len() {
+            return;
+        }
+        self.rewind_to_final(a.signer, depth);
+    }
+
+    /// Answers what only the machine knows: attestations and the current pool.
+    #[must_use]
+    pub fn serve(&self, req: Req) -> Option<Resp> {
+        match req {
+            Req::Attestations(r) => Some(Resp::Attestations(
+                self.atts
+                    .get(&r)
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                    .chain(self.two_faced.get(&r).into_iter().flat_map(|m| m.values()))
+                    .copied()
+                    .collect(),
+            )),
+            Req::Deltas(r) => Some(Resp::Deltas(
+                self.live
+                    .as_ref()
+                    .filter(|l| l.id == r)
+                    .map(Live::listed)
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Feeds one input that happened at `now`.
+    pub fn handle(&mut self, now: Time, input: Input) {
+        self.now = self.now.max(now);
+        match input {
+            Input::Tick => {}
+            Input::Connected(p) => {
+                if p != self.cfg.me && self.cfg.members.contains(&p) {
+                    self.connected.insert(p);
+                    let r = self.current();
+                    self.request(p, Req::Deltas(r));
+                }
+            }
+            Input::Disconnected(p) => {
+                self.connected.remove(&p);
+            }
+            Input::Gossip { from, msg } => self.on_gossip(from, msg),
+            Input::Response { from, req, resp } => self.on_response(from, req, resp),
+            Input::Trained { round, base, delta } => self.on_trained(round, base, delta),
+            Input::Merged { job, outcome } => match job {
+                Job::Sync { .. } => self.sync_merged(job, outcome),
+                _ => self.live_merged(job, outcome),
+            },
+            Input::Persisted(d) => self.on_persisted(d),
+            Input::Committed(r) => {
+                if self.unsynced.is_some_and(|u| r >= u) {
+                    self.unsynced = None;
+                    for m in std::mem::take(&mut self.held) {
+                        self.out.push_back(Effect::Broadcast(m));
+                    }
+                }
+            }
+        }
+        self.on_time();
+    }
+
+    fn on_time(&mut self) {
+        if self.unsynced.is_none()
+            && self
+                .last_heartbeat
+                .is_none_or(|t| self.now >= t + self.cfg.heartbeat)
+        {
+            self.last_heartbeat = Some(self.now);
+            self.out.push_back(Effect::Broadcast(Msg::Heartbeat {
+                head: self.head.round,
+                model: self.head.model,
+            }));
+            // Our attestations of the newest rounds again, for members that missed them
+            // (finality and fork choice are only as good as what a member heard).
+            let from = self.attested.0.saturating_sub(REPEAT - 1);
+            let mine: Vec<Attestation> = (from..=self.attested.0)
+                .filter_map(|r| self.atts.get(&RoundId(r))?.get(&self.cfg.me).copied())
+                .collect();
+            for a in mine {
+                self.out.push_back(Effect::Broadcast(Msg::Attest(a)));
+            }
+            self.live_heartbeat();
+        }
+        self.check_merge();
+        self.sync_deadline();
+        let horizon = self.cfg.heartbeat.saturating_mul(8);
+        let now = self.now;
+        self.distrust
+            .retain(|_, t| now.saturating_sub(*t) < horizon);
+    }
+
+    fn request(&mut self, to: SignerKey, req: Req) {
+        self.out.push_back(Effect::Request { to, req });
+    }
+
+    fn refuse(&mut self, from: SignerKey, why: Refusal) {
+        self.counters.refused += 1;
+        self.out.push_back(Effect::Refused { from, why });
+    }
+
+    /// Sends `msg` now, or once what it announces is durable.
+    fn say(&mut self, msg: Msg) {
+        if self.unsynced.is_some() {
+            self.held.push(msg);
+        } else {
+            self.out.push_back(Effect::Broadcast(msg));
+        }
+    }
+
+    /// Attestations of `round` that count: one per member, none from a member that
+    /// attested two outcomes of the round (it lied; dropping it everywhere keeps the
+    /// members' counts alike, whichever of its two votes each heard first).
+    pub(super) fn votes(&self, round: RoundId) -> impl Iterator<Item = &Attestation> + '_ {
+        let liars = self.two_faced.get(&round);
+        self.atts
+            .get(&round)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter(move |a| liars.is_none_or(|l| !l.contains_key(&a.signer)))
+    }
+
+    fn attested_by(&self, round: RoundId, model: ModelHash, state: [u8; 32]) -> usize {
+        self.votes(round)
+            .filter(|a| a.model == model && a.state == state)
+            .count()
+    }
+
+    /// Whether enough members attest `round`'s outcome for us to adopt a record of it
+    /// we could not recompute ([`crate::cert`]).
+    fn certified(&self, round: RoundId, model: ModelHash, state: [u8; 32]) -> bool {
+        let list: Vec<Attestation> = self.votes(round).copied().collect();
+        certified(
+            round,
+            model,
+            state,
+            &list,
+            &self.cfg.members,
+            threshold(self.cfg.members.len(), self.cfg.byzantine),
+        )
+    }
+
+    fn on_attestation(&mut self, a: Attestation) {
+        if !self.cfg.members.contains(&a.signer) {
+            return;
+        }
+        // Only rounds near the head are kept: what a certificate or finality needs.
+        let low = self.head.round.0.saturating_sub(HISTORY as u64);
+        let high = self.head.round.0 + 2 + u64::from(BATCH);
+        if a.round.0 <= low || a.round.0 > high {
+            return;
+        }
+        let by = self.atts.entry(a.round).or_default();
+        match by.entry(a.signer) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(a);
+                self.out.push_back(Effect::Persist(Durable::Attestation(a)));
+            }
+            std::collections::btree_map::Entry::Occupied(o) => {
+                let first = o.get();
+                if (first.model, first.state) != (a.model, a.state) {
+                    // Kept as proof, served with the others.
+                    let proof = self.two_faced.entry(a.round).or_default();
+                    if let std::collections::btree_map::Entry::Vacant(v) = proof.entry(a.signer) {
+                        v.insert(a);
+                        self.out.push_back(Effect::Persist(Durable::Attestation(a)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_gossip(&mut self, from: SignerKey, msg: Msg) {
+        if !self.cfg.members.contains(&from) || from == self.cfg.me {
+            return;
+        }
+        match msg {
+            Msg::Delta { round, hash } => {
+                if round == self.current() {
+                    self.live_announced(from, hash);
+                } else if round > self.current() {
+                    self.peer_ahead(from, RoundId(round.0 - 1));
+                }
+            }
+            Msg::MergeReady { round, .. } => {
+                if round == self.current() {
+                    self.ask_record(from);
+                } else if round > self.current() {
+                    self.peer_ahead(from, round);
+                }
+            }
+            Msg::Heartbeat { head, model } => {
+                if head >= self.current() {
+                    self.peer_ahead(from, head);
+                } else if head == self.head.round && model != self.head.model {
+                    // Two heads for one round: fork choice (`fork`).
+                    self.ask_fork(from, model);
+                }
+            }
+            Msg::Attest(a) => {
+                if a.signer == from {
+                    self.on_attestation(a);
+                    self.check_final(a);
+                    self.live_retry();
+                    self.sync_retry(false);
+                }
+            }
+        }
+    }
+
+    fn on_response(&mut self, from: SignerKey, req: Req, resp: Option<Resp>) {
+        match (req, resp) {
+            (Req::Delta(h), r) => {
+                let meta = match r {
+                    Some(Resp::Delta(Some(m))) if m.hash == h => Some(m),
+                    Some(Resp::Delta(None)) | None => None,
+                    Some(_) => {
+                        self.refuse(from, Refusal::Answer(req));
+                        None
+                    }
+                };
+                self.on_fetched(from, h, meta);
+            }
+            (Req::Record(r), Some(Resp::Record(Some(sr)))) if sr.record.round == r => {
+                if r == self.head.round {
+                    self.consider_fork(from, sr);
+                } else {
+                    self.on_record(from, sr);
+                }
+            }
+            (Req::Records { from: start, max }, resp) => {
+                let list = match resp {
+                    Some(Resp::Records(l)) => l,
+                    _ => Vec::new(),
+                };
+                self.sync_records(from, start, max, list);
+            }
+            (Req::Attestations(_), Some(Resp::Attestations(list))) => {
+                let cap = 2 * self.cfg.members.len();
+                for a in list.into_iter().take(cap) {
+                    self.on_attestation(a);
+                    self.check_final(a);
+                }
+                self.live_retry();
+                self.sync_retry(true);
+            }
+            (Req::Attestations(_), _) => {
+                // No answer is an answer: a catch-up waiting on a certificate stops.
+                self.sync_retry(true);
+            }
+            (Req::Deltas(r), Some(Resp::Deltas(list))) if r == self.current() => {
+                let cap = self.cfg.members.len();
+                for (signer, hash) in list.into_iter().take(cap) {
+                    if self.cfg.members.contains(&signer) {
+                        self.live_announced(signer, hash);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A member claims to have committed `round`.
+    fn peer_ahead(&mut self, from: SignerKey, round: RoundId) {
+        let current = self.current();
+        if round == current {
+            // Most likely it committed the round we are in: ask for that record, checked
+            // like any live one; still behind two heartbeats later, catch up (our head
+            // may be a dead branch).
+            self.ask_record(from);
+            let since = *self.ahead_since.get_or_insert(self.now);
+            let verifying = self.live.as_ref().is_some_and(|l| l.verifying.is_some());
+            if verifying || self.now.saturating_sub(since) < self.cfg.heartbeat * 2 {
+                return;
+            }
+        } else if round < current {
+            return;
+        }
+        self.begin_sync(from);
+    }
+
+    /// Commits `sr` on top of our head (after dropping our rounds from `replaces` on),
+    /// attests it if we checked it ourselves, and starts the next round.
+    fn commit(
+        &mut self,
+        sr: SignedRecord,
+        replaces: Option<RoundId>,
+        recomputed: bool,
+        attest: bool,
+    ) {
+        if let Some(from) = replaces {
+            while self.head.round >= from {
+                let Some(k) = self.kept.pop_back() else { break };
+                for d in &k.merged {
+                    self.merged.remove(d);
+                }
+                self.head = k.before;
+                self.counters.rewound += 1;
+            }
+        }
+        let r = &sr.record;
+        let deltas: Vec<DeltaHash> = r.contributions.iter().map(|c| c.delta).collect();
+        self.merged.extend(deltas.iter().copied());
+        self.kept.push_back(Kept {
+            before: self.head,
+            merged: deltas,
+        });
+        if self.kept.len() > HISTORY {
+            self.kept.pop_front();
+        }
+        self.head = Head {
+            round: r.round,
+            record: Some(sr.hash),
+            model: r.model,
+            state: r.state,
+        };
+        self.counters.commits += 1;
+        let low = self.head.round.0.saturating_sub(HISTORY as u64);
+        self.atts.retain(|k, _| k.0 > low);
+        self.two_faced.retain(|k, _| k.0 > low);
+        self.unsynced = Some(r.round);
+        if attest && r.round > self.attested {
+            self.attested = r.round;
+            let a = Attestation {
+                signer: self.cfg.me,
+                round: r.round,
+                record: sr.hash,
+                model: r.model,
+                state: r.state,
+            };
+            self.on_attestation(a);
+            if sr.signer == self.cfg.me {
+                self.held.push(Msg::MergeReady {
+                    round: r.round,
+                    record: sr.hash,
+                });
+            }
+            self.held.push(Msg::Attest(a));
+        }
+        self.out.push_back(Effect::Commit {
+            record: sr,
+            replaces,
+            recomputed,
+        });
+        self.ahead_since = None;
+        self.fork_tried.clear();
+        let oldest = self.head.round.0.saturating_sub(HISTORY as u64);
+        self.own.retain(|o| o.round.0 > oldest);
+        self.start_round();
+    }
+}
+
+/// The merge a record names, as contributions sorted by signer.
+fn contributions(pool: impl IntoIterator<Item = DeltaMeta>) -> Vec<Contribution> {
+    let mut v: Vec<Contribution> = pool
+        .into_iter()
+        .map(|d| Contribution {
+            signer: d.signer,
+            delta: d.hash,
+            sample_count: d.samples,
+        })
+        .collect();
+    v.sort();
+    v
+}

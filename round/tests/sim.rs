@@ -1,0 +1,112 @@
+//! Deterministic simulation of the round protocol (`cellswarm_round::machine`).
+//!
+//! Each seed builds a consortium of 3 to 10 members on a virtual clock: some of them
+//! liars (up to `aggregation.byzantine`, with a random set of lies each), a network that
+//! delays, loses, duplicates and reorders, nodes that crash (losing every write not yet
+//! synced) and restart, partitions that heal, and a member that joins late with an empty
+//! store. After a stretch of chaos comes a calm stretch (liars still lying). Invariants
+//! are checked after every step (`oracle`); at the end the honest chains must agree and
+//! every honest node must have kept committing.
+//!
+//! `CELLSWARM_SIM_SEEDS=N` runs N seeds (default 2,000); `CELLSWARM_SIM_SEED=S` runs seed
+//! S alone and `CELLSWARM_SIM_TRACE=1` prints its events. A failing seed prints the
+//! command that replays it. The test ends with one line:
+//! `sim seeds=N rounds=R byzantine=B crashes=C partitions=P violations=V stalls=S`
+//! (stalls: runs whose honest members had not settled on one chain when the time to
+//! settle ran out; an open defect bounded at 0.5 %, see docs/security.md).
+
+#[path = "sim/lies.rs"]
+mod lies;
+#[path = "sim/oracle.rs"]
+mod oracle;
+#[path = "sim/scenario.rs"]
+mod scenario;
+#[path = "sim/world.rs"]
+mod world;
+
+use std::sync::Mutex;
+
+use scenario::run_seed;
+use world::Outcome;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn seeds_hold_every_invariant() {
+    let trace = std::env::var("CELLSWARM_SIM_TRACE").is_ok_and(|v| v == "1");
+    let seeds: Vec<u64> = match env_u64("CELLSWARM_SIM_SEED") {
+        Some(s) => vec![s],
+        None => (0..env_u64("CELLSWARM_SIM_SEEDS").unwrap_or(2000)).collect(),
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
+    let total = Mutex::new(Outcome::default());
+    let failures = Mutex::new(Vec::<(u64, String)>::new());
+    let stalls = Mutex::new(Vec::<(u64, String)>::new());
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (seeds, total, failures, stalls) = (&seeds, &total, &failures, &stalls);
+            scope.spawn(move || {
+                for &seed in seeds.iter().skip(t).step_by(threads) {
+                    let o = run_seed(seed, trace);
+                    if let Some(v) = o.first_violation.clone() {
+                        failures.lock().unwrap().push((seed, v));
+                    }
+                    if let Some(s) = o.first_stall.clone() {
+                        stalls.lock().unwrap().push((seed, s));
+                    }
+                    total.lock().unwrap().add(&o);
+                }
+            });
+        }
+    });
+    let total = total.into_inner().unwrap();
+    let mut failures = failures.into_inner().unwrap();
+    failures.sort();
+    let mut stalls = stalls.into_inner().unwrap();
+    stalls.sort();
+    println!(
+        "sim seeds={} rounds={} byzantine={} crashes={} partitions={} violations={} stalls={}",
+        seeds.len(),
+        total.rounds,
+        total.byzantine,
+        total.crashes,
+        total.partitions,
+        total.violations,
+        total.stalls
+    );
+    let show = env_u64("CELLSWARM_SIM_SHOW").unwrap_or(5) as usize;
+    for (kind, list) in [("violation", &failures), ("stall", &stalls)] {
+        for (seed, v) in list.iter().take(show) {
+            println!("{kind}: seed {seed}: {v}");
+            println!(
+                "  replay: CELLSWARM_SIM_SEED={seed} CELLSWARM_SIM_TRACE=1 cargo test -p cellswarm-round --test sim -- --nocapture"
+            );
+        }
+    }
+    assert_eq!(
+        total.violations,
+        0,
+        "{} seeds broke an invariant",
+        failures.len()
+    );
+    // Known open defect (docs/security.md, "What the simulation does not prove yet"):
+    // about one run in a thousand ends with honest members on two outcomes of one round.
+    // Bounded here so that it cannot grow unnoticed; the goal is zero.
+    assert!(
+        total.stalls * 200 <= seeds.len() as u64,
+        "{} of {} runs did not settle on one chain (the budget is 0.5%)",
+        total.stalls,
+        seeds.len()
+    );
+    if seeds.len() >= 100 {
+        assert!(total.byzantine > 0, "no seed had a liar");
+        assert!(
+            total.crashes > 0 && total.partitions > 0,
+            "no seed had faults"
+        );
+    }
+}
