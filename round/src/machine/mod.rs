@@ -80,6 +80,8 @@ pub struct Machine {
     atts: BTreeMap<RoundId, BTreeMap<SignerKey, Attestation>>,
     /// A second, different attestation of a round by one member: proof that it lied.
     two_faced: BTreeMap<RoundId, BTreeMap<SignerKey, Attestation>>,
+    /// Outcomes members recomputed after voting for another one (`Msg::Checked`).
+    checked: BTreeMap<RoundId, BTreeMap<SignerKey, Attestation>>,
     /// The newest round we attested (we attest each round once, never after a rewind).
     attested: RoundId,
     /// Messages held until what they announce is durable.
@@ -115,6 +117,7 @@ impl Machine {
             sync: None,
             atts: BTreeMap::new(),
             two_faced: BTreeMap::new(),
+            checked: BTreeMap::new(),
             held: Vec::new(),
             unsynced: None,
             last_heartbeat: None,
@@ -179,6 +182,7 @@ impl Machine {
             + self.sync.as_ref().map_or(0, Sync::footprint)
             + self.atts.values().map(BTreeMap::len).sum::<usize>()
             + self.two_faced.values().map(BTreeMap::len).sum::<usize>()
+            + self.checked.values().map(BTreeMap::len).sum::<usize>()
             + self.distrust.len()
             + self.held.len()
             + self.kept.len()
@@ -336,6 +340,14 @@ impl Machine {
             for a in mine {
                 self.out.push_back(Effect::Broadcast(Msg::Attest(a)));
             }
+            let checks: Vec<Attestation> = self
+                .checked
+                .range(RoundId(from)..)
+                .filter_map(|(_, m)| m.get(&self.cfg.me).copied())
+                .collect();
+            for a in checks {
+                self.out.push_back(Effect::Broadcast(Msg::Checked(a)));
+            }
             self.live_heartbeat();
         }
         self.check_merge();
@@ -385,7 +397,17 @@ impl Machine {
     /// Whether enough members attest `round`'s outcome for us to adopt a record of it
     /// we could not recompute ([`crate::cert`]).
     fn certified(&self, round: RoundId, model: ModelHash, state: [u8; 32]) -> bool {
-        let list: Vec<Attestation> = self.votes(round).copied().collect();
+        // A vote or a check: either way its member recomputed that outcome.
+        let list: Vec<Attestation> = self
+            .votes(round)
+            .chain(
+                self.checked
+                    .get(&round)
+                    .into_iter()
+                    .flat_map(|m| m.values()),
+            )
+            .copied()
+            .collect();
         certified(
             round,
             model,
@@ -394,6 +416,16 @@ impl Machine {
             &self.cfg.members,
             threshold(self.cfg.members.len(), self.cfg.byzantine),
         )
+    }
+
+    fn on_checked(&mut self, a: Attestation) {
+        let low = self.head.round.0.saturating_sub(HISTORY as u64);
+        let high = self.head.round.0 + 2 + u64::from(BATCH);
+        if !self.cfg.members.contains(&a.signer) || a.round.0 <= low || a.round.0 > high {
+            return;
+        }
+        // A member's newest check of a round: the outcome it holds now.
+        self.checked.entry(a.round).or_default().insert(a.signer, a);
     }
 
     fn on_attestation(&mut self, a: Attestation) {
@@ -451,6 +483,13 @@ impl Machine {
                 } else if head == self.head.round && model != self.head.model {
                     // Two heads for one round: fork choice (`fork`).
                     self.ask_fork(from, model);
+                }
+            }
+            Msg::Checked(a) => {
+                if a.signer == from {
+                    self.on_checked(a);
+                    self.live_retry();
+                    self.sync_retry(false);
                 }
             }
             Msg::Attest(a) => {
@@ -574,6 +613,7 @@ impl Machine {
         let low = self.head.round.0.saturating_sub(HISTORY as u64);
         self.atts.retain(|k, _| k.0 > low);
         self.two_faced.retain(|k, _| k.0 > low);
+        self.checked.retain(|k, _| k.0 > low);
         self.unsynced = Some(r.round);
         if attest && r.round > self.attested {
             self.attested = r.round;
@@ -592,6 +632,18 @@ impl Machine {
                 });
             }
             self.held.push(Msg::Attest(a));
+        } else if attest && recomputed {
+            // We voted in this round already (for the outcome we left): what we
+            // recomputed still helps a member that cannot recompute it.
+            let a = Attestation {
+                signer: self.cfg.me,
+                round: r.round,
+                record: sr.hash,
+                model: r.model,
+                state: r.state,
+            };
+            self.on_checked(a);
+            self.held.push(Msg::Checked(a));
         }
         self.out.push_back(Effect::Commit {
             record: sr,

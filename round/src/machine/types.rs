@@ -102,8 +102,12 @@ pub enum Msg {
         /// Its model.
         model: ModelHash,
     },
-    /// We checked and committed a round.
+    /// We checked and committed a round: our one vote in it.
     Attest(Attestation),
+    /// We recomputed and committed another outcome of a round we had voted in already
+    /// (we followed the consortium to it): counts towards certificates, never towards
+    /// finality.
+    Checked(Attestation),
 }
 
 /// A request to one member.

@@ -261,6 +261,11 @@ pub(crate) fn tick(w: &mut World, i: usize) {
                 state: random_hash(&mut w.rng).0,
             };
             w.broadcast(i, Msg::Attest(a));
+            let b = Attestation {
+                model: random_hash(&mut w.rng),
+                ..a
+            };
+            w.broadcast(i, Msg::Checked(b));
         }
     }
     if lies.contains(&Lie::Replay) {
