@@ -615,15 +615,15 @@ impl Machine {
         self.two_faced.retain(|k, _| k.0 > low);
         self.checked.retain(|k, _| k.0 > low);
         self.unsynced = Some(r.round);
+        let a = Attestation {
+            signer: self.cfg.me,
+            round: r.round,
+            record: sr.hash,
+            model: r.model,
+            state: r.state,
+        };
         if attest && r.round > self.attested {
             self.attested = r.round;
-            let a = Attestation {
-                signer: self.cfg.me,
-                round: r.round,
-                record: sr.hash,
-                model: r.model,
-                state: r.state,
-            };
             self.on_attestation(a);
             if sr.signer == self.cfg.me {
                 self.held.push(Msg::MergeReady {
@@ -635,13 +635,6 @@ impl Machine {
         } else if attest && recomputed {
             // We voted in this round already (for the outcome we left): what we
             // recomputed still helps a member that cannot recompute it.
-            let a = Attestation {
-                signer: self.cfg.me,
-                round: r.round,
-                record: sr.hash,
-                model: r.model,
-                state: r.state,
-            };
             self.on_checked(a);
             self.held.push(Msg::Checked(a));
         }

@@ -195,9 +195,7 @@ impl Oracle {
     /// Honest chains are one chain (by outcome) and hold every final outcome, once the
     /// faults stopped and the consortium had time to settle.
     fn agreement(&self, w: &World) -> Option<String> {
-        let honest: Vec<usize> = (0..w.nodes.len()).filter(|&i| w.honest(i)).collect();
-        let chains: Vec<&Vec<SignedRecord>> =
-            honest.iter().map(|&i| &w.nodes[i].live.chain).collect();
+        let (honest, chains) = honest_chains(w);
         let longest = chains.iter().max_by_key(|c| c.len()).copied()?;
         let finals = self.final_chain();
         for (k, c) in chains.iter().enumerate() {
@@ -234,9 +232,7 @@ impl Oracle {
     /// Every honest node kept committing in the calm stretch, and a final record of the
     /// calm stretch leaves out no honest delta made well before it.
     fn progress(&self, w: &World, calm_heads: Vec<u64>) -> Option<String> {
-        let honest: Vec<usize> = (0..w.nodes.len()).filter(|&i| w.honest(i)).collect();
-        let chains: Vec<&Vec<SignedRecord>> =
-            honest.iter().map(|&i| &w.nodes[i].live.chain).collect();
+        let (honest, chains) = honest_chains(w);
         let longest = chains.iter().max_by_key(|c| c.len()).copied()?;
         let finals = self.final_chain();
         for (k, c) in chains.iter().enumerate() {
@@ -282,4 +278,11 @@ impl Oracle {
         }
         None
     }
+}
+
+/// The honest nodes and their chains.
+fn honest_chains(w: &World) -> (Vec<usize>, Vec<&Vec<SignedRecord>>) {
+    let honest: Vec<usize> = (0..w.nodes.len()).filter(|&i| w.honest(i)).collect();
+    let chains = honest.iter().map(|&i| &w.nodes[i].live.chain).collect();
+    (honest, chains)
 }
