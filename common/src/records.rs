@@ -44,6 +44,34 @@ pub struct AuditEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PeerRecord(#[serde(deserialize_with = "crate::wire::grown_vec")] pub Vec<String>);
 
+/// This node's own delta of a round, kept durably before it is announced. After a crash
+/// the node announces it again rather than train a second one (one delta per member per
+/// round); under secure aggregation the self-mask seed it masked with answers that
+/// epoch's seal; under local differential privacy these records are the ledger of what
+/// was released, so a restart cannot forget privacy already spent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OwnDelta {
+    /// The round.
+    pub round: RoundId,
+    /// The delta (its envelope is in the store's delta blobs).
+    pub delta: DeltaHash,
+    /// Under secure aggregation: the masking epoch and the self-mask seed.
+    pub self_seed: Option<(u32, [u8; 32])>,
+    /// Under local DP: the noise multiplier it was released with.
+    pub local_dp_noise: Option<f64>,
+}
+
+/// The one masking epoch this node answered (revealed its self-mask seed and seed shares
+/// for) in a round: recorded before the answer is sent, so that a restarted node never
+/// answers a second epoch of the round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answered {
+    /// The round.
+    pub round: RoundId,
+    /// The epoch.
+    pub epoch: u32,
+}
+
 /// A metadata record that does not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -96,6 +124,13 @@ mod tests {
         assert!(decode_record::<Head>(&b).is_err());
         let p = PeerRecord(vec!["/ip4/127.0.0.1/tcp/1".into()]);
         assert_eq!(decode_record::<PeerRecord>(&encode_record(&p)), Ok(p));
+        let own = OwnDelta {
+            round: RoundId(3),
+            delta: DeltaHash([9; 32]),
+            self_seed: Some((2, [8; 32])),
+            local_dp_noise: Some(1.1),
+        };
+        assert_eq!(decode_record::<OwnDelta>(&encode_record(&own)), Ok(own));
         // A declared string length of 2^60 is refused, not allocated.
         assert!(decode_record::<PeerRecord>(&[1, 0xff, 0, 0, 0, 0, 0, 0, 0x10, 0]).is_err());
     }

@@ -24,8 +24,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use cellswarm_common::envelope::{PayloadKind, UnverifiedEnvelope};
-use cellswarm_common::ids::{ModelHash, RecordHash, RoundId};
-use cellswarm_common::records::{PeerRecord, decode_record, encode_record};
+use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId};
+use cellswarm_common::records::{Answered, OwnDelta, PeerRecord, decode_record, encode_record};
 use cellswarm_common::weights::Weights;
 use serde::Serialize;
 use sled::Transactional;
@@ -309,6 +309,36 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Database errors.
     fn attestations(&self, round: RoundId) -> Result<Vec<Vec<u8>>, StoreError>;
 
+    /// Keeps our own delta record of a round (replacing one of the same round).
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_own_delta(&self, own: &OwnDelta) -> Result<(), StoreError>;
+
+    /// Our own delta record of a round, if any.
+    ///
+    /// # Errors
+    /// Database errors or a corrupt record.
+    fn own_delta(&self, round: RoundId) -> Result<Option<OwnDelta>, StoreError>;
+
+    /// Every own delta record, oldest round first (the local-DP ledger).
+    ///
+    /// # Errors
+    /// Database errors or a corrupt record.
+    fn own_deltas(&self) -> Result<Vec<OwnDelta>, StoreError>;
+
+    /// Records the masking epoch we answered in a round.
+    ///
+    /// # Errors
+    /// Database errors.
+    fn put_answered(&self, answered: Answered) -> Result<(), StoreError>;
+
+    /// The masking epoch we answered in `round`, if any.
+    ///
+    /// # Errors
+    /// Database errors or a corrupt record.
+    fn answered(&self, round: RoundId) -> Result<Option<u32>, StoreError>;
+
     /// Flushes everything to disk.
     ///
     /// # Errors
@@ -330,6 +360,8 @@ pub struct DiskStore {
     audit: sled::Tree,
     peers: sled::Tree,
     attest: sled::Tree,
+    own: sled::Tree,
+    answered: sled::Tree,
 }
 
 impl fmt::Debug for DiskStore {
@@ -533,16 +565,82 @@ impl DiskStore {
         }
         let direct = direct_writes_work(&tmp);
         tracing::debug!(direct, "blob writes");
-        Ok(Self {
+        let store = Self {
             direct,
             meta: tree("meta")?,
             records: tree("records")?,
             audit: tree("audit")?,
             peers: tree("peers")?,
             attest: tree("attestations")?,
+            own: tree("own_deltas")?,
+            answered: tree("answered")?,
             root: root.to_owned(),
             db,
-        })
+        };
+        store.migrate_legacy_records()?;
+        Ok(store)
+    }
+
+    /// Stores written before typed records kept our own deltas and answered epochs as
+    /// strings in the peer table (`own-delta-N`: hash, `secagg-seed:E:HEX`,
+    /// `local-dp:z=Z`; `secagg-answered-N`: epoch). They move to their typed trees once,
+    /// in one transaction per record, and leave the peer table.
+    fn migrate_legacy_records(&self) -> Result<(), StoreError> {
+        let mut moved = 0usize;
+        for kv in self.peers.iter() {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let PeerRecord(values) = dec("peer", &v)?;
+            let corrupt = || StoreError::Corrupt {
+                what: "legacy own-delta record",
+                message: format!("{key}: {values:?}"),
+            };
+            if let Some(round) = key.strip_prefix("own-delta-") {
+                let round = RoundId(round.parse().map_err(|_| corrupt())?);
+                let delta: DeltaHash = values
+                    .first()
+                    .and_then(|h| h.parse().ok())
+                    .ok_or_else(corrupt)?;
+                let self_seed = values.iter().find_map(|v| {
+                    let (epoch, seed) = v.strip_prefix("secagg-seed:")?.split_once(':')?;
+                    let seed: [u8; 32] = hex::decode(seed).ok()?.try_into().ok()?;
+                    Some((epoch.parse().ok()?, seed))
+                });
+                let local_dp_noise = values
+                    .iter()
+                    .find_map(|v| v.strip_prefix("local-dp:z="))
+                    .and_then(|z| z.parse::<f64>().ok());
+                if self.own_delta(round)?.is_none() {
+                    self.put_own_delta(&OwnDelta {
+                        round,
+                        delta,
+                        self_seed,
+                        local_dp_noise,
+                    })?;
+                }
+            } else if let Some(round) = key.strip_prefix("secagg-answered-") {
+                let round = RoundId(round.parse().map_err(|_| corrupt())?);
+                let epoch = values
+                    .first()
+                    .and_then(|e| e.parse().ok())
+                    .ok_or_else(corrupt)?;
+                if self.answered(round)?.is_none() {
+                    self.put_answered(Answered { round, epoch })?;
+                }
+            } else {
+                continue;
+            }
+            self.peers.remove(&k)?;
+            moved += 1;
+        }
+        if moved > 0 {
+            self.db.flush()?;
+            tracing::info!(
+                records = moved,
+                "moved own-delta and answered-epoch records to their typed trees"
+            );
+        }
+        Ok(())
     }
 
     /// The store folder.
@@ -828,6 +926,35 @@ impl Store for DiskStore {
             .collect()
     }
 
+    fn put_own_delta(&self, own: &OwnDelta) -> Result<(), StoreError> {
+        self.own.insert(own.round.0.to_be_bytes(), enc(own))?;
+        Ok(())
+    }
+
+    fn own_delta(&self, round: RoundId) -> Result<Option<OwnDelta>, StoreError> {
+        self.own
+            .get(round.0.to_be_bytes())?
+            .map(|v| dec("own delta", &v))
+            .transpose()
+    }
+
+    fn own_deltas(&self) -> Result<Vec<OwnDelta>, StoreError> {
+        self.own.iter().map(|kv| dec("own delta", &kv?.1)).collect()
+    }
+
+    fn put_answered(&self, answered: Answered) -> Result<(), StoreError> {
+        self.answered
+            .insert(answered.round.0.to_be_bytes(), enc(&answered))?;
+        Ok(())
+    }
+
+    fn answered(&self, round: RoundId) -> Result<Option<u32>, StoreError> {
+        self.answered
+            .get(round.0.to_be_bytes())?
+            .map(|v| dec("answered epoch", &v).map(|a: Answered| a.epoch))
+            .transpose()
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
@@ -839,12 +966,57 @@ mod tests {
     use super::*;
     use cellswarm_common::envelope::seal;
     use cellswarm_common::identity::Identity;
-    use cellswarm_common::ids::DeltaHash;
 
     fn store() -> (tempfile::TempDir, DiskStore) {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn own_deltas_and_answered_epochs_are_typed_and_legacy_strings_move_to_them() {
+        let (dir, s) = store();
+        // A store written before typed records: strings in the peer table.
+        let h = DeltaHash([7; 32]);
+        s.put_peer(
+            "own-delta-3",
+            &[
+                h.to_hex(),
+                format!("secagg-seed:2:{}", hex::encode([5u8; 32])),
+                "local-dp:z=1.5".into(),
+            ],
+        )
+        .unwrap();
+        s.put_peer("secagg-answered-3", &["2".into()]).unwrap();
+        s.put_peer("12D3KooWpeer", &["/ip4/127.0.0.1/tcp/1".into()])
+            .unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let s = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        let own = s.own_delta(RoundId(3)).unwrap().expect("moved");
+        assert_eq!(
+            own,
+            OwnDelta {
+                round: RoundId(3),
+                delta: h,
+                self_seed: Some((2, [5; 32])),
+                local_dp_noise: Some(1.5),
+            }
+        );
+        assert_eq!(s.answered(RoundId(3)).unwrap(), Some(2));
+        // Only the peer's addresses stay in the peer table.
+        let peers: Vec<String> = s.peers().unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(peers, vec!["12D3KooWpeer".to_owned()]);
+        // Typed from then on.
+        let next = OwnDelta {
+            round: RoundId(4),
+            delta: DeltaHash([8; 32]),
+            self_seed: None,
+            local_dp_noise: None,
+        };
+        s.put_own_delta(&next).unwrap();
+        assert_eq!(s.own_deltas().unwrap(), vec![own, next]);
+        assert_eq!(s.answered(RoundId(4)).unwrap(), None);
     }
 
     #[test]

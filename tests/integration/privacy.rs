@@ -64,7 +64,7 @@ fn local_dp_sends_noise_of_the_configured_scale_reports_epsilon_and_still_learns
     // trainer's true update is 0.5 * target; what was sent minus that update clipped to C
     // is the noise, whose standard deviation must be sigma * C.
     let (rec, header, body) = c.sites[0].own_delta(1);
-    assert!(rec.iter().any(|v| v == "local-dp:z=0.01"), "{rec:?}");
+    assert_eq!(rec.local_dp_noise, Some(0.01), "{rec:?}");
     let eps1 = RdpAccountant::default().after(SIGMA).epsilon(DELTA);
     assert_eq!(
         header.metrics.epsilon,

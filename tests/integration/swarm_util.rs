@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use cellswarm_common::config::Config;
 use cellswarm_common::envelope::{AnySigner, PayloadKind, UnverifiedEnvelope};
 use cellswarm_common::identity::Identity;
-use cellswarm_common::ids::{DeltaHash, ModelHash, RoundId};
+use cellswarm_common::ids::{ModelHash, RoundId};
+use cellswarm_common::records::OwnDelta;
 use cellswarm_common::weights::{Limits, Weights};
 use cellswarm_common::wire::{DeltaHeader, decode_frame};
 use cellswarm_node::daemon::{Node, build_trainer};
@@ -120,17 +121,13 @@ impl Site {
 
     /// The node's own delta of `round` as it stored (and sent) it: the own-delta record,
     /// the frame header and the encoded body, after the node stopped.
-    pub(crate) fn own_delta(&self, round: u64) -> (Vec<String>, DeltaHeader, Vec<u8>) {
+    pub(crate) fn own_delta(&self, round: u64) -> (OwnDelta, DeltaHeader, Vec<u8>) {
         let store = DiskStore::open(&self.store, 1 << 20).expect("the store opens");
-        let key = format!("own-delta-{round}");
         let record = store
-            .peers()
-            .expect("peer records")
-            .into_iter()
-            .find(|(k, _)| *k == key)
-            .expect("an own-delta record")
-            .1;
-        let hash: DeltaHash = record[0].parse().expect("a hash");
+            .own_delta(RoundId(round))
+            .expect("own-delta records")
+            .expect("an own-delta record");
+        let hash = record.delta;
         let env = store
             .blob(BlobKind::Delta, hash.as_bytes())
             .expect("blob read")

@@ -61,6 +61,7 @@ use super::secagg::{self, EpochKeys};
 use super::status::{Metrics, RejectReason, Status};
 use super::verify::{self, Checked, CheckedRecord, DeltaCheck, Gossip, MAX_RECORD_BYTES};
 use crate::store::{BlobKind, Head, RoundCommit, Store, StoreError};
+use cellswarm_common::records::{Answered, OwnDelta};
 use cellswarm_round::{ChainCheck, OwnedRules, Position, Rules, Turns};
 
 /// What stops a node.
@@ -431,13 +432,6 @@ impl std::fmt::Debug for Engine {
 
 /// Most masking epochs of one round (restarts beyond it are refused).
 const MAX_MASK_EPOCHS: u32 = 16;
-
-/// Marks an own-delta record as released under local DP: `local-dp:z=<multiplier>`.
-const LOCAL_DP_MARK: &str = "local-dp:z=";
-
-/// Marks the self-mask seed of our masked delta in its own-delta record (so that a node
-/// restarted in the round can still answer the seal of the epoch it sent it in).
-const SELF_SEED_MARK: &str = "secagg-seed:";
 
 /// Clips `delta` to norm `clip` and adds Gaussian noise (`noise_multiplier * clip`) from a
 /// fresh secret seed of the operating system's generator.
@@ -1458,7 +1452,7 @@ impl Engine {
         // Recorded durably first: after a crash this node must still know it answered.
         if let Err(e) = self
             .store
-            .put_peer(&Self::answer_key(round), &[epoch.to_string()])
+            .put_answered(Answered { round, epoch })
             .and_then(|()| self.store.flush())
         {
             tracing::error!(round = %round, error = %e, "secure aggregation: could not record our answer; not answering");
@@ -1499,15 +1493,9 @@ impl Engine {
         self.fill_seeds();
     }
 
-    /// The store key of the epoch this node answered in `round`.
-    fn answer_key(round: RoundId) -> String {
-        format!("secagg-answered-{}", round.0)
-    }
-
     /// The epoch this node answered in `round` before a restart, if any.
     fn stored_answer(&self, round: RoundId) -> Option<u32> {
-        let values = self.store.peer(&Self::answer_key(round)).ok()??;
-        values.first()?.parse().ok()
+        self.store.answered(round).ok()?
     }
 
     /// Rebuilds, from the shares revealed by the others, the seed of every participant of
@@ -1750,16 +1738,8 @@ impl Engine {
     /// mechanism with the noise multiplier recorded beside it.
     fn restore_dp_accounting(&mut self) -> Result<(), EngineError> {
         let mut acc = RdpAccountant::default();
-        for (key, values) in self.store.peers()? {
-            if !key.starts_with("own-delta-") {
-                continue;
-            }
-            if let Some(z) = values
-                .iter()
-                .find_map(|v| v.strip_prefix(LOCAL_DP_MARK))
-                .and_then(|z| z.parse::<f64>().ok())
-                .filter(|z| z.is_finite() && *z > 0.0)
-            {
+        for own in self.store.own_deltas()? {
+            if let Some(z) = own.local_dp_noise.filter(|z| z.is_finite() && *z > 0.0) {
                 acc.step(z);
             }
         }
@@ -1796,16 +1776,20 @@ impl Engine {
         env: &[u8],
         self_seed: Option<(u32, &[u8; 32])>,
     ) -> Result<(), StoreError> {
-        let mut own = vec![hash.to_hex()];
-        if let Some((epoch, seed)) = self_seed {
-            own.push(format!("{SELF_SEED_MARK}{epoch}:{}", hex::encode(seed)));
-        }
-        if let Some(dp) = self.config.node.privacy.local_dp {
-            own.push(format!("{LOCAL_DP_MARK}{}", dp.noise_multiplier));
-        }
+        let own = OwnDelta {
+            round,
+            delta: hash,
+            self_seed: self_seed.map(|(epoch, seed)| (epoch, *seed)),
+            local_dp_noise: self
+                .config
+                .node
+                .privacy
+                .local_dp
+                .map(|dp| dp.noise_multiplier),
+        };
         self.store
             .put_blob_hashed(BlobKind::Delta, hash.as_bytes(), env)
-            .and_then(|()| self.store.put_peer(&Self::own_delta_key(round), &own))
+            .and_then(|()| self.store.put_own_delta(&own))
             .and_then(|()| self.store.flush())
     }
 
@@ -1820,26 +1804,13 @@ impl Engine {
         tracing::info!(round = %round, delta = %hash.short(), epsilon = eps, delta_dp = dp.delta, clip_norm = dp.clip_norm, noise_multiplier = dp.noise_multiplier, released = self.dp_spent.rounds, "local DP: clipped and noised our delta");
     }
 
-    fn own_delta_key(round: RoundId) -> String {
-        format!("own-delta-{}", round.0)
-    }
-
     /// The self-mask seed (and its epoch) stored with our masked delta of `round`.
     fn own_self_seed(&self, round: RoundId) -> Option<(u32, [u8; 32])> {
-        let values = self.store.peer(&Self::own_delta_key(round)).ok()??;
-        let (epoch, seed) = values
-            .iter()
-            .find_map(|v| v.strip_prefix(SELF_SEED_MARK))?
-            .split_once(':')?;
-        let seed: [u8; 32] = hex::decode(seed).ok()?.try_into().ok()?;
-        Some((epoch.parse().ok()?, seed))
+        self.store.own_delta(round).ok()??.self_seed
     }
 
     fn own_delta(&self, round: RoundId) -> Result<Option<DeltaHash>, StoreError> {
-        Ok(self
-            .store
-            .peer(&Self::own_delta_key(round))?
-            .and_then(|v| v.first().and_then(|h| h.parse().ok())))
+        Ok(self.store.own_delta(round)?.map(|o| o.delta))
     }
 
     fn encoding(&self) -> DeltaEncoding {
