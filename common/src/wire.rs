@@ -534,6 +534,39 @@ pub enum ResponseHeader {
     Attestations(#[serde(deserialize_with = "attestation_list")] Vec<Vec<u8>>),
 }
 
+impl ResponseHeader {
+    /// The header's kind, for messages.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Delta => "Delta",
+            Self::Model => "Model",
+            Self::Record => "Record",
+            Self::State => "State",
+            Self::DeltaList(_) => "DeltaList",
+            Self::NotFound => "NotFound",
+            Self::Refused(_) => "Refused",
+            Self::Attestations(_) => "Attestations",
+        }
+    }
+
+    /// The most body bytes a response with this header may carry under a transport
+    /// limit of `transport` bytes: a merge-record envelope is a control message (at most
+    /// [`CONTROL_LIMIT`] plus its envelope header), a header-only answer carries none,
+    /// and deltas, models and states are bounded by the transport (each is checked
+    /// against its own limits when decoded). A peer asked for a record cannot make a node
+    /// read a model-sized body.
+    #[must_use]
+    pub fn body_limit(&self, transport: u64) -> u64 {
+        let limit = match self {
+            Self::Delta | Self::Model | Self::State => transport,
+            Self::Record => (CONTROL_LIMIT + crate::envelope::ENVELOPE_HEADER_LEN) as u64,
+            Self::DeltaList(_) | Self::NotFound | Self::Refused(_) | Self::Attestations(_) => 0,
+        };
+        limit.min(transport)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

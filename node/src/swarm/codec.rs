@@ -248,7 +248,16 @@ impl request_response::Codec for SyncCodec {
         let head_len = frame_head_len(head_prefix, len).map_err(|e| invalid(e.to_string()))?;
         let head = read_exact_counted(io, head_len, &self.traffic).await?;
         let header: ResponseHeader = decode_control(&head).map_err(|e| invalid(e.to_string()))?;
-        let body = read_exact_counted(io, len - 4 - head_len, &self.traffic).await?;
+        let body_len = len - 4 - head_len;
+        let limit = header.body_limit(self.max_response);
+        if body_len as u64 > limit {
+            self.traffic.oversize.fetch_add(1, Ordering::Relaxed);
+            return Err(invalid(format!(
+                "a {} response declares a body of {body_len} bytes, the most it may carry is {limit}",
+                header.kind()
+            )));
+        }
+        let body = read_exact_counted(io, body_len, &self.traffic).await?;
         Ok(SyncResponse {
             header,
             body: body.into(),
@@ -375,6 +384,42 @@ mod tests {
         let mut cut = 50u32.to_le_bytes().to_vec();
         cut.extend_from_slice(&[1; 10]);
         assert!(block_on(c.read_request(&proto(), &mut Cursor::new(cut))).is_err());
+    }
+
+    #[test]
+    fn a_response_body_is_bounded_by_what_its_header_says_it_is() {
+        let traffic = Arc::new(Traffic::default());
+        let mut c = SyncCodec::new(8 << 20, traffic.clone());
+        let write = |c: &mut SyncCodec, header: ResponseHeader, body: Vec<u8>| {
+            let mut buf = Cursor::new(Vec::new());
+            block_on(c.write_response(
+                &proto(),
+                &mut buf,
+                SyncResponse {
+                    header,
+                    body: body.into(),
+                },
+            ))
+            .unwrap();
+            buf.into_inner()
+        };
+        // A record of 2 MiB: refused once its header is read, before the body is.
+        let big = write(&mut c, ResponseHeader::Record, vec![1; 2 << 20]);
+        let err = block_on(c.read_response(&proto(), &mut Cursor::new(big))).unwrap_err();
+        assert!(err.to_string().contains("Record response"), "{err}");
+        // "Not found" with a body.
+        let odd = write(&mut c, ResponseHeader::NotFound, vec![1; 10]);
+        assert!(block_on(c.read_response(&proto(), &mut Cursor::new(odd))).is_err());
+        assert_eq!(traffic.oversize.load(Ordering::Relaxed), 2);
+        // A model of the same 2 MiB passes, and so does a record of a few hundred bytes.
+        for (h, n) in [
+            (ResponseHeader::Model, 2 << 20),
+            (ResponseHeader::Record, 300),
+        ] {
+            let ok = write(&mut c, h.clone(), vec![2; n]);
+            let r = block_on(c.read_response(&proto(), &mut Cursor::new(ok))).unwrap();
+            assert_eq!((r.header, r.body.len()), (h, n));
+        }
     }
 
     /// Sends its bytes, then stalls forever.
