@@ -149,12 +149,35 @@ enum Command {
     },
 }
 
+/// Requests this node has in flight to one peer at most; more wait for a slot. A record
+/// that names many deltas, or a catch-up, asks one member for them a few at a time
+/// instead of all at once, and a peer that stalls holds only its own slots.
+pub const REQUESTS_PER_PEER: usize = 8;
+
+/// The request slots of each peer.
+#[derive(Debug, Default)]
+struct PeerSlots(std::sync::Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>);
+
+impl PeerSlots {
+    fn of(&self, peer: PeerId) -> Arc<tokio::sync::Semaphore> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            map.entry(peer)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(REQUESTS_PER_PEER))),
+        )
+    }
+}
+
 /// A cloneable handle to the event loop.
 #[derive(Debug, Clone)]
 pub struct NetClient {
     commands: mpsc::Sender<Command>,
     local: PeerId,
     traffic: Arc<Traffic>,
+    slots: Arc<PeerSlots>,
 }
 
 impl NetClient {
@@ -190,6 +213,13 @@ impl NetClient {
     /// # Errors
     /// [`NetError::Request`] when the peer fails, times out or is unreachable.
     pub async fn request(&self, peer: PeerId, request: Request) -> Result<SyncResponse, NetError> {
+        // Held until the answer (or the failure) is back: at most REQUESTS_PER_PEER.
+        let _slot = self
+            .slots
+            .of(peer)
+            .acquire_owned()
+            .await
+            .map_err(|_| NetError::Closed)?;
         let (reply, rx) = oneshot::channel();
         self.send(Command::Request {
             peer,
@@ -350,6 +380,7 @@ pub fn start(
         commands: cmd_tx,
         local,
         traffic,
+        slots: Arc::default(),
     };
     Ok((
         client,
@@ -714,5 +745,59 @@ fn is_violation_out(e: &request_response::OutboundFailure) -> bool {
     match e {
         F::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellswarm_common::wire::ResponseHeader;
+
+    /// Lets every spawned task run until it waits (a current-thread runtime).
+    async fn settle() {
+        for _ in 0..32 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_to_one_peer_wait_for_a_slot_beyond_the_limit() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let client = NetClient {
+            commands: tx,
+            local: PeerId::random(),
+            traffic: Arc::default(),
+            slots: Arc::default(),
+        };
+        let (busy, other) = (PeerId::random(), PeerId::random());
+        let mut tasks = Vec::new();
+        for peer in std::iter::repeat_n(busy, REQUESTS_PER_PEER + 1).chain([other]) {
+            let c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                c.request(peer, Request::Latest).await
+            }));
+        }
+        settle().await;
+        let mut sent = Vec::new();
+        while let Ok(Command::Request { peer, reply, .. }) = rx.try_recv() {
+            sent.push((peer, reply));
+        }
+        // The busy peer's first slots and the other peer's request went out; the busy
+        // peer's last request waits.
+        assert_eq!(
+            sent.iter().filter(|(p, _)| *p == busy).count(),
+            REQUESTS_PER_PEER
+        );
+        assert_eq!(sent.iter().filter(|(p, _)| *p == other).count(), 1);
+        // One answer frees a slot, and the waiting request goes out.
+        let at = sent.iter().position(|(p, _)| *p == busy).unwrap();
+        let (_, reply) = sent.swap_remove(at);
+        let _ = reply.send(Ok(SyncResponse::empty(ResponseHeader::NotFound)));
+        settle().await;
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Command::Request { peer, .. }) if peer == busy
+        ));
+        assert!(rx.try_recv().is_err());
     }
 }
