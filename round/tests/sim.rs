@@ -24,6 +24,7 @@ mod scenario;
 #[path = "sim/world.rs"]
 mod world;
 
+use std::io::Write as _;
 use std::sync::Mutex;
 
 use scenario::run_seed;
@@ -68,7 +69,10 @@ fn seeds_hold_every_invariant() {
     failures.sort();
     let mut stalls = stalls.into_inner().unwrap();
     stalls.sort();
-    println!(
+    // Written to the process's stdout itself, not through `println!`, so the line shows
+    // in a plain `cargo test` too (the test harness captures only the print macros).
+    let _ = writeln!(
+        std::io::stdout(),
         "sim seeds={} rounds={} byzantine={} crashes={} partitions={} violations={} stalls={}",
         seeds.len(),
         total.rounds,
