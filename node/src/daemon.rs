@@ -244,19 +244,8 @@ impl Node {
         let mut trainer = trainer;
         let layout: Arc<Layout> = Arc::clone(trainer.genesis(0).layout());
         check_local_dp(&config, layout.total())?;
-        let members: Vec<PeerId> = config
-            .consortium
-            .members
-            .iter()
-            .map(|m| m.peer_id)
-            .collect();
-        let (net, events, event_loop) = network::start(
-            identity.libp2p_keypair(),
-            &NetSettings {
-                net: config.node.net.clone(),
-                members,
-            },
-        )?;
+        let (net, events, event_loop) =
+            network::start(identity.libp2p_keypair(), &NetSettings::of(&config))?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(event_loop.run(cancel.clone()));

@@ -523,20 +523,8 @@ pub(crate) async fn raw_member(
     tokio::task::JoinHandle<()>,
 ) {
     use cellswarm_node::swarm::network::{self, NetSettings};
-    let members: Vec<_> = config
-        .consortium
-        .members
-        .iter()
-        .map(|m| m.peer_id)
-        .collect();
-    let (net, events, event_loop) = network::start(
-        id.libp2p_keypair(),
-        &NetSettings {
-            net: config.node.net.clone(),
-            members,
-        },
-    )
-    .expect("the member's network starts");
+    let (net, events, event_loop) = network::start(id.libp2p_keypair(), &NetSettings::of(config))
+        .expect("the member's network starts");
     let el = tokio::spawn(event_loop.run(cancel));
     for m in &config.consortium.members {
         if m.peer_id != id.peer_id() {

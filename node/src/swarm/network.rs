@@ -278,6 +278,23 @@ pub struct NetSettings {
     pub members: Vec<PeerId>,
 }
 
+impl NetSettings {
+    /// The settings of a node run from `config`: its site's network section and the
+    /// consortium's members.
+    #[must_use]
+    pub fn of(config: &cellswarm_common::config::Config) -> Self {
+        Self {
+            net: config.node.net.clone(),
+            members: config
+                .consortium
+                .members
+                .iter()
+                .map(|m| m.peer_id)
+                .collect(),
+        }
+    }
+}
+
 /// Builds the swarm, starts listening, and returns the client, the event stream and the
 /// event loop (to be spawned).
 ///

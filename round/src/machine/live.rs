@@ -1,11 +1,12 @@
 //! The live round: training, pooling deltas, merger turns, and checking the records the
 //! round's mergers publish.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId, SignerKey};
 use cellswarm_common::wire::{Contribution, MergeRecord};
 
+use super::fetch::{Fetches, Next};
 use super::{
     Config, DeltaMeta, Durable, Effect, Job, Machine, Msg, PENDING, Refusal, Req, SignedRecord,
     Time, contributions,
@@ -27,10 +28,8 @@ pub struct Live {
     /// Every delta of this round that checked, equivocations included (a record may name
     /// either of a liar's two deltas): at most two per member.
     known: BTreeMap<DeltaHash, DeltaMeta>,
-    /// Deltas being fetched: the peers still to ask, the one asked first.
-    fetching: BTreeMap<DeltaHash, VecDeque<SignerKey>>,
-    /// Deltas nobody we asked had (cleared every heartbeat).
-    failed: BTreeSet<DeltaHash>,
+    /// Deltas being fetched, and those nobody we asked had (forgotten every heartbeat).
+    fetches: Fetches,
     /// Deltas that did not check.
     bad: BTreeSet<DeltaHash>,
     ready_at: Option<Time>,
@@ -56,8 +55,7 @@ impl Live {
             started,
             pool: BTreeMap::new(),
             known: BTreeMap::new(),
-            fetching: BTreeMap::new(),
-            failed: BTreeSet::new(),
+            fetches: Fetches::default(),
             bad: BTreeSet::new(),
             ready_at: None,
             merging: None,
@@ -74,8 +72,7 @@ impl Live {
     pub(super) fn footprint(&self) -> usize {
         self.pool.len()
             + self.known.len()
-            + self.fetching.values().map(|q| 1 + q.len()).sum::<usize>()
-            + self.failed.len()
+            + self.fetches.footprint()
             + self.bad.len()
             + self.seen.len()
             + self.pending.len()
@@ -193,45 +190,38 @@ impl Machine {
             return;
         };
         if live.known.contains_key(&hash)
-            || live.fetching.contains_key(&hash)
             || live.bad.contains(&hash)
-            || live.failed.contains(&hash)
-            || live.fetching.len() >= 2 * self.cfg.members.len()
+            || live.fetches.len() >= 2 * self.cfg.members.len()
         {
             return;
         }
-        let mut peers: VecDeque<SignerKey> = std::iter::once(from)
-            .chain(others.into_iter().filter(|p| *p != from))
-            .collect();
-        let first = peers.pop_front().unwrap_or(from);
-        live.fetching.insert(hash, peers);
-        self.request(first, Req::Delta(hash));
+        let peers = std::iter::once(from).chain(others);
+        if let Some(first) = live.fetches.start(hash, peers, self.cfg.me) {
+            self.request(first, Req::Delta(hash));
+        }
     }
 
     /// A delta fetch ended (from either path).
     pub(super) fn on_fetched(&mut self, from: SignerKey, hash: DeltaHash, meta: Option<DeltaMeta>) {
         if self.sync_wants(&hash) {
-            self.sync_fetched(from, hash, meta);
+            self.sync_fetched(hash, meta);
             return;
         }
         let Some(live) = self.live.as_mut() else {
             return;
         };
-        let Some(mut rest) = live.fetching.remove(&hash) else {
+        if !live.fetches.asking(&hash) {
             return;
-        };
-        match meta {
-            Some(m) => self.accept_delta(from, m),
-            None => match rest.pop_front() {
-                Some(next) => {
-                    live.fetching.insert(hash, rest);
-                    self.request(next, Req::Delta(hash));
-                }
-                None => {
-                    live.failed.insert(hash);
-                    self.live_retry();
-                }
-            },
+        }
+        if let Some(m) = meta {
+            live.fetches.done(&hash);
+            self.accept_delta(from, m);
+            return;
+        }
+        match live.fetches.next(hash) {
+            Next::Ask(p) => self.request(p, Req::Delta(hash)),
+            Next::Failed => self.live_retry(),
+            Next::Unknown => {}
         }
     }
 
@@ -300,7 +290,7 @@ impl Machine {
         let Some(live) = self.live.as_mut() else {
             return;
         };
-        live.failed.clear();
+        live.fetches.forget_failures();
         live.asked_atts = false;
         let round = live.id;
         let lacking: Vec<SignerKey> = self
@@ -481,7 +471,7 @@ impl Machine {
             });
             return;
         }
-        if missing.iter().all(|c| live.failed.contains(&c.delta)) {
+        if missing.iter().all(|c| live.fetches.failed(&c.delta)) {
             if certified {
                 // Nobody we can reach holds its deltas, and enough members vouch for it.
                 self.commit(sr, None, false, false);
@@ -494,21 +484,10 @@ impl Machine {
         }
         let mut asks = Vec::new();
         for c in &missing {
-            if live.fetching.contains_key(&c.delta) || live.failed.contains(&c.delta) {
-                continue;
-            }
-            let mut peers: VecDeque<SignerKey> = [c.signer, from]
+            let peers = [c.signer, from]
                 .into_iter()
-                .chain(connected.iter().copied())
-                .filter(|p| *p != self.cfg.me)
-                .fold(VecDeque::new(), |mut q, p| {
-                    if !q.contains(&p) {
-                        q.push_back(p);
-                    }
-                    q
-                });
-            if let Some(first) = peers.pop_front() {
-                live.fetching.insert(c.delta, peers);
+                .chain(connected.iter().copied());
+            if let Some(first) = live.fetches.start(c.delta, peers, self.cfg.me) {
                 asks.push((first, c.delta));
             }
         }

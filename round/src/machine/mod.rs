@@ -18,6 +18,7 @@
 //! caught up, [`crate::chain`] for catch-up, [`crate::cert`] for certificates. What it
 //! adds is when each rule runs, and finality (see [`final_threshold`]).
 
+mod fetch;
 mod fork;
 mod live;
 mod sync;

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use cellswarm_common::ids::{DeltaHash, ModelHash, RoundId, SignerKey};
 
+use super::fetch::{Fetches, Next};
 use super::{
     BATCH, DeltaMeta, Effect, HISTORY, Job, Kept, Machine, Refusal, Req, SignedRecord, Time,
 };
@@ -40,8 +41,7 @@ pub struct Sync {
     merging: bool,
     /// Deltas of the waiting record we hold.
     known: BTreeMap<DeltaHash, DeltaMeta>,
-    fetching: BTreeMap<DeltaHash, VecDeque<SignerKey>>,
-    failed: BTreeSet<DeltaHash>,
+    fetches: Fetches,
     asked_atts: Option<RoundId>,
     /// The newest recomputed record, committed when its successor recomputes or a
     /// certificate vouches for it.
@@ -66,12 +66,7 @@ pub struct Sync {
 
 impl Sync {
     pub(super) fn footprint(&self) -> usize {
-        self.queue.len()
-            + self.known.len()
-            + self.fetching.values().map(|q| 1 + q.len()).sum::<usize>()
-            + self.failed.len()
-            + self.unmerged.len()
-            + 2
+        self.queue.len() + self.known.len() + self.fetches.footprint() + self.unmerged.len() + 2
     }
 }
 
@@ -111,8 +106,7 @@ impl Machine {
             waiting: None,
             merging: false,
             known: BTreeMap::new(),
-            fetching: BTreeMap::new(),
-            failed: BTreeSet::new(),
+            fetches: Fetches::default(),
             asked_atts: None,
             confirmed: None,
             rewind: 0,
@@ -171,9 +165,7 @@ impl Machine {
     }
 
     pub(super) fn sync_wants(&self, hash: &DeltaHash) -> bool {
-        self.sync
-            .as_ref()
-            .is_some_and(|s| s.fetching.contains_key(hash))
+        self.sync.as_ref().is_some_and(|s| s.fetches.asking(hash))
     }
 
     /// Ends the catch-up; `lied` when the peer's chain broke a rule.
@@ -263,7 +255,7 @@ impl Machine {
             Ok(()) => {
                 s.waiting = Some(sr);
                 s.known.clear();
-                s.failed.clear();
+                s.fetches = Fetches::default();
                 self.sync_fetch();
             }
             Err(ChainError::Rule {
@@ -350,7 +342,7 @@ impl Machine {
             self.out.push_back(e);
             return;
         }
-        if missing.iter().all(|(_, d)| s.failed.contains(d)) {
+        if missing.iter().all(|(_, d)| s.fetches.failed(d)) {
             // Nobody we asked holds them: only a certificate can vouch for the record.
             let round = sr.record.round;
             if s.asked_atts != Some(round) {
@@ -365,17 +357,8 @@ impl Machine {
         let peer = s.peer;
         let mut asks = Vec::new();
         for (signer, d) in missing {
-            if s.fetching.contains_key(&d) || s.failed.contains(&d) {
-                continue;
-            }
-            let mut q: VecDeque<SignerKey> = VecDeque::new();
-            for p in [signer, peer].into_iter().chain(connected.iter().copied()) {
-                if p != me && !q.contains(&p) {
-                    q.push_back(p);
-                }
-            }
-            if let Some(first) = q.pop_front() {
-                s.fetching.insert(d, q);
+            let peers = [signer, peer].into_iter().chain(connected.iter().copied());
+            if let Some(first) = s.fetches.start(d, peers, me) {
                 asks.push((first, d));
             }
         }
@@ -384,17 +367,12 @@ impl Machine {
         }
     }
 
-    pub(super) fn sync_fetched(
-        &mut self,
-        from: SignerKey,
-        hash: DeltaHash,
-        meta: Option<DeltaMeta>,
-    ) {
+    pub(super) fn sync_fetched(&mut self, hash: DeltaHash, meta: Option<DeltaMeta>) {
         let (consortium, now) = (self.cfg.consortium, self.now);
         let Some(s) = self.sync.as_mut() else { return };
-        let Some(mut rest) = s.fetching.remove(&hash) else {
+        if !s.fetches.asking(&hash) {
             return;
-        };
+        }
         let Some(sr) = s.waiting.as_ref() else { return };
         let named = sr
             .record
@@ -410,6 +388,7 @@ impl Machine {
                     && m.base == sr.record.base
                     && m.consortium == consortium =>
             {
+                s.fetches.done(&hash);
                 s.known.insert(hash, m);
                 s.moved = now;
                 self.sync_fetch();
@@ -423,16 +402,10 @@ impl Machine {
                     rule: RuleError::Replayed(hash),
                 })));
             }
-            _ => match rest.pop_front() {
-                Some(next) => {
-                    s.fetching.insert(hash, rest);
-                    self.request(next, Req::Delta(hash));
-                }
-                None => {
-                    s.failed.insert(hash);
-                    let _ = from;
-                    self.sync_fetch();
-                }
+            _ => match s.fetches.next(hash) {
+                Next::Ask(p) => self.request(p, Req::Delta(hash)),
+                Next::Failed => self.sync_fetch(),
+                Next::Unknown => {}
             },
         }
     }
@@ -559,7 +532,7 @@ impl Machine {
                 .contributions
                 .iter()
                 .filter(|c| !s.known.contains_key(&c.delta))
-                .all(|c| s.failed.contains(&c.delta));
+                .all(|c| s.fetches.failed(&c.delta));
             if !all_failed {
                 return;
             }
