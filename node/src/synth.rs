@@ -13,7 +13,10 @@
 //! `NN_GT/TRA/man_track.txt`, and `NN_GT/cell_states.csv` (`frame,label,state`).
 //!
 //! [`Profile`]s vary density, signal-to-noise, size and motion, so that sites can be made
-//! non-IID.
+//! non-IID. The `textured` profile also draws what other labs' nuclei show and plain
+//! ellipses do not: rough outlines, coarse chromatin, dark nucleoli, a sixfold range of
+//! brightness and an unevenly lit field (per-cell details come from a hash of the seed and
+//! the cell's label, so the other profiles render exactly as before).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -98,11 +101,22 @@ pub struct Profile {
     pub bleach: f32,
     /// Probability per frame that a nucleus starts dying.
     pub death: f32,
+    /// Roughness of the outline: amplitude of low-order radial harmonics (0: ellipses).
+    pub irregular: f32,
+    /// Amplitude of coarse chromatin texture, relative to the brightness (0: only the
+    /// mild built-in ripple).
+    pub chromatin: f32,
+    /// Depth of the dark nucleoli (1 to 3 per nucleus; 0: none).
+    pub nucleoli: f32,
+    /// Uneven illumination: relative amplitude of a smooth gradient and vignette over the
+    /// frame (0: flat).
+    pub illumination: f32,
 }
 
 impl Profile {
     /// Names of the built-in profiles.
-    pub const NAMES: [&'static str; 5] = ["balanced", "dense", "sparse", "noisy", "fast"];
+    pub const NAMES: [&'static str; 6] =
+        ["balanced", "dense", "sparse", "noisy", "fast", "textured"];
 
     /// A built-in profile.
     #[must_use]
@@ -123,6 +137,10 @@ impl Profile {
             read_noise: 20.0,
             bleach: 0.01,
             death: 0.004,
+            irregular: 0.0,
+            chromatin: 0.0,
+            nucleoli: 0.0,
+            illumination: 0.0,
         };
         Some(match name {
             "balanced" => balanced,
@@ -160,6 +178,22 @@ impl Profile {
                 step: 3.0,
                 drift: (1.5, 0.6),
                 growth: 0.03,
+                ..balanced
+            },
+            // Nuclei as another lab's microscope shows them: irregular outlines, coarse
+            // chromatin and dark nucleoli, dim and bright nuclei side by side (a sixfold
+            // range), an unevenly lit field.
+            "textured" => Self {
+                name: "textured",
+                cells: 22,
+                division_radius: 12.0,
+                aspect: 1.5,
+                brightness: (160.0, 1000.0),
+                blur: 1.4,
+                irregular: 0.12,
+                chromatin: 0.8,
+                nucleoli: 0.6,
+                illumination: 0.35,
                 ..balanced
             },
             _ => return None,
@@ -226,6 +260,52 @@ struct Sim<'a> {
     next_label: u32,
     tracks: Vec<TrackRecord>,
     size: f32,
+    /// Seed of the per-cell shapes and textures and of the illumination field (hashed,
+    /// never drawn from `rng`, so profiles without them render as before).
+    seed: u64,
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit hash.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A number in `[0, 1)` fixed by `(seed, a, b)`.
+fn unit(seed: u64, a: u64, b: u64) -> f32 {
+    (mix(seed ^ mix(a.wrapping_mul(0x1_0000_0001) ^ mix(b))) >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Smooth value noise in `[-1, 1]` on a lattice of spacing 1 (bilinear, smoothstep).
+fn value_noise(seed: u64, label: u64, x: f32, y: f32) -> f32 {
+    let (fx, fy) = (x.floor(), y.floor());
+    let (tx, ty) = (x - fx, y - fy);
+    let (sx, sy) = (tx * tx * (3.0 - 2.0 * tx), ty * ty * (3.0 - 2.0 * ty));
+    let at = |i: f32, j: f32| {
+        let key = ((i as i64 as u64) << 32) ^ (j as i64 as u64 & 0xFFFF_FFFF);
+        2.0 * unit(seed, label, key) - 1.0
+    };
+    let top = at(fx, fy) * (1.0 - sx) + at(fx + 1.0, fy) * sx;
+    let bottom = at(fx, fy + 1.0) * (1.0 - sx) + at(fx + 1.0, fy + 1.0) * sx;
+    top * (1.0 - sy) + bottom * sy
+}
+
+/// How far a cell's outline reaches in direction `phi` (cell frame), relative to its
+/// ellipse: 1 plus harmonics 2..=5 of random phase, total amplitude `irregular`.
+fn outline(seed: u64, label: u32, irregular: f32, phi: f32) -> f32 {
+    if irregular <= 0.0 {
+        return 1.0;
+    }
+    let l = u64::from(label);
+    let mut s = 0.0;
+    for k in 2..=5u64 {
+        let w = (0.5 + unit(seed, l, 100 + k)) / k as f32;
+        let psi = unit(seed, l, 200 + k) * std::f32::consts::TAU;
+        s += w * (k as f32 * phi + psi).cos();
+    }
+    1.0 + irregular * s
 }
 
 impl Sim<'_> {
@@ -367,7 +447,7 @@ impl Sim<'_> {
         for (ci, c) in self.cells.iter().enumerate() {
             let (a, b, th) = c.shape();
             let (s, co) = th.sin_cos();
-            let reach = a.max(b) + 1.0;
+            let reach = a.max(b) * (1.0 + 2.0 * self.p.irregular) + 1.0;
             let x0 = ((c.x - reach).floor().max(0.0)) as usize;
             let x1 = ((c.x + reach).ceil().min(self.size - 1.0)).max(0.0) as usize;
             let y0 = ((c.y - reach).floor().max(0.0)) as usize;
@@ -377,7 +457,11 @@ impl Sim<'_> {
                     let (dx, dy) = (x as f32 + 0.5 - c.x, y as f32 + 0.5 - c.y);
                     let u = (dx * co + dy * s) / a;
                     let v = (-dx * s + dy * co) / b;
-                    let d2 = u * u + v * v;
+                    let mut d2 = u * u + v * v;
+                    if self.p.irregular > 0.0 && c.mitosis.is_none() {
+                        let reach = outline(self.seed, c.label, self.p.irregular, v.atan2(u));
+                        d2 /= reach * reach;
+                    }
                     let k = y * n + x;
                     if d2 <= 1.0 && d2 < best[k] {
                         best[k] = d2;
@@ -397,9 +481,60 @@ impl Sim<'_> {
                 + 0.06 * (0.53 * (x + y) + c.phase[2]).sin()
                 + 0.05 * (0.41 * (x - y) + c.phase[3]).cos();
             let bright = if c.mitosis.is_some() { 1.6 } else { 1.0 };
-            intensity[k] += c.brightness * bright * (1.0 - 0.35 * best[k]) * (1.0 + texture);
+            let detail = if c.mitosis.is_none() {
+                self.chromatin_and_nucleoli(c, x, y)
+            } else {
+                1.0
+            };
+            intensity[k] +=
+                c.brightness * bright * (1.0 - 0.35 * best[k]) * (1.0 + texture) * detail;
+        }
+        if self.p.illumination > 0.0 {
+            // A linear gradient in a direction fixed by the seed, and a vignette.
+            let theta = unit(self.seed, 0, 1) * std::f32::consts::TAU;
+            let (gs, gc) = theta.sin_cos();
+            let a = self.p.illumination;
+            for (k, v) in intensity.iter_mut().enumerate() {
+                let x = (k % n) as f32 / n as f32 - 0.5;
+                let y = (k / n) as f32 / n as f32 - 0.5;
+                let field = 1.0 + a * (0.7 * (x * gc + y * gs) - 1.2 * (x * x + y * y) + 0.2);
+                *v *= field.max(0.05);
+            }
         }
         (labels, intensity)
+    }
+
+    /// Multiplicative detail of an interphase nucleus at pixel `(x, y)`: coarse chromatin
+    /// (two octaves of value noise in the cell's own frame, so it moves and turns with
+    /// the cell) and dark nucleoli. 1 where the profile has neither.
+    fn chromatin_and_nucleoli(&self, c: &Cell, x: f32, y: f32) -> f32 {
+        let p = self.p;
+        if p.chromatin <= 0.0 && p.nucleoli <= 0.0 {
+            return 1.0;
+        }
+        let (s, co) = c.angle.sin_cos();
+        let (dx, dy) = (x + 0.5 - c.x, y + 0.5 - c.y);
+        let (u, v) = (dx * co + dy * s, -dx * s + dy * co);
+        let l = u64::from(c.label);
+        let mut f = 1.0;
+        if p.chromatin > 0.0 {
+            let grain = (c.r / 4.0).max(1.5);
+            let n = 0.7 * value_noise(self.seed, l, u / grain, v / grain)
+                + 0.3 * value_noise(self.seed, l ^ 0x5555, 2.0 * u / grain, 2.0 * v / grain);
+            f *= 1.0 + p.chromatin * n;
+        }
+        if p.nucleoli > 0.0 {
+            let count = 1 + (unit(self.seed, l, 300) * 3.0) as u64;
+            for i in 0..count {
+                let rho = 0.55 * c.r * unit(self.seed, l, 310 + i).sqrt();
+                let phi = unit(self.seed, l, 320 + i) * std::f32::consts::TAU;
+                let sigma = c.r * (0.12 + 0.1 * unit(self.seed, l, 330 + i));
+                let (nu, nv) = (rho * phi.cos(), rho * phi.sin());
+                let d2 = (u - nu).powi(2) + (v - nv).powi(2);
+                f *= 1.0 - p.nucleoli * (-d2 / (2.0 * sigma * sigma)).exp();
+            }
+        }
+        f.max(0.05)
     }
 }
 
@@ -447,6 +582,7 @@ pub fn generate(p: &Profile, frames: usize, seed: u64) -> SynthMovie {
         next_label: 1,
         tracks: Vec::new(),
         size: p.size as f32,
+        seed: mix(seed ^ 0x7465_7874_7572_6564),
     };
     sim.seed_cells();
     let n = p.size;
@@ -619,6 +755,64 @@ mod tests {
         let sparse = generate(&Profile::named("sparse").unwrap(), 1, 1);
         assert!(dense.labels[0].ids().len() > 2 * sparse.labels[0].ids().len());
         assert!(Profile::named("nope").is_none());
+    }
+
+    /// Mean coefficient of variation of the pixels inside each nucleus, and the ratio of
+    /// the brightest nucleus's mean to the dimmest's, on the first frame.
+    fn texture_and_range(m: &SynthMovie) -> (f64, f64) {
+        let (f, l) = (&m.frames[0], &m.labels[0]);
+        let mut per: std::collections::BTreeMap<u32, Vec<f64>> = Default::default();
+        for (&v, &id) in f.data.iter().zip(&l.data) {
+            if id != 0 {
+                per.entry(id).or_default().push(f64::from(v) - 100.0);
+            }
+        }
+        let (mut cv, mut means) = (0.0, Vec::new());
+        let big: Vec<&Vec<f64>> = per.values().filter(|v| v.len() >= 50).collect();
+        for v in &big {
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
+            cv += var.sqrt() / mean;
+            means.push(mean);
+        }
+        let hi = means.iter().copied().fold(f64::MIN, f64::max);
+        let lo = means.iter().copied().fold(f64::MAX, f64::min);
+        (cv / big.len() as f64, hi / lo)
+    }
+
+    #[test]
+    fn textured_nuclei_are_rougher_and_more_varied_than_ellipses() {
+        let p = Profile::named("textured").unwrap();
+        let textured = generate(&p, 1, 4);
+        // The same cells, noise and light without chromatin and nucleoli: the details
+        // never draw from the movie's random stream, so only they differ.
+        let smooth = generate(
+            &Profile {
+                chromatin: 0.0,
+                nucleoli: 0.0,
+                ..p.clone()
+            },
+            1,
+            4,
+        );
+        assert_eq!(smooth.labels, textured.labels);
+        let (cv_smooth, _) = texture_and_range(&smooth);
+        let (cv_tex, range_tex) = texture_and_range(&textured);
+        assert!(
+            cv_tex > cv_smooth + 0.01,
+            "texture: {cv_tex:.3} against {cv_smooth:.3}"
+        );
+        let (_, range_plain) =
+            texture_and_range(&generate(&Profile::named("balanced").unwrap(), 1, 4));
+        assert!(
+            range_tex > 2.0 * range_plain && range_tex > 3.0,
+            "brightness range: {range_tex:.2} against {range_plain:.2}"
+        );
+        // Same seed, same movie.
+        assert_eq!(
+            generate(&Profile::named("textured").unwrap(), 2, 4).frames,
+            generate(&Profile::named("textured").unwrap(), 2, 4).frames
+        );
     }
 
     #[test]

@@ -295,7 +295,7 @@ pub struct SynthArgs {
     /// Output folder (a CTC dataset: `01/`, `01_GT/`).
     #[arg(long)]
     pub out: PathBuf,
-    /// Site profile: balanced, dense, sparse, noisy or fast.
+    /// Site profile: balanced, dense, sparse, noisy, fast or textured.
     #[arg(long, default_value = "balanced")]
     pub profile: String,
     /// Number of frames.
