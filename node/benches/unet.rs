@@ -8,34 +8,15 @@
 
 use std::time::Duration;
 
-use cellswarm_node::data::patches::{SamplerConfig, TrainPlane};
+use cellswarm_node::bench_train::{reference_config, reference_planes};
+use cellswarm_node::data::patches::SamplerConfig;
 use cellswarm_node::infer::{InferOptions, instances, predict_plane};
-use cellswarm_node::model::{UNetConfig, default_device};
+use cellswarm_node::model::default_device;
 use cellswarm_node::train::{TrainOptions, Trainer};
 use criterion::{Criterion, criterion_group, criterion_main};
 
-fn planes() -> Vec<TrainPlane> {
-    // A 256 x 256 plane of synthetic cells: stripes of interior with boundaries.
-    let (h, w) = (256, 256);
-    let image: Vec<f32> = (0..h * w)
-        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
-        .collect();
-    let classes: Vec<u8> = (0..h * w)
-        .map(|i| match (i / w) % 16 {
-            0..=3 => 0,
-            4 | 15 => 2,
-            _ => 1,
-        })
-        .collect();
-    let states: Vec<u8> = classes
-        .iter()
-        .map(|&c| if c == 0 { u8::MAX } else { (c - 1) % 3 })
-        .collect();
-    vec![TrainPlane::new(h, w, image, classes, Some(states))]
-}
-
 fn train_step(c: &mut Criterion) {
-    let cfg = UNetConfig::new().with_depth(3).with_base_channels(16);
+    let cfg = reference_config();
     let device = default_device();
     let opts = TrainOptions {
         batch: 8,
@@ -45,7 +26,8 @@ fn train_step(c: &mut Criterion) {
         },
         ..TrainOptions::default()
     };
-    let mut t = Trainer::new(&cfg, &device, planes(), opts, None).expect("valid benchmark set-up");
+    let mut t = Trainer::new(&cfg, &device, reference_planes(), opts, None)
+        .expect("valid benchmark set-up");
     for _ in 0..3 {
         t.step();
     }
@@ -53,7 +35,7 @@ fn train_step(c: &mut Criterion) {
 }
 
 fn infer_frame(c: &mut Criterion) {
-    let cfg = UNetConfig::new().with_depth(3).with_base_channels(16);
+    let cfg = reference_config();
     let device = default_device();
     device.seed(1);
     let model = cfg.init(&device);

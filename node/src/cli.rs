@@ -240,6 +240,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         rounds: u64,
     },
+    /// Training and inference speed of the reference U-Net (16-32-64 + 128 bottleneck,
+    /// batch 8 x 1 x 128 x 128, Adam) on this machine; the threads follow
+    /// RAYON_NUM_THREADS. The last line is `train_step_ms=X infer_ms=Y peak_rss_mb=Z`
+    /// (medians).
+    Train {
+        /// Compute device: cpu, cuda[:N] or wgpu[:N] (GPU backends need the matching
+        /// build feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Untimed training steps first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed training steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Timed inference batches.
+        #[arg(long, default_value_t = 20)]
+        infers: usize,
+    },
 }
 
 /// Parses a count with an optional binary suffix: `1000`, `64K`, `8M`.
@@ -412,6 +431,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 params,
                 rounds,
             } => bench_round(nodes, params, rounds),
+            BenchCommand::Train {
+                device,
+                warmup,
+                steps,
+                infers,
+            } => bench_train(&device, warmup, steps, infers),
         },
     }
 }
@@ -511,6 +536,46 @@ fn bench_round(nodes: usize, params: usize, rounds: u64) -> anyhow::Result<()> {
         "round_ms_median={:.1} bytes_per_node_per_round={:.0}",
         r.median().as_secs_f64() * 1e3,
         r.bytes_per_node_per_round
+    );
+    Ok(())
+}
+
+fn bench_train(device: &str, warmup: usize, steps: usize, infers: usize) -> anyhow::Result<()> {
+    use crate::bench_train::{BATCH, PATCH, median, run};
+    anyhow::ensure!(
+        (1..=10_000).contains(&steps) && (1..=10_000).contains(&infers) && warmup <= 1_000,
+        "--steps and --infers must be between 1 and 10000, --warmup at most 1000"
+    );
+    let dev = crate::model::device_from_name(device).map_err(anyhow::Error::msg)?;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    println!(
+        "reference U-Net 16-32-64 + 128, batch {BATCH} x 1 x {PATCH} x {PATCH}, Adam, on {device} ({threads} threads): {warmup} warm-up, {steps} timed steps, {infers} inference batches"
+    );
+    let r = run(&dev, warmup, steps, infers).context("setting up the reference trainer")?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let spread = |v: &[std::time::Duration]| {
+        let lo = v.iter().copied().min().unwrap_or_default();
+        let hi = v.iter().copied().max().unwrap_or_default();
+        format!("{:.1}-{:.1} ms", ms(lo), ms(hi))
+    };
+    println!(
+        "  training step  median {:.1} ms ({}), last loss {:.4}",
+        ms(median(&r.steps)),
+        spread(&r.steps),
+        r.last_loss
+    );
+    println!(
+        "  inference      median {:.1} ms per batch ({})",
+        ms(median(&r.infers)),
+        spread(&r.infers)
+    );
+    let rss = r
+        .peak_rss
+        .map_or_else(|| "unknown".into(), |b| format!("{:.0}", b as f64 / 1e6));
+    println!(
+        "train_step_ms={:.1} infer_ms={:.1} peak_rss_mb={rss}",
+        ms(median(&r.steps)),
+        ms(median(&r.infers))
     );
     Ok(())
 }

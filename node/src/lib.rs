@@ -33,6 +33,7 @@
 
 pub mod alloc;
 pub mod bench_round;
+pub mod bench_train;
 pub mod cli;
 pub mod daemon;
 pub mod data;
