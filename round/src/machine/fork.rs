@@ -13,6 +13,9 @@ use std::cmp::Reverse;
 use cellswarm_common::ids::{ModelHash, RoundId, SignerKey};
 
 use super::{Machine, Refusal, Req, SignedRecord};
+
+/// Heartbeats before a member that was asked about our head's round is asked again.
+const FORK_RETRY: u32 = 4;
 use crate::rules::{Position, RuleError, Rules, check_record};
 
 impl Machine {
@@ -46,14 +49,21 @@ impl Machine {
             return;
         }
         // Each member once per head (a liar may answer with another record than the
-        // head it claims); then all again.
-        if self.fork_tried.contains(&from) {
+        // head it claims), then all again; and any member again after a few heartbeats:
+        // when the one member on the preferred outcome could not give us every delta it
+        // names (lost, or the one holding it was down), we must ask it again later, or a
+        // three-way split of votes never resolves.
+        if self
+            .fork_tried
+            .get(&from)
+            .is_some_and(|t| self.now < *t + self.cfg.heartbeat * FORK_RETRY)
+        {
             return;
         }
         if self.fork_tried.len() + 1 >= self.cfg.members.len() {
             self.fork_tried.clear();
         }
-        self.fork_tried.insert(from);
+        self.fork_tried.insert(from, self.now);
         self.fork_asked = Some(self.now);
         // What it knows of the round's attestations first: the preference is by them.
         self.request(from, Req::Attestations(round));

@@ -96,8 +96,8 @@ pub struct Machine {
     ahead_since: Option<Time>,
     /// When we last asked a member for its record of our head's round (fork choice).
     fork_asked: Option<Time>,
-    /// Members asked so far about our head (fork choice).
-    fork_tried: BTreeSet<SignerKey>,
+    /// Members asked so far about our head (fork choice), and when.
+    fork_tried: BTreeMap<SignerKey, Time>,
     /// Peers whose last catch-up chain broke a rule, and when.
     distrust: BTreeMap<SignerKey, Time>,
     out: VecDeque<Effect>,
@@ -125,7 +125,7 @@ impl Machine {
             own: restored.own.into(),
             ahead_since: None,
             fork_asked: None,
-            fork_tried: BTreeSet::new(),
+            fork_tried: BTreeMap::new(),
             distrust: BTreeMap::new(),
             out: VecDeque::new(),
             counters: Counters::default(),
