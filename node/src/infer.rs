@@ -116,6 +116,81 @@ fn drop_border(labels: &mut [u32], height: usize, width: usize) {
     }
 }
 
+/// Gives every region a single cell encloses to that cell: holes (background the cell
+/// surrounds, such as a dark nucleolus) and anything drawn inside them (a nucleolus or a
+/// bright speck taken for a cell of its own; a nucleus drawn as a ring around a second
+/// object is one nucleus). A region is enclosed by cell `L` when it cannot reach the
+/// plane's border without crossing `L`. Two cells side by side are never merged: neither
+/// encloses the other.
+pub fn fill_enclosed(labels: &mut [u32], height: usize, width: usize) {
+    if labels.len() != height * width || labels.is_empty() {
+        return;
+    }
+    // Bounding boxes (rows y0..=y1, columns x0..=x1) of every label.
+    let mut boxes: std::collections::BTreeMap<u32, (usize, usize, usize, usize)> =
+        std::collections::BTreeMap::new();
+    for (i, &l) in labels.iter().enumerate() {
+        if l == 0 {
+            continue;
+        }
+        let (y, x) = (i / width, i % width);
+        let b = boxes.entry(l).or_insert((y, y, x, x));
+        b.0 = b.0.min(y);
+        b.1 = b.1.max(y);
+        b.2 = b.2.min(x);
+        b.3 = b.3.max(x);
+    }
+    let mut open = Vec::new();
+    let mut stack = Vec::new();
+    for (&cell, &(y0, y1, x0, x1)) in &boxes {
+        // One pixel of margin, so that whatever is outside the cell's box is reachable.
+        let (y0, x0) = (y0.saturating_sub(1), x0.saturating_sub(1));
+        let (y1, x1) = ((y1 + 1).min(height - 1), (x1 + 1).min(width - 1));
+        let (bh, bw) = (y1 - y0 + 1, x1 - x0 + 1);
+        open.clear();
+        open.resize(bh * bw, false);
+        let at = |by: usize, bx: usize| (y0 + by) * width + x0 + bx;
+        // Flood from the box's edge through everything that is not the cell.
+        for by in 0..bh {
+            for bx in 0..bw {
+                let edge = by == 0 || bx == 0 || by + 1 == bh || bx + 1 == bw;
+                if edge && labels[at(by, bx)] != cell {
+                    open[by * bw + bx] = true;
+                    stack.push((by, bx));
+                }
+            }
+        }
+        while let Some((by, bx)) = stack.pop() {
+            let mut go = |ny: usize, nx: usize| {
+                let k = ny * bw + nx;
+                if !open[k] && labels[at(ny, nx)] != cell {
+                    open[k] = true;
+                    stack.push((ny, nx));
+                }
+            };
+            if by > 0 {
+                go(by - 1, bx);
+            }
+            if by + 1 < bh {
+                go(by + 1, bx);
+            }
+            if bx > 0 {
+                go(by, bx - 1);
+            }
+            if bx + 1 < bw {
+                go(by, bx + 1);
+            }
+        }
+        for by in 0..bh {
+            for bx in 0..bw {
+                if !open[by * bw + bx] {
+                    labels[at(by, bx)] = cell;
+                }
+            }
+        }
+    }
+}
+
 /// Per-pixel probabilities of one 2D plane.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Probabilities {
@@ -855,8 +930,8 @@ pub fn predict_frame(
     }
 }
 
-/// Labelled cells from a frame's per-plane probabilities; in a 3D stack each plane's
-/// cells get their own labels.
+/// Labelled cells from a frame's per-plane probabilities; in a 3D stack the planes' cells
+/// are joined into 3D cells ([`link_planes`]).
 #[must_use]
 pub fn labels_from(planes: &[Probabilities], opts: &InferOptions) -> Labels {
     let (h, w) = planes.first().map_or((0, 0), |p| (p.height, p.width));
@@ -867,6 +942,7 @@ pub fn labels_from(planes: &[Probabilities], opts: &InferOptions) -> Labels {
         let s = probs.scale;
         let min_size = ((opts.min_size as f32 / (s * s)).round() as usize).max(1);
         let mut labels = instances(probs, min_size, opts.seed_threshold, opts.split_depth / s);
+        fill_enclosed(&mut labels, h, w);
         if opts.exclude_border {
             drop_border(&mut labels, h, w);
         }
@@ -876,11 +952,80 @@ pub fn labels_from(planes: &[Probabilities], opts: &InferOptions) -> Labels {
         }
         offset += max;
     }
+    if planes.len() > 1 {
+        link_planes(&mut out);
+    }
     out
 }
 
+/// Joins a stack's per-plane cells into 3D cells: a cell in one plane and a cell in the
+/// next become one when each is the other's largest overlap and the overlap covers at
+/// least half of the smaller of the two (a nucleus's cross-sections in neighbouring
+/// planes overlap far more than two neighbouring nuclei do). Labels are renumbered
+/// 1, 2, ... in order of first appearance.
+pub fn link_planes(labels: &mut Labels) {
+    use std::collections::HashMap;
+    let max = labels.data.iter().copied().max().unwrap_or(0) as usize;
+    if max == 0 {
+        return;
+    }
+    let mut size = vec![0u64; max + 1];
+    for &l in &labels.data {
+        size[l as usize] += 1;
+    }
+    // Union-find over the per-plane labels.
+    let mut parent: Vec<u32> = (0..=max as u32).collect();
+    fn root(parent: &mut [u32], mut x: u32) -> u32 {
+        while parent[x as usize] != x {
+            let up = parent[parent[x as usize] as usize];
+            parent[x as usize] = up;
+            x = up;
+        }
+        x
+    }
+    for z in 0..labels.depth.saturating_sub(1) {
+        let mut overlap: HashMap<(u32, u32), u64> = HashMap::new();
+        for (&a, &b) in labels.plane(z).iter().zip(labels.plane(z + 1)) {
+            if a != 0 && b != 0 {
+                *overlap.entry((a, b)).or_default() += 1;
+            }
+        }
+        // Each cell's largest overlap in the other plane (ties: the lower label).
+        let mut best_down: HashMap<u32, (u64, u32)> = HashMap::new();
+        let mut best_up: HashMap<u32, (u64, u32)> = HashMap::new();
+        for (&(a, b), &n) in &overlap {
+            let d = best_down.entry(a).or_insert((n, b));
+            if (n, std::cmp::Reverse(b)) > (d.0, std::cmp::Reverse(d.1)) {
+                *d = (n, b);
+            }
+            let u = best_up.entry(b).or_insert((n, a));
+            if (n, std::cmp::Reverse(a)) > (u.0, std::cmp::Reverse(u.1)) {
+                *u = (n, a);
+            }
+        }
+        for (&a, &(n, b)) in &best_down {
+            let mutual = best_up.get(&b).is_some_and(|&(_, back)| back == a);
+            let smaller = size[a as usize].min(size[b as usize]);
+            if mutual && 2 * n >= smaller {
+                let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+                if ra != rb {
+                    parent[ra.max(rb) as usize] = ra.min(rb);
+                }
+            }
+        }
+    }
+    let mut renumber: HashMap<u32, u32> = HashMap::new();
+    for l in &mut labels.data {
+        if *l != 0 {
+            let r = root(&mut parent, *l);
+            let next = renumber.len() as u32 + 1;
+            *l = *renumber.entry(r).or_insert(next);
+        }
+    }
+}
+
 /// Segments a raw frame (2D, or 3D plane by plane): normalise, predict, extract cells.
-/// In a 3D stack each plane's cells get their own labels.
+/// In a 3D stack the planes' cells are joined into 3D cells.
 #[must_use]
 pub fn segment(
     model: &UNet,
@@ -1006,6 +1151,85 @@ pub fn instance_states(planes: &[Probabilities], labels: &Labels) -> Vec<Instanc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Draws a disc of `label` into plane `z` of `v`.
+    fn disc(v: &mut Labels, z: usize, (cy, cx): (f32, f32), r: f32, label: u32) {
+        let w = v.width;
+        for (i, l) in v.plane_mut(z).iter_mut().enumerate() {
+            let (y, x) = ((i / w) as f32, (i % w) as f32);
+            if (y - cy).hypot(x - cx) <= r {
+                *l = label;
+            }
+        }
+    }
+
+    #[test]
+    fn what_one_cell_encloses_becomes_part_of_it() {
+        let (h, w) = (20, 30);
+        let mut l = vec![0u32; h * w];
+        let mut fill = |y0: usize, y1: usize, x0: usize, x1: usize, v: u32| {
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    l[y * w + x] = v;
+                }
+            }
+        };
+        // Cell 1 with a hole (rows 5-9, columns 5-9) and cell 3 inside the hole.
+        fill(2, 13, 2, 13, 1);
+        fill(5, 10, 5, 10, 0);
+        fill(6, 8, 6, 8, 3);
+        // Cell 2 beside cell 1, touching it; a notch of background between the two
+        // (surrounded by both) stays background.
+        fill(2, 13, 13, 24, 2);
+        fill(6, 8, 12, 14, 0);
+        // Cell 4 touches the border with a hole that opens onto the border: kept open.
+        fill(15, 20, 0, 6, 4);
+        fill(17, 20, 2, 4, 0);
+        let before = l.clone();
+        fill_enclosed(&mut l, h, w);
+        for y in 2..13 {
+            for x in 2..12 {
+                assert_eq!(l[y * w + x], 1, "({y}, {x})");
+            }
+        }
+        for i in 0..h * w {
+            let (y, x) = (i / w, i % w);
+            if !(2..13).contains(&y) || !(2..12).contains(&x) {
+                assert_eq!(l[i], before[i], "({y}, {x}) changed");
+            }
+        }
+        assert!(!l.contains(&3));
+    }
+
+    #[test]
+    fn stacked_cross_sections_join_into_3d_cells_and_neighbours_do_not() {
+        let mut v: Labels = Volume::new(4, 40, 60);
+        // Nucleus one: planes 0-3, drifting a little, smaller at the ends.
+        disc(&mut v, 0, (20.0, 15.0), 5.0, 1);
+        disc(&mut v, 1, (20.0, 16.0), 8.0, 2);
+        disc(&mut v, 2, (21.0, 16.0), 8.0, 3);
+        disc(&mut v, 3, (21.0, 17.0), 4.0, 4);
+        // Nucleus two, touching one's widest sections: planes 1-2 only.
+        disc(&mut v, 1, (20.0, 31.0), 7.0, 5);
+        disc(&mut v, 2, (20.0, 31.0), 7.0, 6);
+        // A third that only grazes nucleus two's edge in the next plane: kept apart.
+        disc(&mut v, 3, (20.0, 42.0), 6.0, 7);
+        link_planes(&mut v);
+        let at = |z: usize, y: usize, x: usize| v.plane(z)[y * 60 + x];
+        let one = at(0, 20, 15);
+        assert!(one != 0);
+        for (z, x) in [(1, 16), (2, 16), (3, 17)] {
+            assert_eq!(at(z, 20, x), one, "plane {z}");
+        }
+        let two = at(1, 20, 31);
+        assert!(two != 0 && two != one);
+        assert_eq!(at(2, 20, 31), two);
+        let three = at(3, 20, 42);
+        assert!(three != 0 && three != two && three != one);
+        assert_eq!(v.ids().len(), 3, "{:?}", v.ids());
+        // Renumbered 1, 2, 3 in order of first appearance.
+        assert_eq!((one, two, three), (1, 2, 3));
+    }
 
     fn probs_from_classes(h: usize, w: usize, cls: &[u8]) -> Probabilities {
         Probabilities::one_hot(h, w, cls)
