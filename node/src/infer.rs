@@ -847,14 +847,26 @@ pub fn foreground_width(planes: &[Probabilities]) -> Option<f32> {
     scale::typical_width(&regions)
 }
 
+/// Downscales probed besides the frame's own scale when estimating the cell width.
+const PROBE_SCALES: [f32; 2] = [0.5, 0.25];
+
+/// How much nearer the training width a downscaled probe must see the cells than the
+/// frame's own scale did before it is believed (as |ln(width / target)|).
+const PROBE_MARGIN: f32 = 0.1;
+
 /// The estimated cell width of a normalised frame for a model trained `target` pixels
 /// wide, and the probabilities at the scale that width asks for.
 ///
 /// A first pass at the frame's own scale gives the width of the network's foreground.
-/// If that asks for a rescale, the rescaled pass is kept only if its cells come out
-/// nearer the training width than the first pass's did: a first pass misled by noise or
-/// debris then costs time, not cells. The width returned is the one the kept pass
-/// stands for (`None`: no cell found, or the rescale did not hold).
+/// Cells much larger than the training width fool that pass: the network cuts each into
+/// pieces about as wide as the cells it was trained on, and the pieces' width is what it
+/// reports. So the frame is also seen at half and a quarter of its size, and a probe
+/// whose cells come out clearly nearer the training width (by [`PROBE_MARGIN`]) replaces
+/// the first pass's estimate. If the estimate asks for a rescale, the rescaled pass is
+/// kept only if its cells come out nearer the training width than the pass the estimate
+/// came from: a first pass misled by noise or debris then costs time, not cells. The
+/// width returned is the one the kept pass stands for (`None`: no cell found, or the
+/// rescale did not hold).
 fn estimated_pass(
     model: &UNet,
     config: &UNetConfig,
@@ -863,20 +875,46 @@ fn estimated_pass(
     target: f32,
     opts: &InferOptions,
 ) -> (Vec<Probabilities>, Option<f32>) {
+    // How far from the training width a pass saw the cells, in the network's pixels.
+    let off = |w: Option<f32>, k: f32| w.map_or(f32::INFINITY, |w| (w * k / target).ln().abs());
     let first = predict_scaled(model, config, device, norm, 1.0, opts);
-    let Some(width) = foreground_width(&first) else {
+    let own = foreground_width(&first);
+    // (pass, its scale, the width it saw in the frame's pixels, how far off it was)
+    let mut best: Option<(Vec<Probabilities>, f32, f32, f32)> =
+        own.map(|w| (first.clone(), 1.0, w, off(Some(w), 1.0)));
+    for probe in PROBE_SCALES {
+        let pass = predict_scaled(model, config, device, norm, probe, opts);
+        let seen = pass.first().map_or(probe, |p| p.scale);
+        let Some(w) = foreground_width(&pass) else {
+            continue;
+        };
+        let d = off(Some(w), seen);
+        if best
+            .as_ref()
+            .is_none_or(|b| d + PROBE_MARGIN < b.3 || (b.1 < 1.0 && d < b.3))
+        {
+            best = Some((pass, seen, w, d));
+        }
+    }
+    let Some((pass, seen, width, d)) = best else {
         return (first, None);
     };
     let s = scale::factor(target, width, WIDTH_TOLERANCE);
-    if s == 1.0 {
-        return (first, Some(width));
+    if (s / seen).ln().abs() <= WIDTH_TOLERANCE.ln() {
+        // The pass that gave the width already saw the cells near the training width.
+        return (pass, Some(width));
     }
     let second = predict_scaled(model, config, device, norm, s, opts);
-    let seen = second.first().map_or(s, |p| p.scale);
-    // How far from the training width each pass saw the cells, in the network's pixels.
-    let off = |w: Option<f32>, k: f32| w.map_or(f32::INFINITY, |w| (w * k / target).ln().abs());
-    if off(foreground_width(&second), seen) <= off(Some(width), 1.0) {
+    let k = second.first().map_or(s, |p| p.scale);
+    if off(foreground_width(&second), k) <= d {
         (second, Some(width))
+    } else if seen < 1.0 {
+        // Keep the probe, and the width for which the probe's scale is the right one.
+        tracing::debug!(
+            width,
+            "a rescaled pass did not confirm the probe's cell width"
+        );
+        (pass, Some(target / seen))
     } else {
         tracing::debug!(
             width,
