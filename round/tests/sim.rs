@@ -98,7 +98,8 @@ fn seeds_hold_every_invariant() {
         failures.len()
     );
     // Known open defect (docs/security.md, "What the simulation does not prove yet"):
-    // about one run in a thousand ends with honest members on two outcomes of one round.
+    // about one run in 15,000 ends with a member on an outcome other than its round's
+    // final one.
     // Bounded here so that it cannot grow unnoticed; the goal is zero.
     assert!(
         total.stalls * 200 <= seeds.len() as u64,
