@@ -92,12 +92,17 @@ pub struct TrainArgs {
 }
 
 /// Post-processing learned from the training annotations, saved beside the model.
-#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
 pub struct Postprocess {
     /// Drop objects touching the frame border (the annotations leave them out).
     pub exclude_border: bool,
     /// Smallest object kept, in pixels.
     pub min_size: usize,
+    /// The annotated cell width of the training movies, in their pixels (the median
+    /// over movies; only for a model trained at a fixed width): the width assumed when
+    /// the width of a movie to segment cannot be estimated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_width: Option<f32>,
 }
 
 /// File beside the weights holding [`Postprocess`].
@@ -153,6 +158,8 @@ pub(crate) struct Segmenter {
     pub(crate) config: UNetConfig,
     pub(crate) device: Device,
     pub(crate) opts: InferOptions,
+    /// The training movies' cell width from postprocess.json, if known.
+    pub(crate) training_width: Option<f32>,
 }
 
 impl Segmenter {
@@ -193,6 +200,7 @@ impl Segmenter {
             config,
             device,
             opts,
+            training_width: post.and_then(|p| p.training_width),
         })
     }
 }
@@ -211,14 +219,19 @@ impl Segmenter {
         let img = movie.frame(t)?;
         let estimate =
             crate::infer::estimate_width(&self.model, &self.config, &self.device, &img, &self.opts);
-        let width = estimate.unwrap_or(target as f32);
+        let width = estimate.or(self.training_width).unwrap_or(target as f32);
         let s = crate::scale::factor(target as f32, width, crate::infer::WIDTH_TOLERANCE);
-        match estimate {
-            Some(w) => eprintln!(
+        match (estimate, self.training_width) {
+            (Some(w), _) => eprintln!(
                 "cells about {w:.1} px wide (frame {t}); the model trained at {target} px: \
                  images rescaled by {s:.3} (set --diameter to override)"
             ),
-            None => eprintln!(
+            (None, Some(w)) => eprintln!(
+                "could not estimate the cells' width on frame {t}; assuming the width of the \
+                 cells the model trained on, {w:.1} px: images rescaled by {s:.3} (set \
+                 --diameter to override)"
+            ),
+            (None, None) => eprintln!(
                 "could not estimate the cells' width on frame {t} (no cells found, or a \
                  rescaled pass did not confirm it); segmenting at the movie's own scale \
                  (set --diameter to override)"
@@ -374,11 +387,19 @@ fn score(
     frames: &[Annotated],
     post: Postprocess,
 ) -> (MatchCounts, SegMeasure) {
-    let opts = InferOptions {
+    let mut opts = InferOptions {
         min_size: post.min_size,
         exclude_border: post.exclude_border,
         ..InferOptions::default()
     };
+    // One width for all held-out frames, as `segment` does: estimated on the middle
+    // frame, else the training movies' width.
+    if config.diameter.is_some() {
+        opts.diameter = frames
+            .get(frames.len() / 2)
+            .and_then(|a| crate::infer::estimate_width(model, config, device, &a.image, &opts))
+            .or(post.training_width);
+    }
     let mut counts = MatchCounts::default();
     let mut seg = SegMeasure::default();
     for a in frames {
@@ -422,9 +443,18 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         cosine_decay: !a.constant_lr,
         ..TrainOptions::default()
     };
+    let training_width = config.diameter.and_then(|_| {
+        let mut widths: Vec<f32> = crate::data::dataset::movie_widths(&frames)
+            .into_values()
+            .filter(|w| w.is_finite() && *w > 0.0)
+            .collect();
+        widths.sort_by(f32::total_cmp);
+        widths.get(widths.len() / 2).copied()
+    });
     let post = Postprocess {
         exclude_border: a.exclude_border,
         min_size: a.min_size,
+        training_width,
     };
     let (touching, objects) = border_objects(&frames.iter().map(|f| &f.labels).collect::<Vec<_>>());
     if !a.exclude_border && objects >= 100 && touching * 50 < objects {
