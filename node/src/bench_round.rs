@@ -30,13 +30,21 @@ impl RoundBench {
     /// Median round time.
     #[must_use]
     pub fn median(&self) -> Duration {
-        let mut v = self.rounds.clone();
-        v.sort();
-        v.get(v.len() / 2).copied().unwrap_or_default()
+        median(&self.rounds)
     }
 }
 
-fn peak_rss() -> Option<u64> {
+/// The median of `v` (zero when empty).
+#[must_use]
+pub fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes, where `/proc` has it.
+#[must_use]
+pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

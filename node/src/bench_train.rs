@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::*;
 
+use crate::bench_round::peak_rss;
 use crate::data::patches::{SamplerConfig, TrainPlane};
 use crate::model::UNetConfig;
 use crate::train::{TrainError, TrainOptions, Trainer};
@@ -31,23 +32,6 @@ pub struct TrainBench {
     pub peak_rss: Option<u64>,
     /// Loss of the last timed step (a sanity check that training ran).
     pub last_loss: f32,
-}
-
-/// The median of `v` (zero when empty).
-#[must_use]
-pub fn median(v: &[Duration]) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
-}
-
-/// Peak resident memory of this process (`VmHWM`), in bytes, where `/proc` has it.
-#[must_use]
-pub fn peak_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// The reference network's configuration.
@@ -152,6 +136,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench_round::median;
 
     #[test]
     fn a_short_run_measures_every_step_and_batch() {

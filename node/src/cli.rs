@@ -541,7 +541,8 @@ fn bench_round(nodes: usize, params: usize, rounds: u64) -> anyhow::Result<()> {
 }
 
 fn bench_train(device: &str, warmup: usize, steps: usize, infers: usize) -> anyhow::Result<()> {
-    use crate::bench_train::{BATCH, PATCH, median, run};
+    use crate::bench_round::median;
+    use crate::bench_train::{BATCH, PATCH, run};
     anyhow::ensure!(
         (1..=10_000).contains(&steps) && (1..=10_000).contains(&infers) && warmup <= 1_000,
         "--steps and --infers must be between 1 and 10000, --warmup at most 1000"

@@ -879,25 +879,26 @@ fn estimated_pass(
     let off = |w: Option<f32>, k: f32| w.map_or(f32::INFINITY, |w| (w * k / target).ln().abs());
     let first = predict_scaled(model, config, device, norm, 1.0, opts);
     let own = foreground_width(&first);
-    // (pass, its scale, the width it saw in the frame's pixels, how far off it was)
-    let mut best: Option<(Vec<Probabilities>, f32, f32, f32)> =
-        own.map(|w| (first.clone(), 1.0, w, off(Some(w), 1.0)));
-    for probe in PROBE_SCALES {
-        let pass = predict_scaled(model, config, device, norm, probe, opts);
-        let seen = pass.first().map_or(probe, |p| p.scale);
+    // The probe that saw the cells nearest the training width, if clearly nearer than the
+    // first pass: (pass, its scale, the width it saw in the frame's pixels, how far off).
+    let mut probe: Option<(Vec<Probabilities>, f32, f32, f32)> = None;
+    let mut bar = off(own, 1.0) - PROBE_MARGIN;
+    for k in PROBE_SCALES {
+        let pass = predict_scaled(model, config, device, norm, k, opts);
+        let seen = pass.first().map_or(k, |p| p.scale);
         let Some(w) = foreground_width(&pass) else {
             continue;
         };
         let d = off(Some(w), seen);
-        if best
-            .as_ref()
-            .is_none_or(|b| d + PROBE_MARGIN < b.3 || (b.1 < 1.0 && d < b.3))
-        {
-            best = Some((pass, seen, w, d));
+        if d < bar {
+            bar = d;
+            probe = Some((pass, seen, w, d));
         }
     }
-    let Some((pass, seen, width, d)) = best else {
-        return (first, None);
+    let (pass, seen, width, d) = match (probe, own) {
+        (Some(p), _) => p,
+        (None, Some(w)) => (first, 1.0, w, off(own, 1.0)),
+        (None, None) => return (first, None),
     };
     let s = scale::factor(target, width, WIDTH_TOLERANCE);
     if (s / seen).ln().abs() <= WIDTH_TOLERANCE.ln() {
@@ -920,7 +921,8 @@ fn estimated_pass(
             width,
             "a rescaled pass did not confirm the estimated cell width"
         );
-        (first, None)
+        // `pass` is the first pass here.
+        (pass, None)
     }
 }
 

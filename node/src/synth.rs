@@ -781,11 +781,11 @@ mod tests {
     }
 
     #[test]
-    fn textured_nuclei_are_rougher_and_more_varied_than_ellipses() {
+    fn textured_nuclei_vary_inside_and_in_brightness() {
         let p = Profile::named("textured").unwrap();
         let textured = generate(&p, 1, 4);
-        // The same cells, noise and light without chromatin and nucleoli: the details
-        // never draw from the movie's random stream, so only they differ.
+        // The same cells and light without chromatin and nucleoli: the details never
+        // draw from the movie's random stream, so the masks are the same.
         let smooth = generate(
             &Profile {
                 chromatin: 0.0,

@@ -357,21 +357,11 @@ fn bad_members_and_non_members_are_refused_without_stalling_the_round() {
         // A non-member with a valid key: refused at connection, never served.
         let outsider = Identity::from_seed([200; 32]).expect("a key");
         let config = c.sites[0].config();
-        let (onet, _oev, oloop) = network::start(
-            outsider.libp2p_keypair(),
-            &NetSettings {
-                net: cellswarm_common::config::NetConfig {
-                    listen: Vec::new(),
-                    ..config.node.net.clone()
-                },
-                members: config
-                    .consortium
-                    .members
-                    .iter()
-                    .map(|m| m.peer_id)
-                    .collect(),
-            },
-        )
+        let (onet, _oev, oloop) = network::start(outsider.libp2p_keypair(), &{
+            let mut settings = NetSettings::of(&config);
+            settings.net.listen.clear();
+            settings
+        })
         .expect("the outsider's network starts");
         let oc = cancel.clone();
         let ol = tokio::spawn(oloop.run(oc));
