@@ -17,10 +17,13 @@
 //! transaction (record, audit entries, head) followed by a flush; only then is it
 //! acknowledged to the rest of the node. Every read of a blob checks its hash, and
 //! [`DiskStore::check`] verifies what the head points to when the node starts.
+//!
+//! The store reaches the disk through two narrow traits (`media::Files` and
+//! `media::Kv`), so that the power-loss test (`power_loss.rs`) can put a disk behind it
+//! that forgets whatever was never synced.
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use cellswarm_common::envelope::{PayloadKind, UnverifiedEnvelope};
@@ -28,7 +31,12 @@ use cellswarm_common::ids::{DeltaHash, ModelHash, RecordHash, RoundId};
 use cellswarm_common::records::{Answered, OwnDelta, PeerRecord, decode_record, encode_record};
 use cellswarm_common::weights::Weights;
 use serde::Serialize;
-use sled::Transactional;
+
+mod media;
+#[cfg(test)]
+mod power_loss;
+
+use media::{Files, Fill, Kv, KvOp, OsFiles, SledKv, Table};
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -352,16 +360,8 @@ static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// The sled + files implementation of [`Store`].
 pub struct DiskStore {
     root: PathBuf,
-    /// Blobs are written with `O_DIRECT` (see [`BlobWriter`]).
-    direct: bool,
-    db: sled::Db,
-    meta: sled::Tree,
-    records: sled::Tree,
-    audit: sled::Tree,
-    peers: sled::Tree,
-    attest: sled::Tree,
-    own: sled::Tree,
-    answered: sled::Tree,
+    files: Box<dyn Files>,
+    kv: Box<dyn Kv>,
 }
 
 impl fmt::Debug for DiskStore {
@@ -385,128 +385,21 @@ fn dec<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T
     })
 }
 
-/// Block size of direct writes: buffers, lengths and file offsets are multiples of it.
-const DIRECT_BLOCK: usize = 4096;
-/// Bytes a blob writer gathers before each write.
-const DIRECT_PIECE: usize = 1 << 20;
-
-/// A blob writer. Where the file system supports it (probed when the store opens), blobs
-/// are written with `O_DIRECT` from a 4096-aligned 1 MiB buffer: the disk reads them
-/// straight from it, instead of the CPU copying every byte into the page cache first (that
-/// copy was a sixth of all CPU time in the round benchmark, more than Noise encryption);
-/// a node writes two model-sized blobs a round, and reads them back only after a restart
-/// or for a peer catching up. Elsewhere (tmpfs, other systems) writes go through the page
-/// cache in 1 MiB pieces (one 32 MiB `write` measured 50 times slower than pieces).
-struct BlobWriter {
-    file: fs::File,
-    direct: bool,
-    /// `DIRECT_PIECE + DIRECT_BLOCK` bytes; the piece starts at `at` (4096-aligned).
-    buf: Vec<u8>,
-    at: usize,
-    len: usize,
-    written: u64,
-}
-
-impl BlobWriter {
-    fn create(path: &Path, direct: bool) -> std::io::Result<Self> {
-        let mut o = fs::OpenOptions::new();
-        o.write(true).create_new(true);
-        #[cfg(target_os = "linux")]
-        if direct {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            o.custom_flags(O_DIRECT);
-        }
-        let file = o.open(path)?;
-        let buf = vec![0u8; DIRECT_PIECE + DIRECT_BLOCK];
-        let at = buf.as_ptr().align_offset(DIRECT_BLOCK);
-        Ok(Self {
-            file,
-            direct,
-            buf,
-            at,
-            len: 0,
-            written: 0,
-        })
-    }
-
-    /// Writes the gathered bytes: a full piece (a whole number of blocks), or the last,
-    /// padded with zeros to a block when direct (`finish` cuts the file back).
-    fn drain(&mut self) -> std::io::Result<()> {
-        let n = if self.direct {
-            self.len.next_multiple_of(DIRECT_BLOCK)
-        } else {
-            self.len
-        };
-        self.buf[self.at + self.len..self.at + n].fill(0);
-        self.file.write_all(&self.buf[self.at..self.at + n])?;
-        self.written += self.len as u64;
-        self.len = 0;
-        Ok(())
-    }
-
-    /// Flushes what is left and leaves the file exactly as long as what was written.
-    fn finish(mut self) -> std::io::Result<fs::File> {
-        self.drain()?;
-        if self.direct {
-            self.file.set_len(self.written)?;
-        }
-        Ok(self.file)
-    }
-}
-
-impl Write for BlobWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let n = bytes.len().min(DIRECT_PIECE - self.len);
-        self.buf[self.at + self.len..self.at + self.len + n].copy_from_slice(&bytes[..n]);
-        self.len += n;
-        if self.len == DIRECT_PIECE {
-            self.drain()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// `O_DIRECT` on Linux (the value differs between architectures).
-#[cfg(all(target_os = "linux", any(target_arch = "aarch64", target_arch = "arm")))]
-const O_DIRECT: i32 = 0o200_000;
-#[cfg(all(
-    target_os = "linux",
-    not(any(target_arch = "aarch64", target_arch = "arm"))
-))]
-const O_DIRECT: i32 = 0o40_000;
-
-/// Whether direct writes work in `dir` (not on tmpfs, for one).
-fn direct_writes_work(dir: &Path) -> bool {
-    if !cfg!(target_os = "linux") {
-        return false;
-    }
-    let probe = dir.join(format!("direct-probe.{}", std::process::id()));
-    let ok = (|| {
-        let mut w = BlobWriter::create(&probe, true)?;
-        w.write_all(&[7u8; 3 * DIRECT_BLOCK / 2])?;
-        let f = w.finish()?;
-        f.sync_all()?;
-        drop(f);
-        let back = fs::read(&probe)?;
-        Ok::<bool, std::io::Error>(
-            back.len() == 3 * DIRECT_BLOCK / 2 && back.iter().all(|&b| b == 7),
-        )
-    })()
-    .unwrap_or(false);
-    let _ = fs::remove_file(&probe);
-    ok
-}
-
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
         source,
     }
 }
+
+/// The folders of a store, below its root.
+const FOLDERS: [&str; 5] = [
+    "blobs/models",
+    "blobs/deltas",
+    "blobs/states",
+    "tmp",
+    "quarantine",
+];
 
 impl DiskStore {
     /// Opens (or creates) a store at `root` with a sled cache of `cache_bytes`.
@@ -515,67 +408,53 @@ impl DiskStore {
     /// [`StoreError::Open`] when the database cannot be opened (damaged disk), with what
     /// to do; I/O errors creating the folders.
     pub fn open(root: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        for d in [
-            "blobs/models",
-            "blobs/deltas",
-            "blobs/states",
-            "tmp",
-            "quarantine",
-        ] {
+        for d in FOLDERS {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io(&p))?;
         }
-        let db_path = root.join("meta.sled");
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: db_path.clone(),
-                message: e.to_string(),
-            })?;
-        let tree = |name: &str| {
-            db.open_tree(name).map_err(|e| StoreError::Open {
-                path: db_path.clone(),
-                message: e.to_string(),
-            })
-        };
+        let kv = SledKv::open(&root.join("meta.sled"), cache_bytes)?;
+        let files = OsFiles::probing(&root.join("tmp"));
+        Self::open_on(root, Box::new(files), Box::new(kv))
+    }
+
+    /// Opens a store on the given files and database (the power-loss test's simulated
+    /// disk, or the real ones): creates the folders, removes what a crash left in `tmp/`
+    /// and moves legacy records.
+    pub(crate) fn open_on(
+        root: &Path,
+        files: Box<dyn Files>,
+        kv: Box<dyn Kv>,
+    ) -> Result<Self, StoreError> {
+        for d in FOLDERS {
+            let p = root.join(d);
+            files.create_dir_all(&p).map_err(io(&p))?;
+        }
         // The database is open, so this process alone uses the store: a temporary blob
         // file is what a crash left between writing a blob and renaming it into place.
         let tmp = root.join("tmp");
         let mut cleaned = 0usize;
-        for e in fs::read_dir(&tmp).map_err(io(&tmp))? {
-            let path = e.map_err(io(&tmp))?.path();
+        for path in files.list(&tmp).map_err(io(&tmp))? {
             let stale = path.extension().is_some_and(|x| x == "partial")
                 || path
                     .file_name()
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.starts_with("direct-probe."));
             if stale {
-                fs::remove_file(&path).map_err(io(&path))?;
+                files.remove_file(&path).map_err(io(&path))?;
                 cleaned += 1;
             }
         }
         if cleaned > 0 {
+            files.sync_dir(&tmp).map_err(io(&tmp))?;
             tracing::info!(
                 files = cleaned,
                 "removed blob files a crash left half-written"
             );
         }
-        let direct = direct_writes_work(&tmp);
-        tracing::debug!(direct, "blob writes");
         let store = Self {
-            direct,
-            meta: tree("meta")?,
-            records: tree("records")?,
-            audit: tree("audit")?,
-            peers: tree("peers")?,
-            attest: tree("attestations")?,
-            own: tree("own_deltas")?,
-            answered: tree("answered")?,
             root: root.to_owned(),
-            db,
+            files,
+            kv,
         };
         store.migrate_legacy_records()?;
         Ok(store)
@@ -587,8 +466,7 @@ impl DiskStore {
     /// in one transaction per record, and leave the peer table.
     fn migrate_legacy_records(&self) -> Result<(), StoreError> {
         let mut moved = 0usize;
-        for kv in self.peers.iter() {
-            let (k, v) = kv?;
+        for (k, v) in self.kv.scan(Table::Peers, b"")? {
             let key = String::from_utf8_lossy(&k).into_owned();
             let PeerRecord(values) = dec("peer", &v)?;
             let corrupt = || StoreError::Corrupt {
@@ -630,11 +508,11 @@ impl DiskStore {
             } else {
                 continue;
             }
-            self.peers.remove(&k)?;
+            self.kv.apply(vec![KvOp::Del(Table::Peers, k)])?;
             moved += 1;
         }
         if moved > 0 {
-            self.db.flush()?;
+            self.kv.flush()?;
             tracing::info!(
                 records = moved,
                 "moved own-delta and answered-epoch records to their typed trees"
@@ -662,10 +540,10 @@ impl DiskStore {
         &self,
         kind: BlobKind,
         hash: &[u8; 32],
-        write: impl FnOnce(&mut BlobWriter) -> std::io::Result<()>,
+        fill: Fill<'_>,
     ) -> Result<(), StoreError> {
         let path = self.blob_path(kind, hash);
-        if path.is_file() {
+        if self.files.is_file(&path) {
             return Ok(());
         }
         let tmp = self.root.join("tmp").join(format!(
@@ -674,17 +552,11 @@ impl DiskStore {
             std::process::id(),
             TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let _ = fs::remove_file(&tmp);
-        let mut w = BlobWriter::create(&tmp, self.direct).map_err(io(&tmp))?;
-        write(&mut w).map_err(io(&tmp))?;
-        let f = w.finish().map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io(&path))?;
+        let _ = self.files.remove_file(&tmp);
+        self.files.create_synced(&tmp, fill).map_err(io(&tmp))?;
+        self.files.rename(&tmp, &path).map_err(io(&path))?;
         let dir = path.parent().unwrap_or(&self.root);
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))
+        self.files.sync_dir(dir).map_err(io(dir))
     }
 
     fn quarantine(&self, path: &Path) -> Result<PathBuf, StoreError> {
@@ -693,7 +565,9 @@ impl DiskStore {
             .map(|n| n.to_os_string())
             .unwrap_or_default();
         let to = self.root.join("quarantine").join(name);
-        fs::rename(path, &to).map_err(io(path))?;
+        self.files.rename(path, &to).map_err(io(path))?;
+        let dir = self.root.join("quarantine");
+        self.files.sync_dir(&dir).map_err(io(&dir))?;
         Ok(to)
     }
 
@@ -716,7 +590,7 @@ impl DiskStore {
             (BlobKind::State, head.state, &mut report.head_state_ok),
         ] {
             let path = self.blob_path(kind, &hash);
-            match fs::read(&path) {
+            match self.files.read(&path) {
                 Ok(bytes) if kind.hash(&bytes) == Some(hash) => *ok = true,
                 Ok(_) => report.quarantined.push(self.quarantine(&path)?),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -758,7 +632,7 @@ impl Store for DiskStore {
                 actual: actual.map_or_else(|| "(not a valid blob)".into(), hex::encode),
             });
         }
-        self.write_atomically(kind, hash, |f| f.write_all(bytes))
+        self.write_atomically(kind, hash, Box::new(|f| f.write_all(bytes)))
     }
 
     fn put_blob_hashed(
@@ -767,18 +641,22 @@ impl Store for DiskStore {
         hash: &[u8; 32],
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        self.write_atomically(kind, hash, |f| f.write_all(bytes))
+        self.write_atomically(kind, hash, Box::new(|f| f.write_all(bytes)))
     }
 
     fn put_model(&self, hash: &ModelHash, model: &Weights) -> Result<(), StoreError> {
         // The hash was computed from these weights: stream their canonical bytes
         // instead of building (and hashing again) a copy of the whole model.
-        self.write_atomically(BlobKind::Model, hash.as_bytes(), |f| model.write_to(f))
+        self.write_atomically(
+            BlobKind::Model,
+            hash.as_bytes(),
+            Box::new(|f| model.write_to(f)),
+        )
     }
 
     fn blob(&self, kind: BlobKind, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.blob_path(kind, hash);
-        match fs::read(&path) {
+        match self.files.read(&path) {
             Ok(bytes) if kind.hash(&bytes) == Some(*hash) => Ok(Some(bytes)),
             Ok(_) => {
                 let to = self.quarantine(&path)?;
@@ -791,7 +669,7 @@ impl Store for DiskStore {
     }
 
     fn has_blob(&self, kind: BlobKind, hash: &[u8; 32]) -> bool {
-        self.blob_path(kind, hash).is_file()
+        self.files.is_file(&self.blob_path(kind, hash))
     }
 
     fn blob_for_peer(
@@ -800,7 +678,7 @@ impl Store for DiskStore {
         hash: &[u8; 32],
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.blob_path(kind, hash);
-        match fs::read(&path) {
+        match self.files.read(&path) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&path)(e)),
@@ -808,8 +686,8 @@ impl Store for DiskStore {
     }
 
     fn head(&self) -> Result<Option<Head>, StoreError> {
-        self.meta
-            .get(HEAD_KEY)?
+        self.kv
+            .get(Table::Meta, HEAD_KEY)?
             .map(|b| dec("head", &b))
             .transpose()
     }
@@ -824,8 +702,9 @@ impl Store for DiskStore {
             model,
             state,
         };
-        self.meta.insert(HEAD_KEY, enc(&head))?;
-        self.db.flush()?;
+        self.kv
+            .apply(vec![KvOp::Put(Table::Meta, HEAD_KEY.to_vec(), enc(&head))])?;
+        self.kv.flush()?;
         Ok(head)
     }
 
@@ -833,72 +712,68 @@ impl Store for DiskStore {
         let Some(last) = commits.last() else {
             return Ok(());
         };
-        let head = enc(&last.head);
         // A round committed again (a fork resolved in favour of the peers' record) must
-        // not keep audit lines of the record it replaces; they go in the same
-        // transaction as the new ones, so a crash never leaves a round without its lines.
-        let mut stale = Vec::new();
+        // not keep audit lines of the record it replaces; they go in the same batch as
+        // the new ones, so a crash never leaves a round without its lines.
+        let mut ops = Vec::new();
         for c in commits {
-            for key in self.audit.scan_prefix(c.head.round.0.to_be_bytes()).keys() {
-                stale.push(key?);
+            for (key, _) in self.kv.scan(Table::Audit, &c.head.round.0.to_be_bytes())? {
+                ops.push(KvOp::Del(Table::Audit, key));
             }
         }
-        (&self.meta, &self.records, &self.audit)
-            .transaction(|(meta, records, audit)| {
-                for key in &stale {
-                    audit.remove(key)?;
-                }
-                for c in commits {
-                    let round_key = c.head.round.0.to_be_bytes();
-                    records.insert(&round_key[..], c.record_envelope.as_slice())?;
-                    for a in &c.audit {
-                        let mut key = round_key.to_vec();
-                        key.extend_from_slice(a.signer.as_bytes());
-                        audit.insert(key, enc(a))?;
-                    }
-                }
-                meta.insert(HEAD_KEY, head.as_slice())?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| StoreError::Db(format!("{e:?}")))?;
-        self.db.flush()?;
-        Ok(())
+        for c in commits {
+            let round_key = c.head.round.0.to_be_bytes();
+            ops.push(KvOp::Put(
+                Table::Records,
+                round_key.to_vec(),
+                c.record_envelope.clone(),
+            ));
+            for a in &c.audit {
+                let mut key = round_key.to_vec();
+                key.extend_from_slice(a.signer.as_bytes());
+                // A deletion of the same key earlier in the batch is overridden here.
+                ops.push(KvOp::Put(Table::Audit, key, enc(a)));
+            }
+        }
+        ops.push(KvOp::Put(Table::Meta, HEAD_KEY.to_vec(), enc(&last.head)));
+        self.kv.apply(ops)?;
+        self.kv.flush()
     }
 
     fn record(&self, round: RoundId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.records.get(round.0.to_be_bytes())?.map(|v| v.to_vec()))
+        self.kv.get(Table::Records, &round.0.to_be_bytes())
     }
 
     fn audit(&self, round: RoundId) -> Result<Vec<AuditEntry>, StoreError> {
-        self.audit
-            .scan_prefix(round.0.to_be_bytes())
-            .map(|kv| {
-                let (_, v) = kv?;
-                dec("audit entry", &v)
-            })
+        self.kv
+            .scan(Table::Audit, &round.0.to_be_bytes())?
+            .iter()
+            .map(|(_, v)| dec("audit entry", v))
             .collect()
     }
 
     fn put_peer(&self, peer: &str, addresses: &[String]) -> Result<(), StoreError> {
-        self.peers
-            .insert(peer.as_bytes(), enc(&PeerRecord(addresses.to_vec())))?;
-        Ok(())
+        self.kv.apply(vec![KvOp::Put(
+            Table::Peers,
+            peer.as_bytes().to_vec(),
+            enc(&PeerRecord(addresses.to_vec())),
+        )])
     }
 
     fn peers(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
-        self.peers
+        self.kv
+            .scan(Table::Peers, b"")?
             .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                let PeerRecord(addresses) = dec("peer", &v)?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), addresses))
+            .map(|(k, v)| {
+                let PeerRecord(addresses) = dec("peer", v)?;
+                Ok((String::from_utf8_lossy(k).into_owned(), addresses))
             })
             .collect()
     }
 
     fn peer(&self, peer: &str) -> Result<Option<Vec<String>>, StoreError> {
-        self.peers
-            .get(peer.as_bytes())?
+        self.kv
+            .get(Table::Peers, peer.as_bytes())?
             .map(|v| dec("peer", &v).map(|PeerRecord(values)| values))
             .transpose()
     }
@@ -913,51 +788,59 @@ impl Store for DiskStore {
         key.extend_from_slice(signer);
         // First one wins: a member that attests two records of a round is a liar, and
         // its second word changes nothing.
-        let _ = self
-            .attest
-            .compare_and_swap(key, None::<&[u8]>, Some(envelope))?;
+        self.kv.insert_new(Table::Attest, &key, envelope)?;
         Ok(())
     }
 
     fn attestations(&self, round: RoundId) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.attest
-            .scan_prefix(round.0.to_be_bytes())
-            .map(|kv| Ok(kv?.1.to_vec()))
-            .collect()
+        Ok(self
+            .kv
+            .scan(Table::Attest, &round.0.to_be_bytes())?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     fn put_own_delta(&self, own: &OwnDelta) -> Result<(), StoreError> {
-        self.own.insert(own.round.0.to_be_bytes(), enc(own))?;
-        Ok(())
+        self.kv.apply(vec![KvOp::Put(
+            Table::Own,
+            own.round.0.to_be_bytes().to_vec(),
+            enc(own),
+        )])
     }
 
     fn own_delta(&self, round: RoundId) -> Result<Option<OwnDelta>, StoreError> {
-        self.own
-            .get(round.0.to_be_bytes())?
+        self.kv
+            .get(Table::Own, &round.0.to_be_bytes())?
             .map(|v| dec("own delta", &v))
             .transpose()
     }
 
     fn own_deltas(&self) -> Result<Vec<OwnDelta>, StoreError> {
-        self.own.iter().map(|kv| dec("own delta", &kv?.1)).collect()
+        self.kv
+            .scan(Table::Own, b"")?
+            .iter()
+            .map(|(_, v)| dec("own delta", v))
+            .collect()
     }
 
     fn put_answered(&self, answered: Answered) -> Result<(), StoreError> {
-        self.answered
-            .insert(answered.round.0.to_be_bytes(), enc(&answered))?;
-        Ok(())
+        self.kv.apply(vec![KvOp::Put(
+            Table::Answered,
+            answered.round.0.to_be_bytes().to_vec(),
+            enc(&answered),
+        )])
     }
 
     fn answered(&self, round: RoundId) -> Result<Option<u32>, StoreError> {
-        self.answered
-            .get(round.0.to_be_bytes())?
+        self.kv
+            .get(Table::Answered, &round.0.to_be_bytes())?
             .map(|v| dec("answered epoch", &v).map(|a: Answered| a.epoch))
             .transpose()
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.kv.flush()
     }
 }
 
@@ -1017,34 +900,6 @@ mod tests {
         s.put_own_delta(&next).unwrap();
         assert_eq!(s.own_deltas().unwrap(), vec![own, next]);
         assert_eq!(s.answered(RoundId(4)).unwrap(), None);
-    }
-
-    #[test]
-    fn blob_writer_writes_exact_bytes_direct_or_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let direct = direct_writes_work(dir.path());
-        for mode in [false, direct] {
-            for len in [
-                0,
-                1,
-                4095,
-                4096,
-                4097,
-                DIRECT_PIECE,
-                DIRECT_PIECE + 3,
-                3 * DIRECT_PIECE + 4099,
-            ] {
-                let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-                let path = dir.path().join(format!("{mode}-{len}"));
-                let mut w = BlobWriter::create(&path, mode).unwrap();
-                // Odd-sized writes cross piece and block boundaries.
-                for piece in bytes.chunks(777_777) {
-                    w.write_all(piece).unwrap();
-                }
-                w.finish().unwrap().sync_all().unwrap();
-                assert_eq!(fs::read(&path).unwrap(), bytes, "direct={mode} len={len}");
-            }
-        }
     }
 
     #[test]
