@@ -22,8 +22,9 @@ pub(crate) struct Oracle {
     atts: BTreeMap<RoundId, BTreeMap<Outcome, BTreeSet<SignerKey>>>,
     /// Outcomes attested by enough members to be final.
     finals: BTreeMap<RoundId, Outcome>,
-    /// When each own delta was first made durable.
-    own_at: BTreeMap<DeltaHash, Time>,
+    /// When each own delta was last offered (announced by its signer): a signer that
+    /// moves to another fork withdraws it and announces it again if it comes back.
+    offered_at: BTreeMap<DeltaHash, Time>,
     /// When each record was first committed by an honest node.
     first_commit: BTreeMap<RecordHash, Time>,
     /// The bases each outcome was committed on (by honest nodes).
@@ -39,7 +40,7 @@ impl Oracle {
             deltas: BTreeMap::new(),
             atts: BTreeMap::new(),
             finals: BTreeMap::new(),
-            own_at: BTreeMap::new(),
+            offered_at: BTreeMap::new(),
             first_commit: BTreeMap::new(),
             bases: BTreeMap::new(),
             calm_from: None,
@@ -75,7 +76,14 @@ impl Oracle {
     }
 
     pub(crate) fn own_delta(&mut self, d: DeltaMeta, now: Time) {
-        self.own_at.entry(d.hash).or_insert(now);
+        self.offered_at.entry(d.hash).or_insert(now);
+    }
+
+    /// A node announced a delta of its own: it is on offer from now.
+    pub(crate) fn offered(&mut self, hash: DeltaHash, now: Time) {
+        if let Some(t) = self.offered_at.get_mut(&hash) {
+            *t = now;
+        }
     }
 
     /// An honest node committed the last record of `chain`: it continues the chain, names
@@ -182,7 +190,7 @@ impl Oracle {
 
     /// At the end: honest chains are prefixes of one chain and hold every final outcome;
     /// every honest node kept committing in the calm stretch; a final record of the calm
-    /// stretch leaves out no honest delta made well before it.
+    /// stretch leaves out no honest delta offered well before it.
     pub(crate) fn at_end(
         &self,
         w: &World,
@@ -230,7 +238,7 @@ impl Oracle {
     }
 
     /// Every honest node kept committing in the calm stretch, and a final record of the
-    /// calm stretch leaves out no honest delta made well before it.
+    /// calm stretch leaves out no honest delta offered well before it.
     fn progress(&self, w: &World, calm_heads: Vec<u64>) -> Option<String> {
         let (honest, chains) = honest_chains(w);
         let longest = chains.iter().max_by_key(|c| c.len()).copied()?;
@@ -259,7 +267,7 @@ impl Oracle {
             }
             for (h, d) in &self.deltas {
                 let honest_signer = honest.iter().any(|&i| w.nodes[i].key == d.signer);
-                let made = self.own_at.get(h).copied();
+                let made = self.offered_at.get(h).copied();
                 if honest_signer
                     && d.round == s.record.round
                     && d.base == s.record.base
@@ -267,7 +275,7 @@ impl Oracle {
                     && !s.record.contributions.iter().any(|c| c.signer == d.signer)
                 {
                     return Some(format!(
-                        "round {} leaves out {}'s delta {} made {:?} before the record",
+                        "round {} leaves out {}'s delta {} offered {:?} before the record",
                         s.record.round,
                         d.signer.short(),
                         h.short(),

@@ -272,6 +272,15 @@ impl World {
             let v = self.oracle.attested(&a, self.now);
             self.violation(v);
         }
+        if let Msg::Delta { hash, .. } = msg
+            && self
+                .oracle
+                .deltas
+                .get(&hash)
+                .is_some_and(|d| d.signer == self.nodes[from].key)
+        {
+            self.oracle.offered(hash, self.now);
+        }
         for to in 0..self.nodes.len() {
             if to != from {
                 self.send_gossip(from, to, msg);
