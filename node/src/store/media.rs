@@ -369,7 +369,6 @@ fn direct_writes_work(dir: &Path) -> bool {
     ok
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -140,7 +140,9 @@ struct SimDisk(Arc<Mutex<Disk>>);
 
 impl SimDisk {
     fn lock(&self) -> MutexGuard<'_, Disk> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -381,9 +383,13 @@ fn workload(s: &DiskStore, seed: u64, members: &[Identity], p: &mut Promised) {
                 });
             }
         }
-        if s.put_peer(&format!("peer-{step}"), &[format!("/ip4/127.0.0.1/tcp/{step}")])
-            .is_err()
-            || s.put_attestation(r, &[step as u8; 32], b"attestation").is_err()
+        if s.put_peer(
+            &format!("peer-{step}"),
+            &[format!("/ip4/127.0.0.1/tcp/{step}")],
+        )
+        .is_err()
+            || s.put_attestation(r, &[step as u8; 32], b"attestation")
+                .is_err()
         {
             return;
         }
@@ -519,7 +525,11 @@ fn check_after(s: &DiskStore, p: &Promised, disk: &SimDisk, what: &str) {
         audit: Vec::new(),
     };
     s.commit_round(&commit).unwrap();
-    assert_eq!(s.head().unwrap(), Some(commit.head), "{what}: commit after reopening");
+    assert_eq!(
+        s.head().unwrap(),
+        Some(commit.head),
+        "{what}: commit after reopening"
+    );
 }
 
 fn members() -> Vec<Identity> {
