@@ -134,8 +134,9 @@ pub struct DemoArgs {
     /// Optimiser steps per site per round.
     #[arg(long, default_value_t = crate::demo::DemoOptions::default().steps)]
     pub steps: u64,
-    /// Frames per synthetic movie.
-    #[arg(long, default_value_t = 12)]
+    /// Frames of each synthetic site's training movie (its held-out frames are other
+    /// fields of view).
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().frames)]
     pub frames: u32,
     /// Channels of the U-Net's first level.
     #[arg(long, default_value_t = 8)]

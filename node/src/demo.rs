@@ -105,7 +105,7 @@ impl Default for DemoOptions {
             // docs/benchmarks.md).
             steps: 30,
             data: Vec::new(),
-            frames: 12,
+            frames: 9,
             out: PathBuf::from("cellswarm-demo"),
             seed: 1,
             width: 8,
@@ -274,6 +274,17 @@ fn setup_err(what: &str) -> impl Fn(std::io::Error) -> DaemonError + '_ {
 /// cell densities and shapes, so that no site's data stands for the others'.
 const DEMO_PROFILES: [&str; 5] = ["noisy", "dense", "sparse", "balanced", "fast"];
 
+/// Fields of view each synthetic site is scored on (the last frame of a movie of its
+/// own each, with other cells than the movie it trains on).
+pub const HELDOUT_FIELDS: usize = 6;
+
+/// Seed of held-out field `k` of synthetic site `site` (far from the training movies'
+/// seeds `seed + site`).
+fn field_seed(seed: u64, site: usize, k: usize) -> u64 {
+    seed.wrapping_mul(1_000_003)
+        .wrapping_add(0x5eed_0000 + (site as u64) * 64 + k as u64)
+}
+
 fn site_name(i: usize) -> String {
     format!("site-{}", (b'a' + (i % 26) as u8) as char)
 }
@@ -288,7 +299,12 @@ fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
             None => Some(DEMO_PROFILES[i % DEMO_PROFILES.len()]),
             Some(p) => p.to_str().and_then(|p| p.strip_prefix("synthetic:")),
         };
-        let movie = if let Some(profile_name) = synthetic {
+        if let Some(profile_name) = synthetic {
+            if o.frames == 0 {
+                return Err(DaemonError::Setup(
+                    "--frames must be at least 1 (frames of each synthetic site's movie)".into(),
+                ));
+            }
             let profile = crate::synth::Profile::named(profile_name)
                 .ok_or_else(|| DaemonError::Setup(format!("no profile {profile_name}")))?;
             let dir = o.out.join("data").join(&name);
@@ -297,10 +313,31 @@ fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
                 crate::synth::generate(&profile, o.frames as usize, o.seed + i as u64)
                     .write_ctc(&dir, "01")?;
             }
-            seq
-        } else {
-            o.data[i].clone()
-        };
+            // The site trains on all of its movie and is scored on other fields of view
+            // from the same microscope: new cells, never frames of the cells it trained
+            // on (consecutive frames show the same cells a pixel or two apart, which
+            // rewards a model for remembering them).
+            let train = load_annotated(&Movie::open(&seq)?, None)?;
+            let mut heldout = Vec::with_capacity(HELDOUT_FIELDS);
+            for k in 0..HELDOUT_FIELDS {
+                let field = format!("{:02}", k + 2);
+                let fseq = dir.join(&field);
+                if !fseq.is_dir() {
+                    crate::synth::generate(&profile, o.frames as usize, field_seed(o.seed, i, k))
+                        .write_ctc(&dir, &field)?;
+                }
+                // The field's last frame: cells that have moved, grown and divided.
+                heldout.extend(load_annotated(&Movie::open(&fseq)?, None)?.pop());
+            }
+            sites.push(Site {
+                name,
+                movie: seq,
+                train,
+                heldout,
+            });
+            continue;
+        }
+        let movie = o.data[i].clone();
         let m = Movie::open(&movie)?;
         let all = load_annotated(&m, None)?;
         if all.len() < 2 {
@@ -309,7 +346,8 @@ fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
                 movie.display()
             )));
         }
-        // The last quarter of the annotated frames (at least one) is held out.
+        // A real movie: the last quarter of its annotated frames (at least one) is held
+        // out.
         let held = (all.len() / 4).max(1);
         let split = all.len() - held;
         let mut train = all;
@@ -462,8 +500,10 @@ fn write_configs(
     Ok(out)
 }
 
-/// Object matches at IoU 0.5 of `model` on `frames`, the frames of one movie (F1 from
-/// `.scores(0.5).f1`; counts add up over sites for the union).
+/// Object matches at IoU 0.5 of `model` on `frames`, one site's held-out frames (F1 from
+/// `.scores(0.5).f1`; counts add up over sites for the union). Each movie among them
+/// (a synthetic site's fields of view are movies of their own) is segmented as
+/// `cellswarm segment` segments a movie: at one cell width estimated on it.
 fn score(
     config: &UNetConfig,
     model: &Weights,
@@ -473,13 +513,11 @@ fn score(
     let mut net = config.init(&device);
     load_weights(&mut net, model)
         .map_err(|e| DaemonError::Setup(format!("loading weights: {e}")))?;
-    Ok(movie_counts(
-        &net,
-        config,
-        &device,
-        frames,
-        &InferOptions::default(),
-    ))
+    let mut counts = MatchCounts::default();
+    for movie in frames.chunk_by(|a, b| a.movie == b.movie) {
+        counts += movie_counts(&net, config, &device, movie, &InferOptions::default());
+    }
+    Ok(counts)
 }
 
 /// Scores of one model on each site and on the union of all sites' held-out frames.

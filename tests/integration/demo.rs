@@ -108,44 +108,55 @@ fn the_demo_trains_a_swarm_and_writes_a_truthful_report() {
     assert_eq!(&png[1..4], b"PNG");
 
     // The report's F1 of the final swarm model on site-a is what segmenting site-a's
-    // held-out frame with the saved model and scoring it independently gives.
-    let movie = report.join("data/site-a/01");
-    let frames = 8usize;
-    let held = (frames / 4).max(1);
-    let range = format!("{}-{}", frames - held, frames - 1);
-    let _ = ok_stdout(&cellswarm(
-        d,
-        &[
-            "segment",
-            "--model",
-            &p(&report.join("model")),
-            "--movie",
-            &p(&movie),
-            "--frames",
-            &range,
-            "--out",
-            "pred",
-        ],
-    ));
-    let eval = ok_stdout(&cellswarm(
-        d,
-        &[
-            "eval",
-            "--pred",
-            "pred",
-            "--gt",
-            &p(&report.join("data/site-a/01_GT")),
-            "--json",
-        ],
-    ));
-    let e: serde_json::Value = serde_json::from_str(&eval).expect("eval JSON");
-    let f1 = e["matching"]
-        .as_array()
-        .expect("matching")
-        .iter()
-        .find(|m| (m["threshold"].as_f64().unwrap_or(0.0) - 0.5).abs() < 1e-9)
-        .and_then(|m| m["f1"].as_f64())
-        .expect("F1 at 0.5");
+    // held-out fields of view (the last frame of six movies of their own, none of them
+    // the movie site-a trained on) with the saved model and scoring them independently
+    // gives.
+    let (mut tp, mut fp, mut fn_) = (0u64, 0u64, 0u64);
+    for k in 0..6 {
+        let field = format!("{:02}", k + 2);
+        let movie = report.join("data/site-a").join(&field);
+        let pred = format!("pred-{field}");
+        let _ = ok_stdout(&cellswarm(
+            d,
+            &[
+                "segment",
+                "--model",
+                &p(&report.join("model")),
+                "--movie",
+                &p(&movie),
+                "--frames",
+                "7",
+                "--out",
+                &pred,
+            ],
+        ));
+        let eval = ok_stdout(&cellswarm(
+            d,
+            &[
+                "eval",
+                "--pred",
+                &pred,
+                "--gt",
+                &p(&report.join(format!("data/site-a/{field}_GT"))),
+                "--json",
+            ],
+        ));
+        let e: serde_json::Value = serde_json::from_str(&eval).expect("eval JSON");
+        assert_eq!(e["frames"], serde_json::json!([7]), "{eval}");
+        let at_half = e["matching"]
+            .as_array()
+            .expect("matching")
+            .iter()
+            .find(|m| (m["threshold"].as_f64().unwrap_or(0.0) - 0.5).abs() < 1e-9)
+            .expect("matches at 0.5")["counts"]
+            .clone();
+        let n = |k: &str| at_half[k].as_u64().expect("a count");
+        tp += n("tp");
+        fp += n("fp");
+        fn_ += n("fn_");
+    }
+    assert!(tp + fn_ > 0, "the fields hold cells");
+    let f1 = 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64;
     let reported = matrix[0][0].as_f64().expect("f64");
     assert!(
         (f1 - reported).abs() < 1e-9,
