@@ -95,22 +95,6 @@ impl TrainPlane {
     }
 }
 
-/// How percentile normalisation places a frame that carries extra Gaussian noise of
-/// standard deviation `sigma` (in the clean frame's normalised units): `(shift, scale)`
-/// with `noisy = (clean + noise + shift) * scale`. The 1st and 99.8th percentiles (see
-/// [`super::normalize::LOW_PERCENTILE`]) of a frame whose extremes are flat (background,
-/// bright cell interiors) move out by about 2.33 and 2.88 sigma, so the background of a
-/// noisy camera's frame sits 2.33 sigma above 0 after normalising and the whole range is
-/// squeezed. Augmenting with noise without this trains a model on noisy frames whose
-/// background is as dark as a clean camera's, which no real noisy frame is: such a model
-/// read a noisy site's raised background near cells as cell and drew them 40 % too large.
-#[must_use]
-pub fn noisy_normalised(sigma: f32) -> (f32, f32) {
-    const LOW_Z: f32 = 2.326;
-    const HIGH_Z: f32 = 2.878;
-    (LOW_Z * sigma, 1.0 / (1.0 + (LOW_Z + HIGH_Z) * sigma))
-}
-
 /// Sampling settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerConfig {
@@ -161,7 +145,7 @@ impl Default for SamplerConfig {
             intensity_shift: 0.1,
             zoom: 1.25,
             blur: 1.5,
-            noise: 0.2,
+            noise: 0.1,
         }
     }
 }
@@ -343,13 +327,8 @@ impl PatchSampler {
         if noise > 0.0 {
             let normal = rand_distr::Normal::new(0.0f32, noise)
                 .unwrap_or_else(|_| unreachable!("a positive, finite sigma"));
-            // A noisier camera's frame, normalised as the loader normalises every frame:
-            // the noise widens the intensity percentiles that map to 0 and 1, so the
-            // background sits higher and the contrast is lower (see `noisy_normalised`).
-            let (shift, scale) = noisy_normalised(noise);
             for v in img.iter_mut() {
-                *v =
-                    (*v + rand_distr::Distribution::sample(&normal, &mut self.rng) + shift) * scale;
+                *v += rand_distr::Distribution::sample(&normal, &mut self.rng);
             }
         }
     }
@@ -497,51 +476,6 @@ mod tests {
         assert!(
             changed > 10 && changed < 40,
             "about 3 in 4 patches change: {changed}"
-        );
-    }
-
-    #[test]
-    fn noise_augmentation_places_the_background_where_a_noisy_camera_puts_it() {
-        use super::super::normalize::{HIGH_PERCENTILE, LOW_PERCENTILE, normalize};
-        use super::super::volume::Volume;
-        // A frame of flat background (100) with bright cells (1000) on a third of it,
-        // recorded by a clean camera and by a noisy one (Gaussian noise, sd 60).
-        let n = 192;
-        let clean: Vec<f32> = (0..n * n)
-            .map(|i| if (i % n) % 24 < 8 { 1000.0 } else { 100.0 })
-            .collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let normal = rand_distr::Normal::new(0.0f32, 60.0).unwrap();
-        let noisy: Vec<f32> = clean
-            .iter()
-            .map(|v| v + rand_distr::Distribution::sample(&normal, &mut rng))
-            .collect();
-        let norm = |v: Vec<f32>| {
-            normalize(&Volume::from_2d(n, n, v), LOW_PERCENTILE, HIGH_PERCENTILE)
-                .plane(0)
-                .to_vec()
-        };
-        let median_bg = |img: &[f32]| {
-            let mut bg: Vec<f32> = img
-                .iter()
-                .zip(&clean)
-                .filter(|&(_, &c)| c < 500.0)
-                .map(|(&v, _)| v)
-                .collect();
-            bg.sort_by(f32::total_cmp);
-            bg[bg.len() / 2]
-        };
-        let clean_n = norm(clean.clone());
-        let noisy_n = norm(noisy);
-        assert!(median_bg(&clean_n).abs() < 1e-6);
-        // The augmentation's model of it, with the noise in the clean frame's units.
-        let sigma = 60.0 / 900.0;
-        let (shift, scale) = noisy_normalised(sigma);
-        let predicted = (median_bg(&clean_n) + shift) * scale;
-        let measured = median_bg(&noisy_n);
-        assert!(
-            measured > 0.08 && (predicted - measured).abs() < 0.02,
-            "background after normalising: predicted {predicted}, measured {measured}"
         );
     }
 }
