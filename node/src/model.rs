@@ -353,16 +353,22 @@ pub fn device_from_name(name: &str) -> Result<Device, String> {
         } else {
             Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(index))
         }),
-        "cuda" | "wgpu" => {
-            let _ = index;
-            Err(format!(
-                "this build has no {kind} backend; rebuild with `cargo build --release -p cellswarm-node --features {kind}`"
-            ))
-        }
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(no_backend(kind, index)),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => Err(no_backend(kind, index)),
         _ => Err(format!(
             "unknown device {name:?}; expected cpu, cuda[:N] or wgpu[:N]"
         )),
     }
+}
+
+/// The error for a GPU backend this build was compiled without.
+#[cfg(any(not(feature = "cuda"), not(feature = "wgpu")))]
+fn no_backend(kind: &str, _index: usize) -> String {
+    format!(
+        "this build has no {kind} backend; rebuild with `cargo build --release -p cellswarm-node --features {kind}`"
+    )
 }
 
 #[cfg(test)]
