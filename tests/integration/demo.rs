@@ -189,11 +189,12 @@ fn a_site_left_out_is_scored_by_every_model_and_the_classical_baseline() {
         &std::fs::read(d.join("report/metrics.json")).expect("metrics.json"),
     )
     .expect("valid JSON");
-    // Two sites trained; the third took no part and all its 4 frames were scored.
+    // Two sites trained; the third took no part, and every frame it has was scored: the
+    // 4 of its movie and its 6 held-out fields of view.
     assert_eq!(v["sites"].as_array().expect("sites").len(), 2);
     let u = &v["unseen"];
     assert_eq!(u["site"], "site-c");
-    assert_eq!(u["frames"], 4);
+    assert_eq!(u["frames"], 4 + 6);
     assert!(u["objects"].as_u64().expect("objects") > 0);
     for m in [
         "swarm",
