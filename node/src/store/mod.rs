@@ -408,12 +408,11 @@ impl DiskStore {
     /// [`StoreError::Open`] when the database cannot be opened (damaged disk), with what
     /// to do; I/O errors creating the folders.
     pub fn open(root: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        for d in FOLDERS {
-            let p = root.join(d);
-            fs::create_dir_all(&p).map_err(io(&p))?;
-        }
+        // The probe for direct writes needs `tmp/`; `open_on` creates the other folders.
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         let kv = SledKv::open(&root.join("meta.sled"), cache_bytes)?;
-        let files = OsFiles::probing(&root.join("tmp"));
+        let files = OsFiles::probing(&tmp);
         Self::open_on(root, Box::new(files), Box::new(kv))
     }
 
