@@ -138,6 +138,10 @@ pub struct DemoArgs {
     /// fields of view).
     #[arg(long, default_value_t = crate::demo::DemoOptions::default().frames)]
     pub frames: u32,
+    /// Fields of view each synthetic site is scored on (the last frame of a movie of
+    /// its own each; fewer make a quicker, noisier report).
+    #[arg(long, default_value_t = crate::demo::DemoOptions::default().fields)]
+    pub fields: usize,
     /// Channels of the U-Net's first level.
     #[arg(long, default_value_t = 8)]
     pub width: usize,
@@ -354,6 +358,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 steps: a.steps,
                 data: a.data,
                 frames: a.frames,
+                fields: a.fields,
                 out: a.out,
                 seed: a.seed,
                 width: a.width,

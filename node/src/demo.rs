@@ -52,6 +52,8 @@ pub struct DemoOptions {
     pub data: Vec<PathBuf>,
     /// Frames per synthetic movie.
     pub frames: u32,
+    /// Held-out fields of view per synthetic site ([`HELDOUT_FIELDS`] by default).
+    pub fields: usize,
     /// Report folder.
     pub out: PathBuf,
     /// Seed of the synthetic movies and of training.
@@ -106,6 +108,7 @@ impl Default for DemoOptions {
             steps: 30,
             data: Vec::new(),
             frames: 9,
+            fields: HELDOUT_FIELDS,
             out: PathBuf::from("cellswarm-demo"),
             seed: 1,
             width: 8,
@@ -274,8 +277,8 @@ fn setup_err(what: &str) -> impl Fn(std::io::Error) -> DaemonError + '_ {
 /// cell densities and shapes, so that no site's data stands for the others'.
 const DEMO_PROFILES: [&str; 5] = ["noisy", "dense", "sparse", "balanced", "fast"];
 
-/// Fields of view each synthetic site is scored on (the last frame of a movie of its
-/// own each, with other cells than the movie it trains on).
+/// Fields of view each synthetic site is scored on by default (the last frame of a
+/// movie of its own each, with other cells than the movie it trains on).
 pub const HELDOUT_FIELDS: usize = 6;
 
 /// Seed of held-out field `k` of synthetic site `site` (far from the training movies'
@@ -305,6 +308,12 @@ fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
                     "--frames must be at least 1 (frames of each synthetic site's movie)".into(),
                 ));
             }
+            if o.fields == 0 {
+                return Err(DaemonError::Setup(
+                    "--fields must be at least 1 (held-out fields of view of each synthetic site)"
+                        .into(),
+                ));
+            }
             let profile = crate::synth::Profile::named(profile_name)
                 .ok_or_else(|| DaemonError::Setup(format!("no profile {profile_name}")))?;
             let dir = o.out.join("data").join(&name);
@@ -318,8 +327,8 @@ fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
             // on (consecutive frames show the same cells a pixel or two apart, which
             // rewards a model for remembering them).
             let train = load_annotated(&Movie::open(&seq)?, None)?;
-            let mut heldout = Vec::with_capacity(HELDOUT_FIELDS);
-            for k in 0..HELDOUT_FIELDS {
+            let mut heldout = Vec::with_capacity(o.fields);
+            for k in 0..o.fields {
                 let field = format!("{:02}", k + 2);
                 let fseq = dir.join(&field);
                 if !fseq.is_dir() {

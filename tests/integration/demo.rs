@@ -13,6 +13,7 @@ fn the_demo_trains_a_swarm_and_writes_a_truthful_report() {
         d,
         &[
             "demo", "--out", "report", "--rounds", "3", "--steps", "25", "--frames", "8",
+            "--fields", "2",
         ],
     ));
     // One line per round, with the model hash, losses and both F1 columns.
@@ -108,11 +109,11 @@ fn the_demo_trains_a_swarm_and_writes_a_truthful_report() {
     assert_eq!(&png[1..4], b"PNG");
 
     // The report's F1 of the final swarm model on site-a is what segmenting site-a's
-    // held-out fields of view (the last frame of six movies of their own, none of them
+    // held-out fields of view (the last frame of two movies of their own, none of them
     // the movie site-a trained on) with the saved model and scoring them independently
     // gives.
     let (mut tp, mut fp, mut fn_) = (0u64, 0u64, 0u64);
-    for k in 0..6 {
+    for k in 0..2 {
         let field = format!("{:02}", k + 2);
         let movie = report.join("data/site-a").join(&field);
         let pred = format!("pred-{field}");
@@ -181,7 +182,7 @@ fn a_site_left_out_is_scored_by_every_model_and_the_classical_baseline() {
         d,
         &[
             "demo", "--out", "report", "--sites", "3", "--unseen", "2", "--rounds", "1", "--steps",
-            "5", "--frames", "4",
+            "5", "--frames", "4", "--fields", "2",
         ],
     ));
     assert!(out.contains("unseen site site-c"), "{out}");
@@ -190,11 +191,11 @@ fn a_site_left_out_is_scored_by_every_model_and_the_classical_baseline() {
     )
     .expect("valid JSON");
     // Two sites trained; the third took no part, and every frame it has was scored: the
-    // 4 of its movie and its 6 held-out fields of view.
+    // 4 of its movie and its 2 held-out fields of view.
     assert_eq!(v["sites"].as_array().expect("sites").len(), 2);
     let u = &v["unseen"];
     assert_eq!(u["site"], "site-c");
-    assert_eq!(u["frames"], 4 + 6);
+    assert_eq!(u["frames"], 4 + 2);
     assert!(u["objects"].as_u64().expect("objects") > 0);
     for m in [
         "swarm",
@@ -237,6 +238,8 @@ fn the_swarm_trains_alone_without_baselines() {
             "3",
             "--frames",
             "4",
+            "--fields",
+            "1",
         ],
     ));
     assert!(

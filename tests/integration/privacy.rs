@@ -324,6 +324,8 @@ fn the_demo_under_local_dp_still_learns_and_reports_epsilon() {
             "20",
             "--frames",
             "6",
+            "--fields",
+            "2",
             "--out",
             "report",
             "--local-dp-clip",
