@@ -345,6 +345,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(a.rounds >= 1, "--rounds must be at least 1");
             anyhow::ensure!(a.frames >= 2, "--frames must be at least 2");
             anyhow::ensure!(
+                (1..=crate::demo::MAX_FIELDS).contains(&a.fields),
+                "--fields must be between 1 and {}",
+                crate::demo::MAX_FIELDS
+            );
+            anyhow::ensure!(
                 a.batch >= 1 && a.patch >= 8 && a.patch.is_multiple_of(8),
                 "--batch must be at least 1 and --patch a multiple of 8"
             );

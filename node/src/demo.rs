@@ -281,11 +281,15 @@ const DEMO_PROFILES: [&str; 5] = ["noisy", "dense", "sparse", "balanced", "fast"
 /// movie of its own each, with other cells than the movie it trains on).
 pub const HELDOUT_FIELDS: usize = 6;
 
-/// Seed of held-out field `k` of synthetic site `site` (far from the training movies'
-/// seeds `seed + site`).
+/// Most held-out fields of view per synthetic site: [`field_seed`] gives each site 64
+/// seeds of its own.
+pub const MAX_FIELDS: usize = 64;
+
+/// Seed of held-out field `k` (below [`MAX_FIELDS`]) of synthetic site `site` (far from
+/// the training movies' seeds `seed + site`).
 fn field_seed(seed: u64, site: usize, k: usize) -> u64 {
     seed.wrapping_mul(1_000_003)
-        .wrapping_add(0x5eed_0000 + (site as u64) * 64 + k as u64)
+        .wrapping_add(0x5eed_0000 + (site as u64) * MAX_FIELDS as u64 + k as u64)
 }
 
 fn site_name(i: usize) -> String {
@@ -308,11 +312,11 @@ fn prepare_sites(o: &DemoOptions) -> Result<Vec<Site>, DaemonError> {
                     "--frames must be at least 1 (frames of each synthetic site's movie)".into(),
                 ));
             }
-            if o.fields == 0 {
-                return Err(DaemonError::Setup(
-                    "--fields must be at least 1 (held-out fields of view of each synthetic site)"
-                        .into(),
-                ));
+            if !(1..=MAX_FIELDS).contains(&o.fields) {
+                return Err(DaemonError::Setup(format!(
+                    "--fields must be between 1 and {MAX_FIELDS} (held-out fields of view of \
+                     each synthetic site)"
+                )));
             }
             let profile = crate::synth::Profile::named(profile_name)
                 .ok_or_else(|| DaemonError::Setup(format!("no profile {profile_name}")))?;
