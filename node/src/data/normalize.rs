@@ -27,49 +27,50 @@ pub fn percentiles(values: &[f32], lo: f32, hi: f32) -> (f32, f32) {
 /// pixel noise fivefold, so a noisy frame's percentiles sit where a clean frame's do.
 pub const SMOOTHING_RADIUS: usize = 2;
 
-/// Mean of each pixel's `(2r+1)`-square neighbourhood, clipped at the plane's edges.
-/// Non-finite pixels (NaN, infinities) take no part in their neighbours' means; a pixel
-/// whose whole neighbourhood is non-finite gets NaN, which [`percentiles`] ignores.
+/// Mean of each pixel's `(2r+1)`-square neighbourhood, clipped at the plane's edges,
+/// taken as a separable filter: the mean along each row's window, then the mean of
+/// those along each column's window. Non-finite pixels (NaN, infinities) are left out
+/// of both means; a pixel with no finite value in reach gets NaN, which [`percentiles`]
+/// ignores.
 #[must_use]
 pub fn box_mean(plane: &[f32], height: usize, width: usize, r: usize) -> Vec<f32> {
     debug_assert_eq!(plane.len(), height * width);
-    // Running sums of the finite values and their count along rows, then along columns
-    // (f64, so long rows lose nothing). Buffers are reused across rows and columns.
-    let mut sums = vec![0f64; height * width];
-    let mut counts = vec![0u32; height * width];
+    // Running sums (f64, so long rows lose nothing) of the finite values and their
+    // count; one buffer serves every row and column.
     let mut prefix = vec![(0f64, 0u32); height.max(width) + 1];
-    for y in 0..height {
-        let row = y * width;
-        for x in 0..width {
-            let v = plane[row + x];
-            let (s, c) = prefix[x];
-            prefix[x + 1] = if v.is_finite() {
+    let mut mean_1d = |get: &dyn Fn(usize) -> f32, n: usize, put: &mut dyn FnMut(usize, f32)| {
+        for i in 0..n {
+            let v = get(i);
+            let (s, c) = prefix[i];
+            prefix[i + 1] = if v.is_finite() {
                 (s + f64::from(v), c + 1)
             } else {
                 (s, c)
             };
         }
-        for x in 0..width {
-            let (a, b) = (x.saturating_sub(r), (x + r + 1).min(width));
-            sums[row + x] = prefix[b].0 - prefix[a].0;
-            counts[row + x] = prefix[b].1 - prefix[a].1;
+        for i in 0..n {
+            let (a, b) = (i.saturating_sub(r), (i + r + 1).min(n));
+            let count = prefix[b].1 - prefix[a].1;
+            put(
+                i,
+                if count == 0 {
+                    f32::NAN
+                } else {
+                    ((prefix[b].0 - prefix[a].0) / f64::from(count)) as f32
+                },
+            );
         }
+    };
+    let mut rows = vec![0f32; plane.len()];
+    for y in 0..height {
+        let base = y * width;
+        mean_1d(&|x| plane[base + x], width, &mut |x, v| rows[base + x] = v);
     }
-    let mut out = vec![0f32; height * width];
+    let mut out = vec![0f32; plane.len()];
     for x in 0..width {
-        for y in 0..height {
-            let (s, c) = prefix[y];
-            prefix[y + 1] = (s + sums[y * width + x], c + counts[y * width + x]);
-        }
-        for y in 0..height {
-            let (a, b) = (y.saturating_sub(r), (y + r + 1).min(height));
-            let n = prefix[b].1 - prefix[a].1;
-            out[y * width + x] = if n == 0 {
-                f32::NAN
-            } else {
-                ((prefix[b].0 - prefix[a].0) / f64::from(n)) as f32
-            };
-        }
+        mean_1d(&|y| rows[y * width + x], height, &mut |y, v| {
+            out[y * width + x] = v;
+        });
     }
     out
 }
