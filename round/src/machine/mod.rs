@@ -100,6 +100,11 @@ pub struct Machine {
     fork_tried: BTreeMap<SignerKey, Time>,
     /// Peers whose last catch-up chain broke a rule, and when.
     distrust: BTreeMap<SignerKey, Time>,
+    /// The records we voted for, by round (the newest [`HISTORY`] rounds), kept when we
+    /// leave them: an outcome can become final after every voter left it.
+    voted: BTreeMap<RoundId, SignedRecord>,
+    /// When we last asked a voter for a final outcome we do not hold.
+    final_asked: Option<Time>,
     out: VecDeque<Effect>,
     counters: Counters,
 }
@@ -127,13 +132,28 @@ impl Machine {
             fork_asked: None,
             fork_tried: BTreeMap::new(),
             distrust: BTreeMap::new(),
+            voted: BTreeMap::new(),
+            final_asked: None,
             out: VecDeque::new(),
             counters: Counters::default(),
             cfg,
             now,
         };
+        let me = m.cfg.me;
         for a in restored.attestations {
+            // We vote once per round, also across a restart after a rewind.
+            if a.signer == me && a.round > m.attested {
+                m.attested = a.round;
+            }
             m.on_attestation(a);
+        }
+        // Records we voted for: those still on our chain are the driver's to serve; the
+        // ones we left come back from the store.
+        let low = m.head.round.0.saturating_sub(HISTORY as u64);
+        for v in restored.voted {
+            if v.record.round.0 > low {
+                m.voted.insert(v.record.round, v);
+            }
         }
         m.out.clear();
         m.start_round();
@@ -185,6 +205,7 @@ impl Machine {
             + self.two_faced.values().map(BTreeMap::len).sum::<usize>()
             + self.checked.values().map(BTreeMap::len).sum::<usize>()
             + self.distrust.len()
+            + self.voted.len()
             + self.held.len()
             + self.kept.len()
     }
@@ -239,27 +260,152 @@ impl Machine {
             .chain((!self.kept.is_empty()).then_some(self.head))
     }
 
-    /// An outcome of a round we kept became final and it is not ours (we preferred
-    /// another before its attestations reached us): our chain from that round stands on
-    /// a dead branch; catch up from a member that attested the final one, replacing it.
-    fn check_final(&mut self, a: Attestation) {
+    /// How many of our newest rounds to replace for `a`'s outcome: a round we kept whose
+    /// final outcome is not ours (we preferred another before its attestations reached
+    /// us), while every round of ours before it is final. `None` when there is nothing to
+    /// replace or a catch-up runs.
+    fn final_not_ours(&self, a: &Attestation) -> Option<usize> {
         if self.sync.is_some() || a.round > self.head.round || a.round.0 == 0 {
-            return;
+            return None;
         }
-        let Some(ours) = self.outcomes().find(|h| h.round == a.round) else {
-            return;
-        };
+        let ours = self.outcomes().find(|h| h.round == a.round)?;
         if (ours.model, ours.state) == (a.model, a.state)
             || !self.is_final(a.round, a.model, a.state)
             || !self.final_at(RoundId(a.round.0 - 1))
         {
-            return;
+            return None;
         }
         let depth = (self.head.round.0 - a.round.0 + 1) as usize;
-        if depth > self.kept.len() {
+        (depth <= self.kept.len()).then_some(depth)
+    }
+
+    /// An outcome of a round we kept became final and it is not ours: our chain from that
+    /// round stands on a dead branch. Its record comes from our own vote when we voted
+    /// for it and left it, else from a member that voted for it (which keeps it even
+    /// after leaving it: the outcome may have become final after all its voters moved);
+    /// checked and recomputed like any catch-up, it replaces our rounds from there.
+    fn check_final(&mut self, a: Attestation) {
+        let Some(depth) = self.final_not_ours(&a) else {
+            return;
+        };
+        let me = self.cfg.me;
+        let mine = self
+            .voted
+            .get(&a.round)
+            .filter(|v| (v.record.model, v.record.state) == (a.model, a.state))
+            .cloned();
+        // A voter other than us: it serves the deltas the record names.
+        let voter = self
+            .votes(a.round)
+            .filter(|v| (v.model, v.state) == (a.model, a.state) && v.signer != me)
+            .map(|v| v.signer)
+            .find(|s| !self.distrust.contains_key(s));
+        let Some(voter) = voter else {
+            return;
+        };
+        if let Some(sr) = mine {
+            self.final_sync(voter, sr, depth);
             return;
         }
-        self.rewind_to_final(a.signer, depth);
+        if self
+            .final_asked
+            .is_some_and(|t| self.now < t + self.cfg.heartbeat / 2)
+        {
+            return;
+        }
+        self.final_asked = Some(self.now);
+        let asked = if a.signer == me { voter } else { a.signer };
+        self.request(asked, Req::Voted(a.round));
+    }
+
+    /// A member's answer to our request for the record it voted for in `round`.
+    fn on_voted(&mut self, from: SignerKey, round: RoundId, resp: Option<Resp>) {
+        let sr = match resp {
+            Some(Resp::Record(Some(sr))) => sr,
+            Some(Resp::Record(None)) | None => {
+                // It no longer holds it (it restarted): its chain, if that still holds
+                // the final outcome.
+                let Some(a) = self.final_outcome(round) else {
+                    return;
+                };
+                if let Some(depth) = self.final_not_ours(&a) {
+                    self.rewind_to_final(from, depth, (a.model, a.state));
+                }
+                return;
+            }
+            Some(_) => {
+                self.refuse(from, Refusal::Answer(Req::Voted(round)));
+                return;
+            }
+        };
+        let a = Attestation {
+            signer: from,
+            round,
+            record: sr.hash,
+            model: sr.record.model,
+            state: sr.record.state,
+        };
+        if sr.record.round != round || !self.is_final(round, a.model, a.state) {
+            // Not the outcome the attestations make final: not what it voted for.
+            self.refuse(from, Refusal::Answer(Req::Voted(round)));
+            return;
+        }
+        if let Some(depth) = self.final_not_ours(&a) {
+            self.final_sync(from, sr, depth);
+        }
+    }
+
+    /// Whether we left an outcome we voted for that may still become final (the
+    /// members who attested other outcomes of its round are too few to stop it): then we
+    /// vote no more, sending checks instead, until it is ours again or cannot become
+    /// final. Our last votes are repeated with every heartbeat meanwhile, so a member
+    /// that left an outcome it made final (the last vote came after it left) lets
+    /// everyone learn it is final, and nobody's newer votes make a branch beside it look
+    /// final.
+    fn locked(&self) -> bool {
+        let q = final_threshold(self.cfg.members.len(), self.cfg.byzantine);
+        let ours: BTreeMap<RoundId, (ModelHash, [u8; 32])> = self
+            .outcomes()
+            .map(|h| (h.round, (h.model, h.state)))
+            .collect();
+        self.voted.iter().any(|(r, v)| {
+            let x = (v.record.model, v.record.state);
+            if ours.get(r).is_none_or(|o| *o == x) {
+                return false;
+            }
+            let against = self.votes(*r).filter(|a| (a.model, a.state) != x).count();
+            self.cfg.members.len().saturating_sub(against) >= q
+        })
+    }
+
+    /// A final outcome of `round` by the attestations we hold, as one of its votes
+    /// (another member's where there is one).
+    fn final_outcome(&self, round: RoundId) -> Option<Attestation> {
+        let q = final_threshold(self.cfg.members.len(), self.cfg.byzantine);
+        let mut tally: BTreeMap<(ModelHash, [u8; 32]), (usize, Attestation)> = BTreeMap::new();
+        for v in self.votes(round) {
+            let e = tally.entry((v.model, v.state)).or_insert((0, *v));
+            e.0 += 1;
+            if e.1.signer == self.cfg.me {
+                e.1 = *v;
+            }
+        }
+        tally.into_values().find(|(n, _)| *n >= q).map(|(_, a)| a)
+    }
+
+    /// Every heartbeat: a round we kept whose final outcome is not ours (the attestation
+    /// that made it final may have arrived while a catch-up ran, and voters repeat only
+    /// their newest rounds).
+    fn scan_final(&mut self) {
+        let rounds: Vec<RoundId> = self.outcomes().map(|h| h.round).collect();
+        for r in rounds {
+            if self.sync.is_some() {
+                return;
+            }
+            if let Some(a) = self.final_outcome(r) {
+                self.check_final(a);
+            }
+        }
     }
 
     /// Answers what only the machine knows: attestations and the current pool.
@@ -282,6 +428,7 @@ impl Machine {
                     .map(Live::listed)
                     .unwrap_or_default(),
             )),
+            Req::Voted(r) => Some(Resp::Record(self.voted.get(&r).cloned())),
             _ => None,
         }
     }
@@ -350,6 +497,7 @@ impl Machine {
                 self.out.push_back(Effect::Broadcast(Msg::Checked(a)));
             }
             self.live_heartbeat();
+            self.scan_final();
         }
         self.check_merge();
         self.sync_deadline();
@@ -524,6 +672,7 @@ impl Machine {
                     self.on_record(from, sr);
                 }
             }
+            (Req::Voted(r), resp) => self.on_voted(from, r, resp),
             (Req::Records { from: start, max }, resp) => {
                 let list = match resp {
                     Some(Resp::Records(l)) => l,
@@ -585,6 +734,18 @@ impl Machine {
         attest: bool,
     ) {
         if let Some(from) = replaces {
+            // The records we voted for that this commit drops from our chain are kept.
+            let chain: BTreeSet<_> = self.outcomes().filter_map(|h| h.record).collect();
+            let left: Vec<SignedRecord> = self
+                .voted
+                .range(from..)
+                .map(|(_, v)| v)
+                .filter(|v| chain.contains(&v.hash))
+                .cloned()
+                .collect();
+            for v in left {
+                self.out.push_back(Effect::Persist(Durable::Voted(v)));
+            }
             while self.head.round >= from {
                 let Some(k) = self.kept.pop_back() else { break };
                 for d in &k.merged {
@@ -615,6 +776,7 @@ impl Machine {
         self.atts.retain(|k, _| k.0 > low);
         self.two_faced.retain(|k, _| k.0 > low);
         self.checked.retain(|k, _| k.0 > low);
+        self.voted.retain(|k, _| k.0 > low);
         self.unsynced = Some(r.round);
         let a = Attestation {
             signer: self.cfg.me,
@@ -623,8 +785,9 @@ impl Machine {
             model: r.model,
             state: r.state,
         };
-        if attest && r.round > self.attested {
+        if attest && r.round > self.attested && !self.locked() {
             self.attested = r.round;
+            self.voted.insert(r.round, sr.clone());
             self.on_attestation(a);
             if sr.signer == self.cfg.me {
                 self.held.push(Msg::MergeReady {

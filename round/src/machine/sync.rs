@@ -62,6 +62,9 @@ pub struct Sync {
     gate: Option<RoundId>,
     /// Records recomputed and held back by the gate.
     held: Vec<SignedRecord>,
+    /// A round's final outcome: a chain with another outcome of that round is not taken
+    /// (the member serving it left the outcome; no lie).
+    expect: Option<(RoundId, ModelHash, [u8; 32])>,
 }
 
 impl Sync {
@@ -116,6 +119,7 @@ impl Machine {
             fork: false,
             gate: None,
             held: Vec::new(),
+            expect: None,
         }
     }
 
@@ -135,8 +139,14 @@ impl Machine {
     }
 
     /// Replaces our newest `depth` rounds by `peer`'s chain, checked and recomputed like
-    /// any catch-up (a final outcome of the first of them is not ours).
-    pub(super) fn rewind_to_final(&mut self, peer: SignerKey, depth: usize) {
+    /// any catch-up, provided its first record is `outcome` (a final outcome of the first
+    /// of them that is not ours).
+    pub(super) fn rewind_to_final(
+        &mut self,
+        peer: SignerKey,
+        depth: usize,
+        outcome: (ModelHash, [u8; 32]),
+    ) {
         let start = self.kept.len() - depth;
         let before = self.kept[start].before;
         let mut s = self.new_sync(peer, Position::after(&before), before.state);
@@ -145,9 +155,32 @@ impl Machine {
             s.unmerged.extend(k.merged.iter().copied());
         }
         let from = before.round.next();
+        s.expect = Some((from, outcome.0, outcome.1));
         self.counters.syncs += 1;
         self.sync = Some(s);
         self.request(peer, Req::Records { from, max: BATCH });
+    }
+
+    /// Replaces our newest `depth` rounds by `sr` alone, the final outcome of the first
+    /// of them, once it passes the rules and recomputes (its deltas fetched from their
+    /// signers, `peer` and every member we reach). The rounds after it are then caught
+    /// up or played again.
+    pub(super) fn final_sync(&mut self, peer: SignerKey, sr: SignedRecord, depth: usize) {
+        let start = self.kept.len() - depth;
+        let before = self.kept[start].before;
+        let mut s = self.new_sync(peer, Position::after(&before), before.state);
+        s.asked = None;
+        s.more = false;
+        s.rewind = depth;
+        s.fork = true;
+        s.expect = Some((sr.record.round, sr.record.model, sr.record.state));
+        for k in self.kept.iter().skip(start) {
+            s.unmerged.extend(k.merged.iter().copied());
+        }
+        s.queue.push_back(sr);
+        self.counters.syncs += 1;
+        self.sync = Some(s);
+        self.sync_step();
     }
 
     /// Fork choice prefers a member's head whose chain forks from ours before our head:
@@ -242,6 +275,13 @@ impl Machine {
             }
             return;
         };
+        if s.expect.is_some_and(|(r, m, st)| {
+            sr.record.round == r && (sr.record.model, sr.record.state) != (m, st)
+        }) {
+            // Not the final outcome: the peer left it, as we did.
+            self.sync = None;
+            return;
+        }
         let first = s.check.confirmed() == 0;
         let merged = &self.merged;
         let unmerged = &s.unmerged;

@@ -128,6 +128,9 @@ pub enum Req {
     Attestations(RoundId),
     /// The deltas a member pooled for a round.
     Deltas(RoundId),
+    /// The record a member voted for in a round, kept even after it followed the
+    /// consortium to another outcome (answered with [`Resp::Record`]).
+    Voted(RoundId),
 }
 
 /// An answer to a [`Req`]; the driver checked every signature in it.
@@ -172,7 +175,7 @@ pub enum Job {
 }
 
 /// A typed record the driver must make durable before it acknowledges it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Durable {
     /// Our delta of a round: after a restart it is announced again, never trained again
     /// (one delta per member per round).
@@ -180,6 +183,11 @@ pub enum Durable {
     /// A member's attestation (ours included): finality and certificates outlive a
     /// restart. Nothing waits for it to be durable.
     Attestation(Attestation),
+    /// A record we voted for, written as a commit drops it from our chain (we followed
+    /// the consortium to another outcome): the outcome may still become final, and
+    /// members that want it ask its voters ([`Req::Voted`]). The driver keeps the newest
+    /// per round for the last [`HISTORY`] rounds; nothing waits for it to be durable.
+    Voted(SignedRecord),
 }
 
 /// Why the machine refused something a peer sent.
@@ -356,6 +364,8 @@ pub struct Restored {
     pub own: Vec<DeltaMeta>,
     /// Attestations kept for the rounds near the head.
     pub attestations: Vec<Attestation>,
+    /// Records we voted for and left ([`Durable::Voted`]).
+    pub voted: Vec<SignedRecord>,
 }
 
 impl Restored {
@@ -394,6 +404,7 @@ impl Restored {
             merged,
             own: Vec::new(),
             attestations: Vec::new(),
+            voted: Vec::new(),
         }
     }
 }

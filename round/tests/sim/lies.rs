@@ -105,7 +105,7 @@ pub(crate) fn serve(w: &mut World, i: usize, req: Req) -> Option<Option<Resp>> {
             let own = w.oracle.deltas.get(&h).is_some_and(|d| d.signer == key);
             (l.has(Lie::Withhold) && own).then_some(None)
         }
-        Req::Record(r) => l
+        Req::Record(r) | Req::Voted(r) => l
             .records
             .get(&r)
             .map(|s| Some(Resp::Record(Some(s.clone())))),

@@ -171,10 +171,10 @@ impl Oracle {
 
     /// The final chain: from round 1, each round's outcome attested by enough members
     /// and committed on the final outcome of the round before.
-    fn final_chain(&self) -> Vec<Outcome> {
+    fn final_chain(&self, of: &BTreeMap<RoundId, Outcome>) -> Vec<Outcome> {
         let mut finals: Vec<Outcome> = Vec::new();
         let mut base = genesis().0;
-        while let Some(o) = self.finals.get(&RoundId(finals.len() as u64 + 1)) {
+        while let Some(o) = of.get(&RoundId(finals.len() as u64 + 1)) {
             let on_base = self
                 .bases
                 .get(&(RoundId(finals.len() as u64 + 1), o.0))
@@ -186,6 +186,30 @@ impl Oracle {
             finals.push(*o);
         }
         finals
+    }
+
+    /// Outcomes final by the protocol's count: attested by enough members, none of whom
+    /// attested another outcome of the round (a member that did is a liar, and its proof
+    /// reaches every member that asks for the round's attestations, so no member can
+    /// hold on to its vote). Only these must be on every honest chain at the end; the
+    /// safety check counts a liar's every attestation (`finals`).
+    fn settled_finals(&self) -> BTreeMap<RoundId, Outcome> {
+        let mut out = BTreeMap::new();
+        for (round, by) in &self.atts {
+            let mut seen: BTreeMap<SignerKey, usize> = BTreeMap::new();
+            for signers in by.values() {
+                for s in signers {
+                    *seen.entry(*s).or_default() += 1;
+                }
+            }
+            for (o, signers) in by {
+                let one_faced = signers.iter().filter(|s| seen[*s] == 1).count();
+                if one_faced >= self.final_q {
+                    out.insert(*round, *o);
+                }
+            }
+        }
+        out
     }
 
     /// At the end: honest chains are prefixes of one chain and hold every final outcome;
@@ -205,7 +229,7 @@ impl Oracle {
     fn agreement(&self, w: &World) -> Option<String> {
         let (honest, chains) = honest_chains(w);
         let longest = chains.iter().max_by_key(|c| c.len()).copied()?;
-        let finals = self.final_chain();
+        let finals = self.final_chain(&self.settled_finals());
         for (k, c) in chains.iter().enumerate() {
             // Twin records (one merge signed by two racing candidates) are one outcome.
             let same = |a: &SignedRecord, b: &SignedRecord| {
@@ -242,7 +266,7 @@ impl Oracle {
     fn progress(&self, w: &World, calm_heads: Vec<u64>) -> Option<String> {
         let (honest, chains) = honest_chains(w);
         let longest = chains.iter().max_by_key(|c| c.len()).copied()?;
-        let finals = self.final_chain();
+        let finals = self.final_chain(&self.finals);
         for (k, c) in chains.iter().enumerate() {
             let before = calm_heads.get(k).copied().unwrap_or(0);
             if (c.len() as u64) < before + 2 {

@@ -95,6 +95,7 @@ pub(crate) struct Image {
     pub(crate) own: Vec<DeltaMeta>,
     pub(crate) blobs: BTreeSet<DeltaHash>,
     pub(crate) attestations: Vec<cellswarm_round::cert::Attestation>,
+    pub(crate) voted: Vec<SignedRecord>,
 }
 
 /// One member.
@@ -345,7 +346,9 @@ impl World {
                     .cloned()
                     .collect(),
             )),
-            Req::Attestations(_) | Req::Deltas(_) => n.machine.as_ref().and_then(|m| m.serve(req)),
+            Req::Attestations(_) | Req::Deltas(_) | Req::Voted(_) => {
+                n.machine.as_ref().and_then(|m| m.serve(req))
+            }
         }
     }
 
@@ -479,6 +482,18 @@ impl World {
                 kept.push(a);
                 let newest = kept.iter().map(|a| a.round).max().unwrap_or_default();
                 kept.retain(|x| x.round.0 + 16 > newest.0);
+                self.flush_soon(i);
+            }
+            Effect::Persist(Durable::Voted(v)) => {
+                let kept = &mut self.nodes[i].live.voted;
+                kept.retain(|x| x.record.round != v.record.round);
+                kept.push(v);
+                let newest = kept
+                    .iter()
+                    .map(|x| x.record.round)
+                    .max()
+                    .unwrap_or_default();
+                kept.retain(|x| x.record.round.0 + 8 > newest.0);
                 self.flush_soon(i);
             }
             Effect::Persist(Durable::OwnDelta(d)) => {
@@ -685,6 +700,7 @@ impl World {
                 let mut restored = Restored::from_chain(genesis(), &n.durable.chain);
                 restored.own = n.durable.own.clone();
                 restored.attestations = n.durable.attestations.clone();
+                restored.voted = n.durable.voted.clone();
                 n.machine = Some(Machine::new(cfg, restored, self.now));
                 n.sees.clear();
                 self.input(i, Input::Tick);
