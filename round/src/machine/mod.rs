@@ -147,6 +147,11 @@ impl Machine {
             }
             m.on_attestation(a);
         }
+        for c in restored.checks {
+            if c.signer == me {
+                m.on_checked(c);
+            }
+        }
         // Records we voted for: those still on our chain are the driver's to serve; the
         // ones we left come back from the store.
         let low = m.head.round.0.saturating_sub(HISTORY as u64);
@@ -800,6 +805,7 @@ impl Machine {
             // We voted in this round already (for the outcome we left): what we
             // recomputed still helps a member that cannot recompute it.
             self.on_checked(a);
+            self.out.push_back(Effect::Persist(Durable::Check(a)));
             self.held.push(Msg::Checked(a));
         }
         self.out.push_back(Effect::Commit {

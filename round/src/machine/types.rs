@@ -183,6 +183,10 @@ pub enum Durable {
     /// A member's attestation (ours included): finality and certificates outlive a
     /// restart. Nothing waits for it to be durable.
     Attestation(Attestation),
+    /// Our check of a round we had voted in already ([`Msg::Checked`]): repeated with
+    /// our heartbeats after a restart too, it is what lets members that cannot
+    /// recompute that outcome take it on a certificate. Nothing waits for it.
+    Check(Attestation),
     /// A record we voted for, written as a commit drops it from our chain (we followed
     /// the consortium to another outcome): the outcome may still become final, and
     /// members that want it ask its voters ([`Req::Voted`]). The driver keeps the newest
@@ -366,6 +370,8 @@ pub struct Restored {
     pub attestations: Vec<Attestation>,
     /// Records we voted for and left ([`Durable::Voted`]).
     pub voted: Vec<SignedRecord>,
+    /// Our checks ([`Durable::Check`]).
+    pub checks: Vec<Attestation>,
 }
 
 impl Restored {
@@ -405,6 +411,7 @@ impl Restored {
             own: Vec::new(),
             attestations: Vec::new(),
             voted: Vec::new(),
+            checks: Vec::new(),
         }
     }
 }

@@ -96,6 +96,7 @@ pub(crate) struct Image {
     pub(crate) blobs: BTreeSet<DeltaHash>,
     pub(crate) attestations: Vec<cellswarm_round::cert::Attestation>,
     pub(crate) voted: Vec<SignedRecord>,
+    pub(crate) checks: Vec<cellswarm_round::cert::Attestation>,
 }
 
 /// One member.
@@ -484,6 +485,14 @@ impl World {
                 kept.retain(|x| x.round.0 + 16 > newest.0);
                 self.flush_soon(i);
             }
+            Effect::Persist(Durable::Check(a)) => {
+                let kept = &mut self.nodes[i].live.checks;
+                kept.retain(|x| x.round != a.round);
+                kept.push(a);
+                let newest = kept.iter().map(|x| x.round).max().unwrap_or_default();
+                kept.retain(|x| x.round.0 + 16 > newest.0);
+                self.flush_soon(i);
+            }
             Effect::Persist(Durable::Voted(v)) => {
                 let kept = &mut self.nodes[i].live.voted;
                 kept.retain(|x| x.record.round != v.record.round);
@@ -701,6 +710,7 @@ impl World {
                 restored.own = n.durable.own.clone();
                 restored.attestations = n.durable.attestations.clone();
                 restored.voted = n.durable.voted.clone();
+                restored.checks = n.durable.checks.clone();
                 n.machine = Some(Machine::new(cfg, restored, self.now));
                 n.sees.clear();
                 self.input(i, Input::Tick);
