@@ -50,6 +50,9 @@ pub const HISTORY: usize = 8;
 /// Rounds whose own attestations a member repeats with every heartbeat.
 pub const REPEAT: u64 = 3;
 
+/// Heartbeats before a voter asked for a final outcome's record is asked again.
+const FINAL_RETRY: u32 = 4;
+
 /// Records asked for in one catch-up batch.
 pub const BATCH: u32 = 16;
 
@@ -105,6 +108,8 @@ pub struct Machine {
     voted: BTreeMap<RoundId, SignedRecord>,
     /// When we last asked a voter for a final outcome we do not hold.
     final_asked: Option<Time>,
+    /// Voters asked for a final outcome's record, and when.
+    final_tried: BTreeMap<SignerKey, Time>,
     out: VecDeque<Effect>,
     counters: Counters,
 }
@@ -134,6 +139,7 @@ impl Machine {
             distrust: BTreeMap::new(),
             voted: BTreeMap::new(),
             final_asked: None,
+            final_tried: BTreeMap::new(),
             out: VecDeque::new(),
             counters: Counters::default(),
             cfg,
@@ -152,8 +158,7 @@ impl Machine {
                 m.on_checked(c);
             }
         }
-        // Records we voted for: those still on our chain are the driver's to serve; the
-        // ones we left come back from the store.
+        // The records we voted for, on our chain or left.
         let low = m.head.round.0.saturating_sub(HISTORY as u64);
         for v in restored.voted {
             if v.record.round.0 > low {
@@ -211,6 +216,7 @@ impl Machine {
             + self.checked.values().map(BTreeMap::len).sum::<usize>()
             + self.distrust.len()
             + self.voted.len()
+            + self.final_tried.len()
             + self.held.len()
             + self.kept.len()
     }
@@ -299,17 +305,18 @@ impl Machine {
             .get(&a.round)
             .filter(|v| (v.record.model, v.record.state) == (a.model, a.state))
             .cloned();
-        // A voter other than us: it serves the deltas the record names.
-        let voter = self
-            .votes(a.round)
-            .filter(|v| (v.model, v.state) == (a.model, a.state) && v.signer != me)
-            .map(|v| v.signer)
-            .find(|s| !self.distrust.contains_key(s));
-        let Some(voter) = voter else {
-            return;
-        };
         if let Some(sr) = mine {
-            self.final_sync(voter, sr, depth);
+            // Our own record: nobody to blame if it no longer fits; a voter (or any member
+            // we reach) serves the deltas it names.
+            let helper = self
+                .votes(a.round)
+                .filter(|v| (v.model, v.state) == (a.model, a.state) && v.signer != me)
+                .map(|v| v.signer)
+                .chain(self.connected.iter().copied())
+                .next();
+            if let Some(peer) = helper {
+                self.final_sync(peer, sr, depth, true);
+            }
             return;
         }
         if self
@@ -318,8 +325,26 @@ impl Machine {
         {
             return;
         }
-        self.final_asked = Some(self.now);
-        let asked = if a.signer == me { voter } else { a.signer };
+        // Each voter in turn (one that cannot or will not give it is not asked again for
+        // a few heartbeats): a liar or a voter that crashed must not hold up the rest.
+        let retry = self.cfg.heartbeat * FINAL_RETRY;
+        let now = self.now;
+        self.final_tried.retain(|_, t| now < *t + retry);
+        let voters: Vec<SignerKey> = self
+            .votes(a.round)
+            .filter(|v| (v.model, v.state) == (a.model, a.state) && v.signer != me)
+            .map(|v| v.signer)
+            .filter(|s| !self.distrust.contains_key(s) && self.connected.contains(s))
+            .collect();
+        let Some(asked) = voters
+            .iter()
+            .copied()
+            .find(|s| !self.final_tried.contains_key(s))
+        else {
+            return;
+        };
+        self.final_asked = Some(now);
+        self.final_tried.insert(asked, now);
         self.request(asked, Req::Voted(a.round));
     }
 
@@ -327,9 +352,9 @@ impl Machine {
     fn on_voted(&mut self, from: SignerKey, round: RoundId, resp: Option<Resp>) {
         let sr = match resp {
             Some(Resp::Record(Some(sr))) => sr,
-            Some(Resp::Record(None)) | None => {
-                // It no longer holds it (it restarted): its chain, if that still holds
-                // the final outcome.
+            Some(Resp::Record(None)) => {
+                // It no longer holds it (its store lost it): its chain, if that still
+                // holds the final outcome.
                 let Some(a) = self.final_outcome(round) else {
                     return;
                 };
@@ -338,11 +363,17 @@ impl Machine {
                 }
                 return;
             }
+            // No answer: the next voter, in turn.
+            None => return,
             Some(_) => {
                 self.refuse(from, Refusal::Answer(Req::Voted(round)));
                 return;
             }
         };
+        if sr.record.round != round {
+            self.refuse(from, Refusal::Answer(Req::Voted(round)));
+            return;
+        }
         let a = Attestation {
             signer: from,
             round,
@@ -350,13 +381,13 @@ impl Machine {
             model: sr.record.model,
             state: sr.record.state,
         };
-        if sr.record.round != round || !self.is_final(round, a.model, a.state) {
-            // Not the outcome the attestations make final: not what it voted for.
-            self.refuse(from, Refusal::Answer(Req::Voted(round)));
+        // Not final (any more) by what we hold: a vote that no longer counts, or a round
+        // that left our window; nothing to do, and no lie.
+        if !self.is_final(round, a.model, a.state) {
             return;
         }
         if let Some(depth) = self.final_not_ours(&a) {
-            self.final_sync(from, sr, depth);
+            self.final_sync(from, sr, depth, false);
         }
     }
 
@@ -413,7 +444,8 @@ impl Machine {
         }
     }
 
-    /// Answers what only the machine knows: attestations and the current pool.
+    /// Answers what only the machine knows: attestations, the current pool and the
+    /// records we voted for.
     #[must_use]
     pub fn serve(&self, req: Req) -> Option<Resp> {
         match req {
@@ -490,7 +522,16 @@ impl Machine {
             let mine: Vec<Attestation> = (from..=self.attested.0)
                 .filter_map(|r| self.atts.get(&RoundId(r))?.get(&self.cfg.me).copied())
                 .collect();
-            for a in mine {
+            // And our votes for outcomes we left (the lock's rounds may be older).
+            let ours: BTreeSet<(RoundId, ModelHash)> =
+                self.outcomes().map(|h| (h.round, h.model)).collect();
+            let left: Vec<Attestation> = self
+                .voted
+                .iter()
+                .filter(|(r, v)| r.0 < from && !ours.contains(&(**r, v.record.model)))
+                .filter_map(|(r, _)| self.atts.get(r)?.get(&self.cfg.me).copied())
+                .collect();
+            for a in mine.into_iter().chain(left) {
                 self.out.push_back(Effect::Broadcast(Msg::Attest(a)));
             }
             let checks: Vec<Attestation> = self
@@ -739,18 +780,6 @@ impl Machine {
         attest: bool,
     ) {
         if let Some(from) = replaces {
-            // The records we voted for that this commit drops from our chain are kept.
-            let chain: BTreeSet<_> = self.outcomes().filter_map(|h| h.record).collect();
-            let left: Vec<SignedRecord> = self
-                .voted
-                .range(from..)
-                .map(|(_, v)| v)
-                .filter(|v| chain.contains(&v.hash))
-                .cloned()
-                .collect();
-            for v in left {
-                self.out.push_back(Effect::Persist(Durable::Voted(v)));
-            }
             while self.head.round >= from {
                 let Some(k) = self.kept.pop_back() else { break };
                 for d in &k.merged {
@@ -793,6 +822,9 @@ impl Machine {
         if attest && r.round > self.attested && !self.locked() {
             self.attested = r.round;
             self.voted.insert(r.round, sr.clone());
+            // Kept in the store too: we serve it after leaving it, also across a restart.
+            self.out
+                .push_back(Effect::Persist(Durable::Voted(sr.clone())));
             self.on_attestation(a);
             if sr.signer == self.cfg.me {
                 self.held.push(Msg::MergeReady {

@@ -65,6 +65,8 @@ pub struct Sync {
     /// A round's final outcome: a chain with another outcome of that round is not taken
     /// (the member serving it left the outcome; no lie).
     expect: Option<(RoundId, ModelHash, [u8; 32])>,
+    /// Checks our own record: a broken rule ends it without blaming the peer.
+    blameless: bool,
 }
 
 impl Sync {
@@ -120,6 +122,7 @@ impl Machine {
             gate: None,
             held: Vec::new(),
             expect: None,
+            blameless: false,
         }
     }
 
@@ -165,7 +168,15 @@ impl Machine {
     /// of them, once it passes the rules and recomputes (its deltas fetched from their
     /// signers, `peer` and every member we reach). The rounds after it are then caught
     /// up or played again.
-    pub(super) fn final_sync(&mut self, peer: SignerKey, sr: SignedRecord, depth: usize) {
+    ///
+    /// `own`: the record is our own vote, and a rule it breaks is no peer's lie.
+    pub(super) fn final_sync(
+        &mut self,
+        peer: SignerKey,
+        sr: SignedRecord,
+        depth: usize,
+        own: bool,
+    ) {
         let start = self.kept.len() - depth;
         let before = self.kept[start].before;
         let mut s = self.new_sync(peer, Position::after(&before), before.state);
@@ -173,6 +184,7 @@ impl Machine {
         s.more = false;
         s.rewind = depth;
         s.fork = true;
+        s.blameless = own;
         s.expect = Some((sr.record.round, sr.record.model, sr.record.state));
         for k in self.kept.iter().skip(start) {
             s.unmerged.extend(k.merged.iter().copied());
@@ -302,6 +314,7 @@ impl Machine {
                 rule: RuleError::WrongPrev { .. } | RuleError::WrongBase { .. },
                 ..
             }) if first && self.may_rewind() => self.rewind_sync(),
+            Err(_) if self.sync.as_ref().is_some_and(|s| s.blameless) => self.end_sync(None),
             Err(e) => self.end_sync(Some(Refusal::Chain(e))),
         }
     }

@@ -181,16 +181,18 @@ pub enum Durable {
     /// (one delta per member per round).
     OwnDelta(DeltaMeta),
     /// A member's attestation (ours included): finality and certificates outlive a
-    /// restart. Nothing waits for it to be durable.
+    /// restart. Nothing waits for it to be durable, but the driver must make ours
+    /// durable no later than the [`Effect::Commit`] that follows it (effects are given in
+    /// order): a member that restarts votes from its newest own attestation on.
     Attestation(Attestation),
     /// Our check of a round we had voted in already ([`Msg::Checked`]): repeated with
     /// our heartbeats after a restart too, it is what lets members that cannot
     /// recompute that outcome take it on a certificate. Nothing waits for it.
     Check(Attestation),
-    /// A record we voted for, written as a commit drops it from our chain (we followed
-    /// the consortium to another outcome): the outcome may still become final, and
-    /// members that want it ask its voters ([`Req::Voted`]). The driver keeps the newest
-    /// per round for the last [`HISTORY`] rounds; nothing waits for it to be durable.
+    /// A record we voted for, written when we vote: if we later follow the consortium
+    /// to another outcome, ours may still become final, and members that want it ask
+    /// its voters ([`Req::Voted`]). The driver keeps the newest per round for the last
+    /// [`HISTORY`] rounds; nothing waits for it to be durable.
     Voted(SignedRecord),
 }
 
@@ -368,7 +370,7 @@ pub struct Restored {
     pub own: Vec<DeltaMeta>,
     /// Attestations kept for the rounds near the head.
     pub attestations: Vec<Attestation>,
-    /// Records we voted for and left ([`Durable::Voted`]).
+    /// Records we voted for ([`Durable::Voted`]).
     pub voted: Vec<SignedRecord>,
     /// Our checks ([`Durable::Check`]).
     pub checks: Vec<Attestation>,
