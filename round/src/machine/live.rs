@@ -46,6 +46,8 @@ pub struct Live {
     asked_record: Option<Time>,
     asked_atts: bool,
     training: bool,
+    /// Deltas we announced for their signers because a record left them out.
+    relayed: BTreeSet<DeltaHash>,
 }
 
 impl Live {
@@ -66,6 +68,7 @@ impl Live {
             asked_record: None,
             asked_atts: false,
             training: false,
+            relayed: BTreeSet::new(),
         }
     }
 
@@ -74,6 +77,7 @@ impl Live {
             + self.known.len()
             + self.fetches.footprint()
             + self.bad.len()
+            + self.relayed.len()
             + self.seen.len()
             + self.pending.len()
             + self.tried.len()
@@ -383,8 +387,23 @@ impl Machine {
                     // certified).
                     live.seen.remove(&sr.hash);
                 }
+                // The merger lacked a delta we hold (its signer may have announced it
+                // to some members only, or the merger's fetch failed): we announce it,
+                // once a round, so that the candidates after it can fetch it from us.
+                let relay = match rule {
+                    RuleError::Omitted { delta, .. } if live.relayed.insert(delta) => {
+                        Some(Msg::Delta {
+                            round: live.id,
+                            hash: delta,
+                        })
+                    }
+                    _ => None,
+                };
                 let record = sr.hash;
                 self.refuse(sr.signer, Refusal::Rule { record, rule });
+                if let Some(msg) = relay {
+                    self.say(msg);
+                }
                 return;
             }
         };

@@ -77,6 +77,9 @@ pub(crate) fn run_seed(seed: u64, trace: bool) -> Outcome {
         train_ids: 0,
         trace,
         frozen: false,
+        // One run in four: members that serve only their own deltas, so that records
+        // whose deltas nobody holds any more need certificates.
+        keep_fetched: !seed.is_multiple_of(4),
         outcome: Outcome {
             byzantine: liars as u64,
             ..Outcome::default()
@@ -103,6 +106,24 @@ pub(crate) fn run_seed(seed: u64, trace: bool) -> Outcome {
             w.schedule(d, Event::LiarTick(i));
         }
     }
+    if trace {
+        let lies: Vec<String> = (0..n)
+            .filter_map(|i| {
+                w.nodes[i]
+                    .liar
+                    .as_ref()
+                    .map(|l| format!("n{i} {:?}", l.lies))
+            })
+            .collect();
+        println!(
+            "scenario: {n} members, quorum {quorum}, byzantine {byzantine}, liars [{}], \
+             late joiner {late:?}, chaos until {chaos:?}, calm until {:?}, fetched deltas \
+             kept: {}",
+            lies.join("; "),
+            chaos + calm,
+            w.keep_fetched
+        );
+    }
     // Faults during the chaos stretch.
     let faults = 1 + w.rng.below(4);
     for _ in 0..faults {
@@ -110,10 +131,16 @@ pub(crate) fn run_seed(seed: u64, trace: bool) -> Outcome {
         let down = w.rng.ms(300, 4_000);
         if w.rng.chance(500) {
             let i = w.rng.below(n as u64) as usize;
+            if trace {
+                println!("scenario: n{i} crashes at {at:?} for {down:?}");
+            }
             w.queue_at(at, Event::Crash(i));
             w.queue_at((at + down).min(chaos), Event::Restart(i));
         } else {
             let g: Vec<u8> = (0..n).map(|_| w.rng.below(2) as u8).collect();
+            if trace {
+                println!("scenario: partition {g:?} at {at:?} for {down:?}");
+            }
             w.queue_at(at, Event::Split(g));
             w.queue_at((at + down).min(chaos), Event::Heal);
         }

@@ -209,6 +209,9 @@ pub(crate) struct World {
     pub(crate) outcome: Outcome,
     /// No training completes any more: the last rounds settle before the end.
     pub(crate) frozen: bool,
+    /// Honest members keep the deltas they fetch and serve them, as the node's store
+    /// does (false: each member serves only its own, as after its store lost the others).
+    pub(crate) keep_fetched: bool,
 }
 
 impl World {
@@ -601,6 +604,14 @@ impl World {
                 resp,
             } => {
                 if self.nodes[to].life == life {
+                    if let Some(Resp::Delta(Some(m))) = &resp
+                        && self.keep_fetched
+                        && self.honest(to)
+                        && self.oracle.deltas.get(&m.hash) == Some(m)
+                    {
+                        // The driver checked the envelope and wrote the blob.
+                        self.nodes[to].live.blobs.insert(m.hash);
+                    }
                     let k = self.nodes[from].key;
                     self.input(to, Input::Response { from: k, req, resp });
                 }
