@@ -567,7 +567,17 @@ impl Machine {
             let peer = s.peer;
             self.request(peer, Req::Attestations(round));
         } else if answered {
+            let (peer, sr) = (s.peer, s.confirmed.take());
             self.sync = None;
+            // No certificate: the record goes to the live round's rules, as if its
+            // merger had announced it to us. A member that restarted after the merger's
+            // announcement hears of the round's record only this way (and a liar's own
+            // record, served to our requests, is all the live round would see).
+            if let Some(sr) = sr.filter(|sr| {
+                sr.record.round == self.current() && sr.record.prev == link(&self.head)
+            }) {
+                self.on_record(peer, sr);
+            }
         }
     }
 
