@@ -46,7 +46,8 @@ pub struct Live {
     asked_record: Option<Time>,
     asked_atts: bool,
     training: bool,
-    /// Deltas we announced for their signers because a record left them out.
+    /// Deltas we announced for their signers since the last heartbeat because a record
+    /// left them out (at most one per member).
     relayed: BTreeSet<DeltaHash>,
 }
 
@@ -296,6 +297,9 @@ impl Machine {
         };
         live.fetches.forget_failures();
         live.asked_atts = false;
+        // A relay may have been lost, or reached a merger whose own fetch had just
+        // failed (and that ignores the delta until this heartbeat): again if needed.
+        live.relayed.clear();
         let round = live.id;
         let lacking: Vec<SignerKey> = self
             .connected
@@ -387,22 +391,11 @@ impl Machine {
                     // certified).
                     live.seen.remove(&sr.hash);
                 }
-                // The merger lacked a delta we hold (its signer may have announced it
-                // to some members only, or the merger's fetch failed): we announce it,
-                // once a round, so that the candidates after it can fetch it from us.
-                let relay = match rule {
-                    RuleError::Omitted { delta, .. } if live.relayed.insert(delta) => {
-                        Some(Msg::Delta {
-                            round: live.id,
-                            hash: delta,
-                        })
-                    }
-                    _ => None,
-                };
+                let omitted = matches!(rule, RuleError::Omitted { .. });
                 let record = sr.hash;
                 self.refuse(sr.signer, Refusal::Rule { record, rule });
-                if let Some(msg) = relay {
-                    self.say(msg);
+                if omitted {
+                    self.relay_omitted(&sr.record);
                 }
                 return;
             }
@@ -424,19 +417,7 @@ impl Machine {
             members: &self.cfg.members,
         };
         let at = Position::after(&self.head);
-        let held: Vec<Pooled> = live
-            .pool
-            .iter()
-            .map(|(s, (d, at))| Pooled {
-                signer: *s,
-                delta: d.hash,
-                age: self.now.saturating_sub(*at),
-                at: at.saturating_sub(live.started),
-                // Our own delta binds no merger (we may have pooled it before anyone
-                // could fetch it, after a restart).
-                connected: *s != self.cfg.me && self.connected.contains(s),
-            })
-            .collect();
+        let held = self.held(live);
         check_live(
             &rules,
             &at,
@@ -447,6 +428,55 @@ impl Machine {
             self.now.saturating_sub(live.started),
             &held,
         )
+    }
+
+    /// Our pool as the inclusion rule sees it.
+    fn held(&self, live: &Live) -> Vec<Pooled> {
+        live.pool
+            .iter()
+            .map(|(s, (d, at))| Pooled {
+                signer: *s,
+                delta: d.hash,
+                age: self.now.saturating_sub(*at),
+                at: at.saturating_sub(live.started),
+                // Our own delta binds no merger (we may have pooled it before anyone
+                // could fetch it, after a restart).
+                connected: *s != self.cfg.me && self.connected.contains(s),
+            })
+            .collect()
+    }
+
+    /// Announces, for their signers, the deltas we hold that `record` left out and that
+    /// bind its merger, each at most once a heartbeat: the merger lacked them (their
+    /// signer may have announced them to some members only, or its fetch failed), and
+    /// the candidates after it fetch them from the signer, us or anyone once they know.
+    fn relay_omitted(&mut self, record: &MergeRecord) {
+        let Some(live) = self.live.as_ref() else {
+            return;
+        };
+        let omitted: Vec<DeltaHash> = self
+            .held(live)
+            .into_iter()
+            .filter(|p| {
+                p.binds(&self.cfg.turns)
+                    && record
+                        .contributions
+                        .binary_search_by(|c| c.signer.cmp(&p.signer))
+                        .is_err()
+            })
+            .map(|p| p.delta)
+            .collect();
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let round = live.id;
+        let fresh: Vec<DeltaHash> = omitted
+            .into_iter()
+            .filter(|d| live.relayed.insert(*d))
+            .collect();
+        for hash in fresh {
+            self.say(Msg::Delta { round, hash });
+        }
     }
 
     /// Recomputes `sr` once we hold every delta it names; fetches what is missing; adopts

@@ -77,9 +77,10 @@ pub(crate) fn run_seed(seed: u64, trace: bool) -> Outcome {
         train_ids: 0,
         trace,
         frozen: false,
-        // One run in four: members that serve only their own deltas, so that records
-        // whose deltas nobody holds any more need certificates.
-        keep_fetched: !seed.is_multiple_of(4),
+        // As the node: each member serves only its own deltas from its store. An
+        // experiment (`CELLSWARM_SIM_KEEP_FETCHED=1`) lets members serve every delta they
+        // fetched, a design the node does not have.
+        keep_fetched: std::env::var("CELLSWARM_SIM_KEEP_FETCHED").is_ok_and(|v| v == "1"),
         outcome: Outcome {
             byzantine: liars as u64,
             ..Outcome::default()

@@ -209,8 +209,8 @@ pub(crate) struct World {
     pub(crate) outcome: Outcome,
     /// No training completes any more: the last rounds settle before the end.
     pub(crate) frozen: bool,
-    /// Honest members keep the deltas they fetch and serve them, as the node's store
-    /// does (false: each member serves only its own, as after its store lost the others).
+    /// Honest members keep the deltas they fetch and serve them (an experiment; the
+    /// node's store serves only a member's own deltas, as this world does when false).
     pub(crate) keep_fetched: bool,
 }
 
