@@ -297,7 +297,7 @@ pub enum Effect {
     },
 }
 
-/// Something that happened, fed to [`Machine::handle`].
+/// Something that happened, fed to [`Machine::handle`](super::Machine::handle).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     /// Time passed (the wake-up asked for, or any other).
