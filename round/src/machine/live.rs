@@ -45,7 +45,8 @@ pub struct Live {
     pending: Vec<(SignerKey, SignedRecord, bool)>,
     asked_record: Option<Time>,
     asked_atts: bool,
-    training: bool,
+    /// The ticket of our training in flight.
+    training: Option<u64>,
     /// Deltas we announced for their signers since the last heartbeat because a record
     /// left them out (at most one per member).
     relayed: BTreeSet<DeltaHash>,
@@ -68,7 +69,7 @@ impl Live {
             pending: Vec::new(),
             asked_record: None,
             asked_atts: false,
-            training: false,
+            training: None,
             relayed: BTreeSet::new(),
         }
     }
@@ -108,7 +109,7 @@ impl Machine {
     /// Starts the round after the head: announces the delta we persisted for it before a
     /// restart, or trains.
     pub(super) fn start_round(&mut self) {
-        if self.live.as_ref().is_some_and(|l| l.training) {
+        if self.live.as_ref().is_some_and(|l| l.training.is_some()) {
             self.out.push_back(Effect::CancelTraining);
         }
         if self.done() {
@@ -135,11 +136,14 @@ impl Machine {
                 });
             }
             None => {
-                live.training = true;
+                self.trainings += 1;
+                let ticket = self.trainings;
+                live.training = Some(ticket);
                 self.live = Some(live);
                 self.out.push_back(Effect::Train {
                     round,
                     base: self.head.model,
+                    ticket,
                 });
             }
         }
@@ -150,14 +154,27 @@ impl Machine {
         }
     }
 
-    pub(super) fn on_trained(&mut self, round: RoundId, base: ModelHash, delta: Option<DeltaMeta>) {
+    pub(super) fn on_trained(
+        &mut self,
+        ticket: u64,
+        round: RoundId,
+        base: ModelHash,
+        delta: Option<DeltaMeta>,
+    ) {
         if base != self.head.model {
             return;
         }
-        let Some(live) = self.live.as_mut().filter(|l| l.id == round && l.training) else {
+        // Only the training in flight: a cancelled one of the same round and base (our
+        // head left that model and came back to it) ends with nothing, and taking its
+        // answer for this one's made us wait for a delta we then dropped.
+        let Some(live) = self
+            .live
+            .as_mut()
+            .filter(|l| l.id == round && l.training == Some(ticket))
+        else {
             return;
         };
-        live.training = false;
+        live.training = None;
         if let Some(d) = delta.filter(|d| d.round == round && d.signer == self.cfg.me) {
             // Durable before anyone hears of it: after a crash we announce this delta
             // again instead of training a second one.

@@ -110,6 +110,8 @@ pub struct Machine {
     final_tried: BTreeMap<SignerKey, Time>,
     out: VecDeque<Effect>,
     counters: Counters,
+    /// Trainings asked for so far (the last one's ticket).
+    trainings: u64,
 }
 
 impl Machine {
@@ -140,6 +142,7 @@ impl Machine {
             final_tried: BTreeMap::new(),
             out: VecDeque::new(),
             counters: Counters::default(),
+            trainings: 0,
             cfg,
             now,
         };
@@ -279,7 +282,12 @@ impl Machine {
             }
             Input::Gossip { from, msg } => self.on_gossip(from, msg),
             Input::Response { from, req, resp } => self.on_response(from, req, resp),
-            Input::Trained { round, base, delta } => self.on_trained(round, base, delta),
+            Input::Trained {
+                ticket,
+                round,
+                base,
+                delta,
+            } => self.on_trained(ticket, round, base, delta),
             Input::Merged { job, outcome } => match job {
                 Job::Sync { .. } => self.sync_merged(job, outcome),
                 _ => self.live_merged(job, outcome),

@@ -244,12 +244,14 @@ pub enum Refusal {
 /// What the machine asks its driver to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Train on `base` for `round`; answer with [`Input::Trained`].
+    /// Train on `base` for `round`; answer with [`Input::Trained`] and the same ticket.
     Train {
         /// The round.
         round: RoundId,
         /// The model to start from.
         base: ModelHash,
+        /// Names this training: an answer to a cancelled one is told apart by it.
+        ticket: u64,
     },
     /// Stop a training in flight (its round is over).
     CancelTraining,
@@ -325,6 +327,8 @@ pub enum Input {
     /// Training for `round` from `base` ended: our delta, or none if it failed or was
     /// cancelled.
     Trained {
+        /// The ticket of the [`Effect::Train`] it answers.
+        ticket: u64,
         /// The round.
         round: RoundId,
         /// The model it started from (a cancelled training of the same round from a

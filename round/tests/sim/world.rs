@@ -145,6 +145,7 @@ pub(crate) enum Event {
         node: usize,
         life: u64,
         id: u64,
+        ticket: u64,
         round: RoundId,
         base: ModelHash,
         delta: Option<DeltaMeta>,
@@ -410,7 +411,11 @@ impl World {
     fn effect(&mut self, i: usize, e: Effect) {
         let life = self.nodes[i].life;
         match e {
-            Effect::Train { round, base } => {
+            Effect::Train {
+                round,
+                base,
+                ticket,
+            } => {
                 self.train_ids += 1;
                 let id = self.train_ids;
                 self.nodes[i].training = Some(id);
@@ -433,6 +438,7 @@ impl World {
                         node: i,
                         life,
                         id,
+                        ticket,
                         round,
                         base,
                         delta: Some(delta),
@@ -628,6 +634,7 @@ impl World {
                 node,
                 life,
                 id,
+                ticket,
                 round,
                 base,
                 delta,
@@ -643,6 +650,7 @@ impl World {
                         self.input(
                             node,
                             Input::Trained {
+                                ticket,
                                 round,
                                 base,
                                 delta: Some(d),
@@ -652,6 +660,7 @@ impl World {
                         self.input(
                             node,
                             Input::Trained {
+                                ticket,
                                 round,
                                 base,
                                 delta: None,
