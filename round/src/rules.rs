@@ -296,20 +296,30 @@ pub fn check_live(
 /// # Errors
 /// [`RuleError::Omitted`] for the first such member.
 pub fn must_include(record: &MergeRecord, pool: &[Pooled], turns: &Turns) -> Result<(), RuleError> {
-    for p in pool.iter().filter(|p| p.binds(turns)) {
-        if record
-            .contributions
-            .binary_search_by(|c| c.signer.cmp(&p.signer))
-            .is_err()
-        {
-            return Err(RuleError::Omitted {
-                signer: p.signer,
-                delta: p.delta,
-                age: p.age,
-            });
-        }
+    match omitted(record, pool, turns).next() {
+        Some(p) => Err(RuleError::Omitted {
+            signer: p.signer,
+            delta: p.delta,
+            age: p.age,
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The members of `pool` whose delta binds the merger ([`Pooled::binds`]) and that
+/// `record` leaves out, in signer order.
+pub fn omitted<'a>(
+    record: &'a MergeRecord,
+    pool: &'a [Pooled],
+    turns: &'a Turns,
+) -> impl Iterator<Item = &'a Pooled> + 'a {
+    pool.iter().filter(move |p| {
+        p.binds(turns)
+            && record
+                .contributions
+                .binary_search_by(|c| c.signer.cmp(&p.signer))
+                .is_err()
+    })
 }
 
 #[cfg(test)]

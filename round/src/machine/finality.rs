@@ -75,7 +75,6 @@ impl Machine {
         let Some(depth) = self.final_not_ours(&a) else {
             return;
         };
-        let me = self.cfg.me;
         let mine = self
             .voted
             .get(&a.round)
@@ -85,9 +84,7 @@ impl Machine {
             // Our own record: nobody to blame if it no longer fits; a voter (or any member
             // we reach) serves the deltas it names.
             let helper = self
-                .votes(a.round)
-                .filter(|v| (v.model, v.state) == (a.model, a.state) && v.signer != me)
-                .map(|v| v.signer)
+                .other_voters(&a)
                 .chain(self.connected.iter().copied())
                 .next();
             if let Some(peer) = helper {
@@ -106,22 +103,23 @@ impl Machine {
         let retry = self.cfg.heartbeat * FINAL_RETRY;
         let now = self.now;
         self.final_tried.retain(|_, t| now < *t + retry);
-        let voters: Vec<SignerKey> = self
-            .votes(a.round)
-            .filter(|v| (v.model, v.state) == (a.model, a.state) && v.signer != me)
-            .map(|v| v.signer)
-            .filter(|s| !self.distrust.contains_key(s) && self.connected.contains(s))
-            .collect();
-        let Some(asked) = voters
-            .iter()
-            .copied()
-            .find(|s| !self.final_tried.contains_key(s))
-        else {
+        let Some(asked) = self.other_voters(&a).find(|s| {
+            !self.distrust.contains_key(s)
+                && self.connected.contains(s)
+                && !self.final_tried.contains_key(s)
+        }) else {
             return;
         };
         self.final_asked = Some(now);
         self.final_tried.insert(asked, now);
         self.request(asked, Req::Voted(a.round));
+    }
+
+    /// The members other than us whose counted vote is `a`'s outcome.
+    fn other_voters<'a>(&'a self, a: &'a Attestation) -> impl Iterator<Item = SignerKey> + 'a {
+        self.votes(a.round)
+            .filter(move |v| (v.model, v.state) == (a.model, a.state) && v.signer != self.cfg.me)
+            .map(|v| v.signer)
     }
 
     /// A member's answer to our request for the record it voted for in `round`.

@@ -11,7 +11,7 @@ use super::{
     Config, DeltaMeta, Durable, Effect, Job, Machine, Msg, PENDING, Refusal, Req, SignedRecord,
     Time, contributions,
 };
-use crate::rules::{Pooled, Position, RuleError, Rules, check_live, link};
+use crate::rules::{Pooled, Position, RuleError, Rules, check_live, link, omitted};
 use crate::turns::merger_order;
 
 /// Records of one round whose hashes are remembered (a replayed record is not checked
@@ -471,27 +471,16 @@ impl Machine {
         let Some(live) = self.live.as_ref() else {
             return;
         };
-        let omitted: Vec<DeltaHash> = self
-            .held(live)
-            .into_iter()
-            .filter(|p| {
-                p.binds(&self.cfg.turns)
-                    && record
-                        .contributions
-                        .binary_search_by(|c| c.signer.cmp(&p.signer))
-                        .is_err()
-            })
+        let held = self.held(live);
+        let mut left_out: Vec<DeltaHash> = omitted(record, &held, &self.cfg.turns)
             .map(|p| p.delta)
             .collect();
         let Some(live) = self.live.as_mut() else {
             return;
         };
         let round = live.id;
-        let fresh: Vec<DeltaHash> = omitted
-            .into_iter()
-            .filter(|d| live.relayed.insert(*d))
-            .collect();
-        for hash in fresh {
+        left_out.retain(|d| live.relayed.insert(*d));
+        for hash in left_out {
             self.say(Msg::Delta { round, hash });
         }
     }

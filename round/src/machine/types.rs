@@ -331,8 +331,7 @@ pub enum Input {
         ticket: u64,
         /// The round.
         round: RoundId,
-        /// The model it started from (a cancelled training of the same round from a
-        /// model since replaced is told apart by it).
+        /// The model it started from.
         base: ModelHash,
         /// The delta the driver built, signed and holds.
         delta: Option<DeltaMeta>,
