@@ -753,6 +753,10 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
     let mut last_local: Vec<Weights> = Vec::new();
     let mut last_pooled: Option<Weights> = None;
     let mut last_swarm: Option<(ModelHash, Weights)> = None;
+    // The last round's scores of the swarm and the pooled model: the final models are
+    // those, and scoring is deterministic, so the cross-site matrix takes them as they are.
+    type SiteScores = (Vec<f64>, f64);
+    let mut last_scores: Option<(SiteScores, Option<SiteScores>)> = None;
     for r in 1..=o.rounds {
         let hour = Duration::from_secs(3600);
         let late = |_| DaemonError::Setup(format!("round {r} did not finish within an hour"));
@@ -869,14 +873,18 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             round: r,
             model: hash.to_hex(),
             train_loss: loss,
-            f1_swarm: names.iter().cloned().zip(f1).collect(),
+            f1_swarm: names.iter().cloned().zip(f1.iter().copied()).collect(),
             f1_local: names.iter().cloned().zip(f1_local).collect(),
             f1_pooled: pooled_scores
                 .as_ref()
                 .map(|(f, _)| names.iter().cloned().zip(f.iter().copied()).collect())
                 .unwrap_or_default(),
             union: std::iter::once(("swarm".to_owned(), union_swarm))
-                .chain(pooled_scores.map(|(_, u)| ("pooled".to_owned(), u)))
+                .chain(
+                    pooled_scores
+                        .as_ref()
+                        .map(|(_, u)| ("pooled".to_owned(), *u)),
+                )
                 .collect(),
             elapsed_s: start.elapsed().as_secs_f64(),
             epsilon,
@@ -884,6 +892,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
         last_local = local;
         last_pooled = pooled;
         last_swarm = Some((hash, model));
+        last_scores = Some(((f1, union_swarm), pooled_scores));
     }
     let final_epsilon: BTreeMap<String, f64> = names
         .iter()
@@ -921,8 +930,20 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             }
             let mut matrix = Vec::new();
             let mut union = BTreeMap::new();
+            let (mut swarm_scores, mut pooled_scores) = match last_scores {
+                Some((s, p)) => (Some(s), p),
+                None => (None, None),
+            };
             for (name, w) in &models {
-                let (row, u) = score_sites(&config, w, &held)?;
+                let known = match name.as_str() {
+                    "swarm" => swarm_scores.take(),
+                    "pooled" => pooled_scores.take(),
+                    _ => None,
+                };
+                let (row, u) = match known {
+                    Some(s) => s,
+                    None => score_sites(&config, w, &held)?,
+                };
                 matrix.push(row);
                 union.insert(name.clone(), u);
             }

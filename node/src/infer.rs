@@ -874,14 +874,16 @@ fn estimated_pass(
     norm: &Image,
     target: f32,
     opts: &InferOptions,
-) -> (Vec<Probabilities>, Option<f32>) {
+) -> (Vec<Probabilities>, Option<f32>, f32) {
     // How far from the training width a pass saw the cells, in the network's pixels.
     let off = |w: Option<f32>, k: f32| w.map_or(f32::INFINITY, |w| (w * k / target).ln().abs());
     let first = predict_scaled(model, config, device, norm, 1.0, opts);
     let own = foreground_width(&first);
     // The probe that saw the cells nearest the training width, if clearly nearer than the
     // first pass: (pass, its scale, the width it saw in the frame's pixels, how far off).
-    let mut probe: Option<(Vec<Probabilities>, f32, f32, f32)> = None;
+    // (pass, the scale asked for, the scale it saw at, the width it saw in the frame's
+    // pixels, how far off).
+    let mut probe: Option<(Vec<Probabilities>, f32, f32, f32, f32)> = None;
     let mut bar = off(own, 1.0) - PROBE_MARGIN;
     for k in PROBE_SCALES {
         let pass = predict_scaled(model, config, device, norm, k, opts);
@@ -892,37 +894,37 @@ fn estimated_pass(
         let d = off(Some(w), seen);
         if d < bar {
             bar = d;
-            probe = Some((pass, seen, w, d));
+            probe = Some((pass, k, seen, w, d));
         }
     }
-    let (pass, seen, width, d) = match (probe, own) {
+    let (pass, asked, seen, width, d) = match (probe, own) {
         (Some(p), _) => p,
-        (None, Some(w)) => (first, 1.0, w, off(own, 1.0)),
-        (None, None) => return (first, None),
+        (None, Some(w)) => (first, 1.0, 1.0, w, off(own, 1.0)),
+        (None, None) => return (first, None, 1.0),
     };
     let s = scale::factor(target, width, WIDTH_TOLERANCE);
     if (s / seen).ln().abs() <= WIDTH_TOLERANCE.ln() {
         // The pass that gave the width already saw the cells near the training width.
-        return (pass, Some(width));
+        return (pass, Some(width), asked);
     }
     let second = predict_scaled(model, config, device, norm, s, opts);
     let k = second.first().map_or(s, |p| p.scale);
     if off(foreground_width(&second), k) <= d {
-        (second, Some(width))
+        (second, Some(width), s)
     } else if seen < 1.0 {
         // Keep the probe, and the width for which the probe's scale is the right one.
         tracing::debug!(
             width,
             "a rescaled pass did not confirm the probe's cell width"
         );
-        (pass, Some(target / seen))
+        (pass, Some(target / seen), asked)
     } else {
         tracing::debug!(
             width,
             "a rescaled pass did not confirm the estimated cell width"
         );
         // `pass` is the first pass here.
-        (pass, None)
+        (pass, None, asked)
     }
 }
 
@@ -942,6 +944,31 @@ pub fn estimate_width(
     let target = config.diameter? as f32;
     let norm = normalize(frame, LOW_PERCENTILE, HIGH_PERCENTILE);
     estimated_pass(model, config, device, &norm, target, opts).1
+}
+
+/// [`estimate_width`], and the probabilities of the frame that [`predict_frame`] gives at
+/// the width a movie is then segmented at (the estimate, else the training width) where
+/// the estimate's last pass already saw the frame at that scale: segmenting the frame the
+/// width was estimated on then costs no second pass. `None` for the width where
+/// [`estimate_width`] gives `None`; `None` for the probabilities where another pass is
+/// needed (or the model was not trained at a fixed width).
+#[must_use]
+pub fn estimate_width_with_pass(
+    model: &UNet,
+    config: &UNetConfig,
+    device: &Device,
+    frame: &Image,
+    opts: &InferOptions,
+) -> (Option<f32>, Option<Vec<Probabilities>>) {
+    let Some(target) = config.diameter.map(|d| d as f32) else {
+        return (None, None);
+    };
+    let norm = normalize(frame, LOW_PERCENTILE, HIGH_PERCENTILE);
+    let (planes, width, asked) = estimated_pass(model, config, device, &norm, target, opts);
+    // predict_frame at diameter w asks predict_scaled for this scale; the same scale of
+    // the same normalised frame gives the same probabilities.
+    let wanted = scale::factor(target, width.unwrap_or(target), WIDTH_TOLERANCE);
+    (width, (wanted == asked).then_some(planes))
 }
 
 /// Class (and state, and distance) probabilities of every plane of a raw frame: normalised, rescaled so
@@ -1535,6 +1562,34 @@ mod tests {
         // Sizes follow the scale: 10 pixels of area for the network are 40 of the frame.
         let labels = labels_from(&halved, &InferOptions::default());
         assert_eq!(labels.shape(), (1, h, w));
+    }
+
+    #[test]
+    fn the_width_estimates_pass_is_the_one_segmenting_at_that_width_computes() {
+        let device = crate::model::default_device();
+        device.seed(11);
+        let (h, w) = (48, 60);
+        let frame = Volume::from_2d(h, w, (0..h * w).map(|i| (i * 17 % 31) as f32).collect());
+        let mut reused = 0;
+        for diameter in [4, 20, 60] {
+            let cfg = UNetConfig::new()
+                .with_depth(2)
+                .with_base_channels(4)
+                .with_diameter(Some(diameter));
+            let model = cfg.init(&device);
+            let opts = InferOptions::default();
+            let (width, planes) = estimate_width_with_pass(&model, &cfg, &device, &frame, &opts);
+            assert_eq!(width, estimate_width(&model, &cfg, &device, &frame, &opts));
+            if let Some(planes) = planes {
+                let at = InferOptions {
+                    diameter: Some(width.unwrap_or(diameter as f32)),
+                    ..opts
+                };
+                assert_eq!(planes, predict_frame(&model, &cfg, &device, &frame, &at));
+                reused += 1;
+            }
+        }
+        assert!(reused > 0, "no estimate's pass was reusable");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use cellswarm_common::wire::LocalMetrics;
 use super::params::to_weights;
 use super::{Budget, TrainOptions, Trainer};
 use crate::data::dataset::Annotated;
-use crate::infer::{InferOptions, estimate_width, segment};
+use crate::infer::{InferOptions, estimate_width_with_pass, labels_from, segment};
 use crate::metrics::{MatchCounts, Overlaps, match_counts};
 use burn::prelude::Device;
 
@@ -31,15 +31,21 @@ pub fn movie_counts(
     opts: &InferOptions,
 ) -> MatchCounts {
     let mut opts = *opts;
-    if let (Some(target), Some(mid), None) =
-        (config.diameter, frames.get(frames.len() / 2), opts.diameter)
-    {
-        let width = estimate_width(net, config, device, &mid.image, &opts);
+    let mid = frames.len() / 2;
+    // The middle frame's probabilities from the width estimate, where they are the ones
+    // segmenting it at that width would compute again.
+    let mut estimated = None;
+    if let (Some(target), Some(a), None) = (config.diameter, frames.get(mid), opts.diameter) {
+        let (width, planes) = estimate_width_with_pass(net, config, device, &a.image, &opts);
         opts.diameter = Some(width.unwrap_or(target as f32));
+        estimated = planes;
     }
     let mut counts = MatchCounts::default();
-    for a in frames {
-        let pred = segment(net, config, device, &a.image, &opts);
+    for (i, a) in frames.iter().enumerate() {
+        let pred = match estimated.take_if(|_| i == mid) {
+            Some(planes) => labels_from(&planes, &opts),
+            None => segment(net, config, device, &a.image, &opts),
+        };
         counts += match_counts(&Overlaps::new(&a.labels, &pred), 0.5);
     }
     counts
