@@ -132,7 +132,7 @@ fn site_frames(config: &Config) -> Result<(Vec<Annotated>, Vec<Annotated>), Daem
     let mut train = Vec::new();
     let mut heldout = Vec::new();
     for path in &movies {
-        let movie = Movie::open(path)?;
+        let movie = Movie::open_channel(path, data.channel.as_deref())?;
         let held = match data.heldout_frames {
             Some(r) => load_annotated(&movie, Some(r))?,
             None => Vec::new(),

@@ -5,6 +5,7 @@
 //! - [`tiff_io`]: TIFF reading (8-64-bit integers and floats, compressed or not,
 //!   multi-page stacks) and writing.
 //! - [`ctc`]: the Cell Tracking Challenge layout ([`ctc::Movie`]) and lineage files.
+//! - [`ome`]: OME-TIFF files (5D images with OME-XML metadata), read and written.
 //! - [`normalize`]: percentile normalisation and the three pixel classes.
 //! - [`patches`]: seeded, augmented patch sampling.
 //! - [`dataset`]: annotated frames of a movie as training planes.
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 pub mod ctc;
 pub mod dataset;
 pub mod normalize;
+pub mod ome;
 pub mod patches;
 pub mod tiff_io;
 pub mod volume;

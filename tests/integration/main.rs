@@ -21,6 +21,9 @@ mod swarm_process;
 /// `cellswarm demo` end to end.
 mod demo;
 
+/// Movies as labs have them: OME-TIFF in and out, against tifffile.
+mod formats;
+
 /// Cell dynamics: tracking, the CTC measures against py-ctcmetrics, the bacteria movie.
 mod tracking;
 

@@ -34,9 +34,13 @@ pub struct TrackArgs {
     /// Segment with this model folder first (default: the built-in generalist model).
     #[arg(long, requires = "movie")]
     pub model: Option<PathBuf>,
-    /// The CTC sequence folder to segment and track (instead of `--masks`).
+    /// The CTC sequence folder (or OME-TIFF file) to segment and track (instead of
+    /// `--masks`).
     #[arg(long)]
     pub movie: Option<PathBuf>,
+    /// The channel of an OME-TIFF movie: its name or index (needed where it has several).
+    #[arg(long, requires = "movie")]
+    pub channel: Option<String>,
     /// Where to write `maskTTT.tif` and `res_track.txt` (created if missing).
     #[arg(long)]
     pub out: PathBuf,
@@ -87,9 +91,12 @@ pub struct ClassifyArgs {
     /// A model folder with a cell-state head.
     #[arg(long)]
     pub model: PathBuf,
-    /// A CTC sequence folder.
+    /// A CTC sequence folder, or an OME-TIFF file (`.ome.tif`).
     #[arg(long)]
     pub movie: PathBuf,
+    /// The channel of an OME-TIFF movie: its name or index (needed where it has several).
+    #[arg(long)]
+    pub channel: Option<String>,
     /// Classify these objects (`maskTTT.tif`, e.g. `cellswarm track` output, so labels
     /// are track labels) instead of segmenting.
     #[arg(long)]
@@ -170,7 +177,7 @@ pub fn track_cmd(a: &TrackArgs) -> anyhow::Result<()> {
             bail!("give --masks DIR, or --movie DIR (with --model DIR, or the built-in model)");
         };
         let mut s = Segmenter::load(a.model.as_deref(), &a.infer)?;
-        let (movie, ts) = movie_frames(movie, None)?;
+        let (movie, ts) = movie_frames(movie, None, a.channel.as_deref())?;
         s.fix_width(&movie, &ts)?;
         let pb = bar(ts.len() as u64, "frames");
         let mut frames = Vec::with_capacity(ts.len());
@@ -235,7 +242,7 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
             a.model.display()
         );
     }
-    let (movie, ts) = movie_frames(&a.movie, a.frames)?;
+    let (movie, ts) = movie_frames(&a.movie, a.frames, a.channel.as_deref())?;
     s.fix_width(&movie, &ts)?;
     let given = match &a.masks {
         Some(dir) => Some(numbered_masks(dir)?),

@@ -25,10 +25,14 @@ use crate::train::{Budget, TrainOptions, Trainer};
 /// Arguments of `cellswarm train`.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
-    /// CTC sequence folders (e.g. `.../02`); masks are found beside them
-    /// (`02_GT/SEG`, else `02_ERR_SEG`).
+    /// CTC sequence folders (e.g. `.../02`) or OME-TIFF files (`NAME.ome.tif`); masks
+    /// are found beside them (`02_GT/SEG`, else `02_ERR_SEG`; `NAME_masks.ome.tif`).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
+    /// The channel of OME-TIFF movies to read: its name or index (needed where a file
+    /// has several).
+    #[arg(long)]
+    pub channel: Option<String>,
     /// The model folder to write (weights.safetensors and config.json).
     #[arg(long)]
     pub out: PathBuf,
@@ -246,8 +250,10 @@ impl Segmenter {
 pub(crate) fn movie_frames(
     dir: &Path,
     range: Option<FrameRange>,
+    channel: Option<&str>,
 ) -> anyhow::Result<(Movie, Vec<u32>)> {
-    let movie = Movie::open(dir).with_context(|| format!("opening movie {}", dir.display()))?;
+    let movie = Movie::open_channel(dir, channel)
+        .with_context(|| format!("opening movie {}", dir.display()))?;
     let frames: Vec<u32> = movie
         .frames()
         .filter(|t| range.is_none_or(|r| r.contains(*t)))
@@ -265,10 +271,15 @@ pub struct SegmentArgs {
     /// built-in generalist model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A CTC sequence folder.
+    /// A CTC sequence folder, or an OME-TIFF file (`.ome.tif`).
     #[arg(long)]
     pub movie: PathBuf,
-    /// Where to write `maskTTT.tif` (created if missing).
+    /// The channel of an OME-TIFF movie: its name or index (needed where it has several).
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// Where to write `maskTTT.tif` (a folder, created if missing); a path ending in
+    /// `.ome.tif` writes one OME-TIFF label movie instead (one time point per segmented
+    /// frame, with the movie's pixel sizes).
     #[arg(long)]
     pub out: PathBuf,
     /// Frames to segment (default: all).
@@ -370,10 +381,15 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_frames(dirs: &[PathBuf], frames: Option<FrameRange>) -> anyhow::Result<Vec<Annotated>> {
+fn load_frames(
+    dirs: &[PathBuf],
+    frames: Option<FrameRange>,
+    channel: Option<&str>,
+) -> anyhow::Result<Vec<Annotated>> {
     let mut all = Vec::new();
     for d in dirs {
-        let movie = Movie::open(d).with_context(|| format!("opening movie {}", d.display()))?;
+        let movie = Movie::open_channel(d, channel)
+            .with_context(|| format!("opening movie {}", d.display()))?;
         all.extend(load_annotated(&movie, frames)?);
     }
     Ok(all)
@@ -421,9 +437,9 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
     if let Some(problem) = cellswarm_common::config::ModelSpec::diameter_problem(a.diameter) {
         bail!("--diameter {problem}");
     }
-    let frames = load_frames(&a.data, a.frames)?;
+    let frames = load_frames(&a.data, a.frames, a.channel.as_deref())?;
     let val = match a.val_frames {
-        Some(r) => load_frames(&a.data, Some(r))?,
+        Some(r) => load_frames(&a.data, Some(r), a.channel.as_deref())?,
         None => Vec::new(),
     };
     let config = UNetConfig::new()
@@ -538,8 +554,29 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
 /// An unreadable model or movie, or write errors.
 pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
     let mut s = Segmenter::load(a.model.as_deref(), &a.infer)?;
-    let (movie, frames) = movie_frames(&a.movie, a.frames)?;
+    let (movie, frames) = movie_frames(&a.movie, a.frames, a.channel.as_deref())?;
     s.fix_width(&movie, &frames)?;
+    if crate::data::ome::is_ome_tiff(&a.out) {
+        let pb = bar(frames.len() as u64, "frames");
+        let mut out = Vec::with_capacity(frames.len());
+        for t in &frames {
+            let img = movie.frame(*t)?;
+            out.push(segment(&s.model, &s.config, &s.device, &img, &s.opts));
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        crate::data::ome::write_labels(&a.out, &out, movie.physical_size().unwrap_or_default())?;
+        println!(
+            "wrote {} frames of masks to {} (OME-TIFF)",
+            frames.len(),
+            a.out.display()
+        );
+        return Ok(());
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let width = if movie.len() > 1000 { 4 } else { 3 };
     let pb = bar(frames.len() as u64, "frames");

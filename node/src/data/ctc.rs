@@ -9,12 +9,18 @@
 //! ```
 //!
 //! A [`Movie`] is opened from the sequence folder (`NN`); its masks are found beside it.
+//! A movie may also be one channel of an OME-TIFF file (`NAME.ome.tif`, [`super::ome`]):
+//! frame `t` is its time point `t` (a Z stack if it has several planes), and its masks,
+//! if any, are the label movie `NAME_masks.ome.tif` beside it (what `cellswarm segment
+//! --ome-tiff` writes).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::DataError;
+use super::ome::{OmeTiff, PhysicalSize, is_ome_tiff};
 use super::tiff_io::{read_image, read_labels};
 use super::volume::{Image, Labels};
 
@@ -25,6 +31,8 @@ pub enum SegSource {
     GroundTruth,
     /// `NN_ERR_SEG/maskTTT.tif`.
     Reference,
+    /// `NAME_masks.ome.tif` beside an OME-TIFF movie `NAME.ome.tif`.
+    LabelMovie,
 }
 
 /// One line of a CTC lineage file: track `label` spans frames `begin..=end`, and
@@ -54,12 +62,36 @@ impl TrackRecord {
     }
 }
 
-/// A CTC sequence folder and the masks found beside it.
+/// Where a movie's frames are.
+#[derive(Debug, Clone)]
+enum Frames {
+    /// `tTTT.tif` files of a sequence folder, by number.
+    Files(BTreeMap<u32, PathBuf>),
+    /// One channel of an OME-TIFF file; frame `t` is its time point `t`.
+    Ome {
+        /// The file's metadata.
+        file: Arc<OmeTiff>,
+        /// The channel read.
+        channel: usize,
+    },
+}
+
+/// Where a movie's segmentation masks are.
+#[derive(Debug, Clone)]
+enum Masks {
+    /// Numbered files, by frame.
+    Files(BTreeMap<u32, PathBuf>),
+    /// An OME-TIFF label movie, one time point a frame.
+    Ome(Arc<OmeTiff>),
+}
+
+/// A CTC sequence folder (or one channel of an OME-TIFF file) and the masks found
+/// beside it.
 #[derive(Debug, Clone)]
 pub struct Movie {
     dir: PathBuf,
-    frames: BTreeMap<u32, PathBuf>,
-    seg: Option<(SegSource, BTreeMap<u32, PathBuf>)>,
+    frames: Frames,
+    seg: Option<(SegSource, Masks)>,
     tra: Option<(BTreeMap<u32, PathBuf>, PathBuf)>,
 }
 
@@ -102,13 +134,52 @@ fn expected_name(prefix: &str, t: u32, like: Option<&PathBuf>) -> String {
     format!("{prefix}{t:0width$}.tif")
 }
 
+/// The label movie of OME-TIFF movie `NAME.ome.tif`: `NAME_masks.ome.tif` beside it.
+#[must_use]
+pub fn masks_beside(movie: &Path) -> PathBuf {
+    let name = movie
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let lower = name.to_ascii_lowercase();
+    let stem = [".ome.tiff", ".ome.tif"]
+        .iter()
+        .find(|e| lower.ends_with(*e))
+        .map_or(name, |e| &name[..name.len() - e.len()]);
+    movie.with_file_name(format!("{stem}_masks.ome.tif"))
+}
+
 impl Movie {
-    /// Opens a sequence folder such as `.../Fluo-N2DL-HeLa/02`.
+    /// Opens a sequence folder such as `.../Fluo-N2DL-HeLa/02`, or a single-channel
+    /// OME-TIFF file (`.ome.tif`).
     ///
     /// # Errors
     /// A folder with no `tTTT.tif` frames, or a gap in the frame numbers (naming the
-    /// missing file).
+    /// missing file); an OME-TIFF that [`OmeTiff::open`] refuses or that has several
+    /// channels (see [`Movie::open_channel`]).
     pub fn open(dir: &Path) -> Result<Self, DataError> {
+        Self::open_channel(dir, None)
+    }
+
+    /// Opens a movie as [`Movie::open`] does, reading channel `channel` (a name or an
+    /// index from 0) of an OME-TIFF file. A CTC folder has one channel, `0`.
+    ///
+    /// # Errors
+    /// As [`Movie::open`], and a channel the movie does not have.
+    pub fn open_channel(dir: &Path, channel: Option<&str>) -> Result<Self, DataError> {
+        if is_ome_tiff(dir) {
+            return Self::open_ome(dir, channel);
+        }
+        if let Some(c) = channel
+            && c != "0"
+        {
+            return Err(DataError::Unsupported {
+                path: dir.to_owned(),
+                what: format!(
+                    "channel \"{c}\": a CTC sequence folder has one channel (0); channels are chosen in OME-TIFF files"
+                ),
+            });
+        }
         let frames = numbered(dir, "t")?;
         let Some((&last, _)) = frames.last_key_value() else {
             return Err(DataError::NoFrames {
@@ -134,10 +205,10 @@ impl Movie {
         let seg = if gt.join("SEG").is_dir() {
             Some((
                 SegSource::GroundTruth,
-                numbered(&gt.join("SEG"), "man_seg")?,
+                Masks::Files(numbered(&gt.join("SEG"), "man_seg")?),
             ))
         } else if err.is_dir() {
-            Some((SegSource::Reference, numbered(&err, "mask")?))
+            Some((SegSource::Reference, Masks::Files(numbered(&err, "mask")?)))
         } else {
             None
         };
@@ -152,19 +223,64 @@ impl Movie {
         };
         Ok(Self {
             dir: dir.to_owned(),
-            frames,
+            frames: Frames::Files(frames),
             seg,
             tra,
         })
     }
 
+    fn open_ome(path: &Path, channel: Option<&str>) -> Result<Self, DataError> {
+        let file = OmeTiff::open(path)?;
+        let channel = file.channel(channel)?;
+        let masks = masks_beside(path);
+        let seg = if masks.is_file() {
+            let m = OmeTiff::open(&masks)?;
+            if m.channels().len() != 1 {
+                return Err(DataError::Unsupported {
+                    path: masks,
+                    what: format!(
+                        "label movie with {} channels; expected one",
+                        m.channels().len()
+                    ),
+                });
+            }
+            Some((SegSource::LabelMovie, Masks::Ome(Arc::new(m))))
+        } else {
+            None
+        };
+        Ok(Self {
+            dir: path.to_owned(),
+            frames: Frames::Ome {
+                file: Arc::new(file),
+                channel,
+            },
+            seg,
+            tra: None,
+        })
+    }
+
+    /// Physical pixel and Z-step sizes in micrometres, where the movie's metadata gives
+    /// them (OME-TIFF; a CTC folder has none).
+    #[must_use]
+    pub fn physical_size(&self) -> Option<PhysicalSize> {
+        match &self.frames {
+            Frames::Files(_) => None,
+            Frames::Ome { file, .. } => Some(file.physical_size()),
+        }
+    }
+
     /// The last frame number (0 for an empty movie, which [`Movie::open`] refuses).
     #[must_use]
     pub fn last_frame(&self) -> u32 {
-        self.frames.last_key_value().map_or(0, |(&t, _)| t)
+        match &self.frames {
+            Frames::Files(f) => f.last_key_value().map_or(0, |(&t, _)| t),
+            Frames::Ome { file, .. } => {
+                u32::try_from(file.frames().saturating_sub(1)).unwrap_or(u32::MAX)
+            }
+        }
     }
 
-    /// The sequence folder.
+    /// The sequence folder (or the OME-TIFF file).
     #[must_use]
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -172,19 +288,37 @@ impl Movie {
 
     /// Frame numbers, ascending.
     pub fn frames(&self) -> impl Iterator<Item = u32> + '_ {
-        self.frames.keys().copied()
+        let (files, count) = match &self.frames {
+            Frames::Files(f) => (Some(f.keys().copied()), 0),
+            Frames::Ome { file, .. } => (None, file.frames()),
+        };
+        files
+            .into_iter()
+            .flatten()
+            .chain((0..count).filter_map(|t| u32::try_from(t).ok()))
+    }
+
+    /// Whether the movie has frame `t`.
+    fn has_frame(&self, t: u32) -> bool {
+        match &self.frames {
+            Frames::Files(f) => f.contains_key(&t),
+            Frames::Ome { file, .. } => (t as usize) < file.frames(),
+        }
     }
 
     /// Number of frames.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.frames.len()
+        match &self.frames {
+            Frames::Files(f) => f.len(),
+            Frames::Ome { file, .. } => file.frames(),
+        }
     }
 
     /// Whether the movie has no frames (never true for an opened movie).
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.len() == 0
     }
 
     /// Where its segmentation masks come from, if it has any.
@@ -196,21 +330,36 @@ impl Movie {
     /// Frames that have a segmentation mask.
     #[must_use]
     pub fn annotated_frames(&self) -> Vec<u32> {
-        self.seg
-            .as_ref()
-            .map(|(_, m)| {
-                m.keys()
-                    .copied()
-                    .filter(|t| self.frames.contains_key(t))
-                    .collect()
-            })
-            .unwrap_or_default()
+        match self.seg.as_ref().map(|(_, m)| m) {
+            None => Vec::new(),
+            Some(Masks::Files(m)) => m.keys().copied().filter(|&t| self.has_frame(t)).collect(),
+            Some(Masks::Ome(m)) => (0..m.frames())
+                .filter_map(|t| u32::try_from(t).ok())
+                .filter(|&t| self.has_frame(t))
+                .collect(),
+        }
     }
 
-    /// Path of frame `t`.
+    /// Path of frame `t` (of an OME-TIFF movie: the file).
     #[must_use]
     pub fn frame_path(&self, t: u32) -> Option<&Path> {
-        self.frames.get(&t).map(PathBuf::as_path)
+        match &self.frames {
+            Frames::Files(f) => f.get(&t).map(PathBuf::as_path),
+            Frames::Ome { file, .. } => self.has_frame(t).then(|| file.path()),
+        }
+    }
+
+    fn missing(&self, t: u32) -> DataError {
+        DataError::MissingFrame {
+            path: match &self.frames {
+                Frames::Files(f) => self.dir.join(expected_name("t", t, f.values().next())),
+                Frames::Ome { file, .. } => PathBuf::from(format!(
+                    "{} (time point {t} of {})",
+                    self.dir.display(),
+                    file.frames()
+                )),
+            },
+        }
     }
 
     /// Reads frame `t`.
@@ -218,12 +367,15 @@ impl Movie {
     /// # Errors
     /// A frame number the movie does not have, or a read error naming the file.
     pub fn frame(&self, t: u32) -> Result<Image, DataError> {
-        let path = self.frames.get(&t).ok_or_else(|| DataError::MissingFrame {
-            path: self
-                .dir
-                .join(expected_name("t", t, self.frames.values().next())),
-        })?;
-        read_image(path)
+        match &self.frames {
+            Frames::Files(f) => read_image(f.get(&t).ok_or_else(|| self.missing(t))?),
+            Frames::Ome { file, channel } => {
+                if !self.has_frame(t) {
+                    return Err(self.missing(t));
+                }
+                file.read_stack(*channel, t as usize)
+            }
+        }
     }
 
     /// Reads the segmentation mask of frame `t` (None if that frame is not annotated),
@@ -232,10 +384,21 @@ impl Movie {
     /// # Errors
     /// Read errors, or a mask whose size differs from `like`.
     pub fn seg_mask(&self, t: u32, like: &Image) -> Result<Option<Labels>, DataError> {
-        let Some(path) = self.seg.as_ref().and_then(|(_, m)| m.get(&t)) else {
-            return Ok(None);
+        let (path, mask) = match self.seg.as_ref().map(|(_, m)| m) {
+            None => return Ok(None),
+            Some(Masks::Files(m)) => {
+                let Some(path) = m.get(&t) else {
+                    return Ok(None);
+                };
+                (path.as_path(), read_labels(path)?)
+            }
+            Some(Masks::Ome(m)) => {
+                if t as usize >= m.frames() {
+                    return Ok(None);
+                }
+                (m.path(), m.read_label_stack(0, t as usize)?)
+            }
         };
-        let mask = read_labels(path)?;
         check_same_size(path, like, &mask)?;
         Ok(Some(mask))
     }
@@ -273,7 +436,7 @@ impl Movie {
                 && !first.same_shape(&img)
             {
                 return Err(DataError::SizeMismatch {
-                    path: self.frames[&t].clone(),
+                    path: self.frame_path(t).unwrap_or(&self.dir).to_owned(),
                     expected: format!("{:?} like frame {t0}", first.shape()),
                     found: format!("{:?}", img.shape()),
                 });

@@ -76,7 +76,7 @@ fn read_pages(path: &Path) -> Result<(usize, usize, Vec<DecodingResult>), DataEr
     Ok((h as usize, w as usize, pages))
 }
 
-fn page_to_f32(path: &Path, page: DecodingResult) -> Result<Vec<f32>, DataError> {
+pub(super) fn page_to_f32(path: &Path, page: DecodingResult) -> Result<Vec<f32>, DataError> {
     Ok(match page {
         DecodingResult::U8(v) => v.into_iter().map(f32::from).collect(),
         DecodingResult::U16(v) => v.into_iter().map(f32::from).collect(),
@@ -99,7 +99,7 @@ fn page_to_f32(path: &Path, page: DecodingResult) -> Result<Vec<f32>, DataError>
     })
 }
 
-fn page_to_labels(path: &Path, page: DecodingResult) -> Result<Vec<u32>, DataError> {
+pub(super) fn page_to_labels(path: &Path, page: DecodingResult) -> Result<Vec<u32>, DataError> {
     let neg = || DataError::Unsupported {
         path: path.to_owned(),
         what: "negative or out-of-range label values".into(),

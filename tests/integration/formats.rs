@@ -1,0 +1,223 @@
+//! Movies as labs have them: OME-TIFF written by `tifffile` (as microscope software
+//! writes it: several channels, physical sizes in µm) read by `segment`, `track` and
+//! `train`, and the label movies cellswarm writes read back by `tifffile`.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::util::{cellswarm, ok_stdout};
+
+fn have_tifffile() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import tifffile, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CELLSWARM_REQUIRE_ORACLES").is_none_or(|v| v != "1"),
+            "CELLSWARM_REQUIRE_ORACLES=1 but python3 cannot import tifffile"
+        );
+        eprintln!("skipping: tifffile not installed (pip install -r .ci/requirements.txt)");
+    }
+    ok
+}
+
+fn python(dir: &Path, script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .current_dir(dir)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A CTC movie as a two-channel OME-TIFF (T, C, Y, X; channel 0 a dim "membrane" stain
+/// that is not the frames, channel 1 "nuclei", the frames), and its reference masks as
+/// the label movie beside it, written the way tifffile writes a microscope's files.
+const TO_OME: &str = r#"
+import sys, glob
+import numpy as np, tifffile
+src, gt, out, masks = sys.argv[1:5]
+frames = np.stack([tifffile.imread(p) for p in sorted(glob.glob(src + "/t*.tif"))])
+membrane = (frames.max() - frames) // 7
+movie = np.stack([membrane, frames], axis=1)
+meta = {"axes": "TCYX", "Channel": {"Name": ["membrane", "nuclei"]},
+        "PhysicalSizeX": 0.65, "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": 0.65, "PhysicalSizeYUnit": "µm"}
+tifffile.imwrite(out, movie, ome=True, metadata=meta)
+labels = np.stack([tifffile.imread(p) for p in sorted(glob.glob(gt + "/man_seg*.tif"))])
+tifffile.imwrite(masks, labels.astype(np.uint16), ome=True, metadata={"axes": "TYX"})
+print(movie.shape, labels.shape)
+"#;
+
+/// Compares cellswarm's OME-TIFF label movie with its CTC mask files, read by
+/// tifffile, and prints the pixel size tifffile finds in its OME-XML.
+const COMPARE: &str = r#"
+import sys, glob
+import numpy as np, tifffile
+ome, ctc = sys.argv[1:3]
+with tifffile.TiffFile(ome) as f:
+    assert f.is_ome, "not an OME-TIFF"
+    series = f.series[0]
+    a = series.asarray()
+    meta = tifffile.xml2dict(f.ome_metadata)["OME"]["Image"]["Pixels"]
+b = np.stack([tifffile.imread(p) for p in sorted(glob.glob(ctc + "/mask*.tif"))])
+a = a.reshape(b.shape)
+print("axes", series.axes, "shape", a.shape, "equal", bool((a == b).all()),
+      "objects", int(sum(len(np.unique(x)) - 1 for x in b)),
+      "size", meta.get("PhysicalSizeX"), meta.get("SizeT"))
+"#;
+
+#[test]
+fn ome_tiff_movies_from_tifffile_segment_track_and_train_like_their_ctc_frames() {
+    if !have_tifffile() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &[
+            "synth",
+            "--out",
+            "movie",
+            "--profile",
+            "balanced",
+            "--frames",
+            "4",
+            "--seed",
+            "9",
+            "--size",
+            "96",
+        ],
+    ));
+    let shapes = python(
+        d,
+        TO_OME,
+        &[
+            "movie/01",
+            "movie/01_GT/SEG",
+            "cells.ome.tif",
+            "cells_masks.ome.tif",
+        ],
+    );
+    assert!(shapes.contains("(4, 2, 96, 96)"), "{shapes}");
+
+    // Two channels: segment needs a choice, and says which it has.
+    let out = cellswarm(
+        d,
+        &["segment", "--movie", "cells.ome.tif", "--out", "x.ome.tif"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "no channel chosen, yet it ran");
+    assert!(
+        err.contains("cells.ome.tif") && err.contains("membrane, nuclei"),
+        "{err}"
+    );
+    let out = cellswarm(
+        d,
+        &[
+            "segment",
+            "--movie",
+            "cells.ome.tif",
+            "--channel",
+            "dapi",
+            "--out",
+            "x.ome.tif",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dapi"));
+
+    // The nuclei channel segments exactly as the CTC frames it was made of (the built-in
+    // model, one width estimate), written as an OME-TIFF label movie that tifffile reads.
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &["segment", "--movie", "movie/01", "--out", "ctc-seg"],
+    ));
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "segment",
+            "--movie",
+            "cells.ome.tif",
+            "--channel",
+            "nuclei",
+            "--out",
+            "seg/cells_masks.ome.tif",
+        ],
+    ));
+    assert!(out.contains("wrote 4 frames"), "{out}");
+    let cmp = python(d, COMPARE, &["seg/cells_masks.ome.tif", "ctc-seg"]);
+    assert!(cmp.contains("equal True"), "{cmp}");
+    assert!(
+        cmp.contains("size 0.65 4"),
+        "pixel size and frames carried: {cmp}"
+    );
+    let objects: u64 = cmp
+        .split_whitespace()
+        .skip_while(|w| *w != "objects")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(objects >= 4, "the movie's cells were found: {cmp}");
+
+    // Channel by index, tracked: the same masks as tracking the CTC frames.
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &["track", "--movie", "movie/01", "--out", "ctc-trk"],
+    ));
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &[
+            "track",
+            "--movie",
+            "cells.ome.tif",
+            "--channel",
+            "1",
+            "--out",
+            "ome-trk",
+        ],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(d.join("ome-trk/res_track.txt")).unwrap(),
+        std::fs::read_to_string(d.join("ctc-trk/res_track.txt")).unwrap()
+    );
+
+    // Training finds the label movie beside the OME-TIFF and scores on it.
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "train",
+            "--data",
+            "cells.ome.tif",
+            "--channel",
+            "nuclei",
+            "--out",
+            "model",
+            "--frames",
+            "0-2",
+            "--val-frames",
+            "3-3",
+            "--steps",
+            "5",
+            "--patch",
+            "32",
+            "--batch",
+            "4",
+            "--depth",
+            "2",
+            "--width",
+            "4",
+        ],
+    ));
+    assert!(out.contains("trained 5 steps"), "{out}");
+    assert!(out.contains("held-out frames 3-3: F1@0.5"), "{out}");
+}
