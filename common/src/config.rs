@@ -1039,9 +1039,9 @@ fn default_synth_frames() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// CTC sequence folders such as `/data/Fluo-N2DL-HeLa/02`, or OME-TIFF files
-    /// (`NAME.ome.tif`); masks are found beside them (`02_GT/SEG` or `02_ERR_SEG`;
-    /// `NAME_masks.ome.tif`).
+    /// CTC sequence folders such as `/data/Fluo-N2DL-HeLa/02`, OME-TIFF files
+    /// (`NAME.ome.tif`) or OME-Zarr images (`NAME.ome.zarr`); masks are found beside them
+    /// (`02_GT/SEG` or `02_ERR_SEG`; `NAME_masks.ome.tif`; the image's `labels/`).
     pub movies: Vec<PathBuf>,
     /// The channel of the OME-TIFF movies to train on, by name or index (needed where a
     /// file has several channels).

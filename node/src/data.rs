@@ -6,6 +6,7 @@
 //!   multi-page stacks) and writing.
 //! - [`ctc`]: the Cell Tracking Challenge layout ([`ctc::Movie`]) and lineage files.
 //! - [`ome`]: OME-TIFF files (5D images with OME-XML metadata), read and written.
+//! - [`ngff`]: OME-Zarr images (NGFF 0.4 and 0.5) and their label images, read and written.
 //! - [`normalize`]: percentile normalisation and the three pixel classes.
 //! - [`patches`]: seeded, augmented patch sampling.
 //! - [`dataset`]: annotated frames of a movie as training planes.
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 
 pub mod ctc;
 pub mod dataset;
+pub mod ngff;
 pub mod normalize;
 pub mod ome;
 pub mod patches;
@@ -68,6 +70,14 @@ pub enum DataError {
         expected: String,
         /// What was found.
         found: String,
+    },
+    /// The Zarr reader or writer failed.
+    #[error("{}: not a readable OME-Zarr image: {message}", path.display())]
+    Zarr {
+        /// The Zarr folder (or the array or group in it).
+        path: PathBuf,
+        /// The reader's or writer's message.
+        message: String,
     },
     /// A lineage file has a bad line.
     #[error("{}: line {line}: {problem}", path.display())]

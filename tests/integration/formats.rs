@@ -221,3 +221,178 @@ fn ome_tiff_movies_from_tifffile_segment_track_and_train_like_their_ctc_frames()
     assert!(out.contains("trained 5 steps"), "{out}");
     assert!(out.contains("held-out frames 3-3: F1@0.5"), "{out}");
 }
+
+fn have_ome_zarr() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import ome_zarr, zarr, tifffile"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CELLSWARM_REQUIRE_ORACLES").is_none_or(|v| v != "1"),
+            "CELLSWARM_REQUIRE_ORACLES=1 but python3 cannot import ome_zarr (ome-zarr-py)"
+        );
+        eprintln!("skipping: ome-zarr not installed (pip install -r .ci/requirements.txt)");
+    }
+    ok
+}
+
+/// A CTC movie as OME-Zarr images written by ome-zarr-py, the NGFF reference
+/// implementation: NGFF 0.4 (Zarr v2) and 0.5 (Zarr v3), two channels, physical sizes,
+/// its reference masks as the image's label image `labels/cells`.
+const TO_ZARR: &str = r#"
+import sys, glob
+import numpy as np, tifffile, zarr
+from ome_zarr.io import parse_url
+from ome_zarr.writer import write_image, write_labels
+from ome_zarr.format import FormatV04, FormatV05
+src, gt = sys.argv[1:3]
+frames = np.stack([tifffile.imread(p) for p in sorted(glob.glob(src + "/t*.tif"))])
+labels = np.stack([tifffile.imread(p) for p in sorted(glob.glob(gt + "/man_seg*.tif"))])
+movie = np.stack([(frames.max() - frames) // 7, frames], axis=1)
+for name, fmt in [("cells04.ome.zarr", FormatV04()), ("cells05.ome.zarr", FormatV05())]:
+    root = zarr.group(store=parse_url(name, mode="w", fmt=fmt).store, zarr_format=fmt.zarr_format)
+    write_image(movie, root, axes="tcyx", fmt=fmt)
+    write_labels(labels.astype(np.uint16), root, name="cells", axes="tyx", fmt=fmt)
+    # What a converter from a microscope's format adds: units, pixel size, channel names
+    # (ome-zarr-py's writer leaves them to the caller).
+    attrs = root.attrs.asdict()
+    meta = attrs["ome"] if "ome" in attrs else attrs
+    ms = meta["multiscales"][0]
+    for ax in ms["axes"]:
+        if ax["type"] == "space":
+            ax["unit"] = "micrometer"
+    for level in ms["datasets"]:
+        for tr in level["coordinateTransformations"]:
+            if tr["type"] == "scale":
+                tr["scale"] = [tr["scale"][0], tr["scale"][1], tr["scale"][2] * 0.65, tr["scale"][3] * 0.65]
+    meta["omero"] = {"channels": [{"label": "membrane"}, {"label": "nuclei"}]}
+    root.attrs.update(attrs)
+print(movie.shape)
+"#;
+
+/// Reads cellswarm's OME-Zarr label image with ome-zarr-py's reader and compares it
+/// with its CTC mask files.
+const COMPARE_ZARR: &str = r#"
+import sys, glob
+import numpy as np, tifffile
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Reader
+path, ctc = sys.argv[1:3]
+nodes = list(Reader(parse_url(path))())
+image = nodes[0]
+a = np.asarray(image.data[0])
+axes = [ax["name"] for ax in image.metadata["axes"]]
+scale = image.metadata["coordinateTransformations"][0][0]["scale"]
+b = np.stack([tifffile.imread(p) for p in sorted(glob.glob(ctc + "/mask*.tif"))])
+print("axes", "".join(axes), "equal", bool((a.reshape(b.shape) == b).all()), "scale", scale[-1],
+      "labels", "image-label" in str(image.zarr.root_attrs))
+"#;
+
+#[test]
+fn ome_zarr_images_from_ome_zarr_py_segment_and_train_and_ours_read_back() {
+    if !have_ome_zarr() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &[
+            "synth",
+            "--out",
+            "movie",
+            "--profile",
+            "balanced",
+            "--frames",
+            "4",
+            "--seed",
+            "9",
+            "--size",
+            "96",
+        ],
+    ));
+    let shape = python(d, TO_ZARR, &["movie/01", "movie/01_GT/SEG"]);
+    assert!(shape.contains("(4, 2, 96, 96)"), "{shape}");
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &["segment", "--movie", "movie/01", "--out", "ctc-seg"],
+    ));
+    for (image, out) in [
+        ("cells04.ome.zarr", "seg04.ome.zarr"),
+        ("cells05.ome.zarr", "seg05.ome.zarr"),
+    ] {
+        let printed = ok_stdout(&cellswarm(
+            d,
+            &[
+                "segment",
+                "--movie",
+                image,
+                "--channel",
+                "nuclei",
+                "--out",
+                out,
+            ],
+        ));
+        assert!(
+            printed.contains("wrote 4 frames") && printed.contains("OME-Zarr"),
+            "{printed}"
+        );
+        let cmp = python(d, COMPARE_ZARR, &[out, "ctc-seg"]);
+        assert!(
+            cmp.contains("axes tyx equal True scale 0.65 labels True"),
+            "{image}: {cmp}"
+        );
+    }
+    let out = cellswarm(
+        d,
+        &[
+            "segment",
+            "--movie",
+            "cells05.ome.zarr",
+            "--out",
+            "x.ome.zarr",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("membrane, nuclei"), "{err}");
+    let out = cellswarm(
+        d,
+        &["segment", "--movie", "movie/01", "--out", "seg05.ome.zarr"],
+    );
+    assert!(
+        !out.status.success(),
+        "an existing image is not overwritten"
+    );
+
+    // The label image inside the NGFF image is its training masks.
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "train",
+            "--data",
+            "cells04.ome.zarr",
+            "--channel",
+            "nuclei",
+            "--out",
+            "model",
+            "--frames",
+            "0-2",
+            "--val-frames",
+            "3-3",
+            "--steps",
+            "5",
+            "--patch",
+            "32",
+            "--batch",
+            "4",
+            "--depth",
+            "2",
+            "--width",
+            "4",
+        ],
+    ));
+    assert!(out.contains("trained 5 steps"), "{out}");
+    assert!(out.contains("held-out frames 3-3: F1@0.5"), "{out}");
+}

@@ -34,8 +34,8 @@ pub struct TrackArgs {
     /// Segment with this model folder first (default: the built-in generalist model).
     #[arg(long, requires = "movie")]
     pub model: Option<PathBuf>,
-    /// The CTC sequence folder (or OME-TIFF file) to segment and track (instead of
-    /// `--masks`).
+    /// The CTC sequence folder (or OME-TIFF file, or OME-Zarr image) to segment and track
+    /// (instead of `--masks`).
     #[arg(long)]
     pub movie: Option<PathBuf>,
     /// The channel of an OME-TIFF movie: its name or index (needed where it has several).
@@ -91,7 +91,8 @@ pub struct ClassifyArgs {
     /// A model folder with a cell-state head.
     #[arg(long)]
     pub model: PathBuf,
-    /// A CTC sequence folder, or an OME-TIFF file (`.ome.tif`).
+    /// A CTC sequence folder, an OME-TIFF file (`.ome.tif`) or an OME-Zarr image
+    /// (`.ome.zarr`).
     #[arg(long)]
     pub movie: PathBuf,
     /// The channel of an OME-TIFF movie: its name or index (needed where it has several).

@@ -25,8 +25,9 @@ use crate::train::{Budget, TrainOptions, Trainer};
 /// Arguments of `cellswarm train`.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
-    /// CTC sequence folders (e.g. `.../02`) or OME-TIFF files (`NAME.ome.tif`); masks
-    /// are found beside them (`02_GT/SEG`, else `02_ERR_SEG`; `NAME_masks.ome.tif`).
+    /// CTC sequence folders (e.g. `.../02`), OME-TIFF files (`NAME.ome.tif`) or OME-Zarr
+    /// images (`NAME.ome.zarr`); masks are found beside them (`02_GT/SEG`, else
+    /// `02_ERR_SEG`; `NAME_masks.ome.tif`; the image's first label image).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// The channel of OME-TIFF movies to read: its name or index (needed where a file
@@ -271,15 +272,17 @@ pub struct SegmentArgs {
     /// built-in generalist model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A CTC sequence folder, or an OME-TIFF file (`.ome.tif`).
+    /// A CTC sequence folder, an OME-TIFF file (`.ome.tif`) or an OME-Zarr image
+    /// (`.ome.zarr`).
     #[arg(long)]
     pub movie: PathBuf,
     /// The channel of an OME-TIFF movie: its name or index (needed where it has several).
     #[arg(long)]
     pub channel: Option<String>,
     /// Where to write `maskTTT.tif` (a folder, created if missing); a path ending in
-    /// `.ome.tif` writes one OME-TIFF label movie instead (one time point per segmented
-    /// frame, with the movie's pixel sizes).
+    /// `.ome.tif` writes one OME-TIFF label movie instead, one ending in `.ome.zarr` an
+    /// OME-Zarr (NGFF 0.5) label image (one time point per segmented frame, with the
+    /// movie's pixel sizes).
     #[arg(long)]
     pub out: PathBuf,
     /// Frames to segment (default: all).
@@ -556,7 +559,8 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
     let mut s = Segmenter::load(a.model.as_deref(), &a.infer)?;
     let (movie, frames) = movie_frames(&a.movie, a.frames, a.channel.as_deref())?;
     s.fix_width(&movie, &frames)?;
-    if crate::data::ome::is_ome_tiff(&a.out) {
+    let zarr = crate::data::ngff::is_ome_zarr(&a.out);
+    if zarr || crate::data::ome::is_ome_tiff(&a.out) {
         let pb = bar(frames.len() as u64, "frames");
         let mut out = Vec::with_capacity(frames.len());
         for t in &frames {
@@ -569,11 +573,17 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        crate::data::ome::write_labels(&a.out, &out, movie.physical_size().unwrap_or_default())?;
+        let physical = movie.physical_size().unwrap_or_default();
+        if zarr {
+            crate::data::ngff::write_labels(&a.out, &out, physical)?;
+        } else {
+            crate::data::ome::write_labels(&a.out, &out, physical)?;
+        }
         println!(
-            "wrote {} frames of masks to {} (OME-TIFF)",
+            "wrote {} frames of masks to {} ({})",
             frames.len(),
-            a.out.display()
+            a.out.display(),
+            if zarr { "OME-Zarr" } else { "OME-TIFF" }
         );
         return Ok(());
     }

@@ -9,10 +9,11 @@
 //! ```
 //!
 //! A [`Movie`] is opened from the sequence folder (`NN`); its masks are found beside it.
-//! A movie may also be one channel of an OME-TIFF file (`NAME.ome.tif`, [`super::ome`]):
-//! frame `t` is its time point `t` (a Z stack if it has several planes), and its masks,
-//! if any, are the label movie `NAME_masks.ome.tif` beside it (what `cellswarm segment
-//! --ome-tiff` writes).
+//! A movie may also be one channel of an OME-TIFF file (`NAME.ome.tif`, [`super::ome`])
+//! or of an OME-Zarr image (`NAME.ome.zarr`, [`super::ngff`]): frame `t` is its time
+//! point `t` (a Z stack if it has several planes), and its masks, if any, are the label
+//! movie `NAME_masks.ome.tif` beside it (what `cellswarm segment --out
+//! NAME_masks.ome.tif` writes) or the Zarr image's first label image.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::DataError;
-use super::ome::{OmeTiff, PhysicalSize, is_ome_tiff};
+use super::ngff::{OmeZarr, is_ome_zarr};
+use super::ome::{OmeTiff, PhysicalSize, StackFile, is_ome_tiff};
 use super::tiff_io::{read_image, read_labels};
 use super::volume::{Image, Labels};
 
@@ -31,7 +33,8 @@ pub enum SegSource {
     GroundTruth,
     /// `NN_ERR_SEG/maskTTT.tif`.
     Reference,
-    /// `NAME_masks.ome.tif` beside an OME-TIFF movie `NAME.ome.tif`.
+    /// `NAME_masks.ome.tif` beside an OME-TIFF movie `NAME.ome.tif`, or an OME-Zarr
+    /// image's first label image (`NAME.ome.zarr/labels/...`).
     LabelMovie,
 }
 
@@ -67,10 +70,10 @@ impl TrackRecord {
 enum Frames {
     /// `tTTT.tif` files of a sequence folder, by number.
     Files(BTreeMap<u32, PathBuf>),
-    /// One channel of an OME-TIFF file; frame `t` is its time point `t`.
+    /// One channel of an OME-TIFF file or OME-Zarr image; frame `t` is its time point `t`.
     Ome {
         /// The file's metadata.
-        file: Arc<OmeTiff>,
+        file: Arc<dyn StackFile>,
         /// The channel read.
         channel: usize,
     },
@@ -81,8 +84,8 @@ enum Frames {
 enum Masks {
     /// Numbered files, by frame.
     Files(BTreeMap<u32, PathBuf>),
-    /// An OME-TIFF label movie, one time point a frame.
-    Ome(Arc<OmeTiff>),
+    /// An OME-TIFF or OME-Zarr label movie, one time point a frame.
+    Ome(Arc<dyn StackFile>),
 }
 
 /// A CTC sequence folder (or one channel of an OME-TIFF file) and the masks found
@@ -167,7 +170,7 @@ impl Movie {
     /// # Errors
     /// As [`Movie::open`], and a channel the movie does not have.
     pub fn open_channel(dir: &Path, channel: Option<&str>) -> Result<Self, DataError> {
-        if is_ome_tiff(dir) {
+        if is_ome_tiff(dir) || is_ome_zarr(dir) {
             return Self::open_ome(dir, channel);
         }
         if let Some(c) = channel
@@ -230,30 +233,38 @@ impl Movie {
     }
 
     fn open_ome(path: &Path, channel: Option<&str>) -> Result<Self, DataError> {
-        let file = OmeTiff::open(path)?;
-        let channel = file.channel(channel)?;
-        let masks = masks_beside(path);
-        let seg = if masks.is_file() {
-            let m = OmeTiff::open(&masks)?;
-            if m.channels().len() != 1 {
-                return Err(DataError::Unsupported {
-                    path: masks,
-                    what: format!(
-                        "label movie with {} channels; expected one",
-                        m.channels().len()
-                    ),
-                });
-            }
-            Some((SegSource::LabelMovie, Masks::Ome(Arc::new(m))))
+        let (file, masks): (Arc<dyn StackFile>, Option<Arc<dyn StackFile>>) = if is_ome_zarr(path) {
+            let z = OmeZarr::open(path)?;
+            let labels = z.label_image()?;
+            (
+                Arc::new(z),
+                labels.map(|l| Arc::new(l) as Arc<dyn StackFile>),
+            )
         } else {
-            None
+            let beside = masks_beside(path);
+            let labels = if beside.is_file() {
+                Some(Arc::new(OmeTiff::open(&beside)?) as Arc<dyn StackFile>)
+            } else {
+                None
+            };
+            (Arc::new(OmeTiff::open(path)?), labels)
         };
+        let channel = file.channel(channel)?;
+        if let Some(m) = &masks
+            && m.channels().len() != 1
+        {
+            return Err(DataError::Unsupported {
+                path: m.path().to_owned(),
+                what: format!(
+                    "label movie with {} channels; expected one",
+                    m.channels().len()
+                ),
+            });
+        }
+        let seg = masks.map(|m| (SegSource::LabelMovie, Masks::Ome(m)));
         Ok(Self {
             dir: path.to_owned(),
-            frames: Frames::Ome {
-                file: Arc::new(file),
-                channel,
-            },
+            frames: Frames::Ome { file, channel },
             seg,
             tra: None,
         })

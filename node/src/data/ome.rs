@@ -56,6 +56,60 @@ pub struct PhysicalSize {
     pub z: Option<f64>,
 }
 
+/// A file (or folder) holding a movie as time points of channels of Z stacks, read one
+/// stack at a time: OME-TIFF ([`OmeTiff`]) and OME-Zarr ([`super::ngff::OmeZarr`]).
+pub trait StackFile: std::fmt::Debug + Send + Sync {
+    /// The file or folder.
+    fn path(&self) -> &Path;
+    /// Time points.
+    fn frames(&self) -> usize;
+    /// Channel names, in order (a channel without a name is named by its index).
+    fn channels(&self) -> &[String];
+    /// Physical pixel and Z-step sizes in micrometres, where the metadata gives them.
+    fn physical_size(&self) -> PhysicalSize;
+    /// Reads the Z stack of channel `c` at time point `t` (a 2D image if it has one plane).
+    ///
+    /// # Errors
+    /// I/O or decoding errors, or a stack the file does not have.
+    fn read_stack(&self, c: usize, t: usize) -> Result<Image, DataError>;
+    /// Reads the Z stack of channel `c` at time point `t` as labels (integer pixels).
+    ///
+    /// # Errors
+    /// As [`StackFile::read_stack`], plus non-integer or negative labels.
+    fn read_label_stack(&self, c: usize, t: usize) -> Result<Labels, DataError>;
+
+    /// The channel `choice` names: a channel's name, or its index (from 0). `None` asks
+    /// for the only channel of a single-channel file.
+    ///
+    /// # Errors
+    /// No such channel, or no choice in a file with several channels.
+    fn channel(&self, choice: Option<&str>) -> Result<usize, DataError> {
+        let channels = self.channels();
+        let list = || channels.join(", ");
+        match choice {
+            None if channels.len() == 1 => Ok(0),
+            None => Err(bad(
+                self.path(),
+                format!(
+                    "choice of channel: the file has {} ({}); pick one with --channel NAME or INDEX",
+                    channels.len(),
+                    list()
+                ),
+            )),
+            Some(c) => channels
+                .iter()
+                .position(|n| n == c)
+                .or_else(|| c.parse::<usize>().ok().filter(|&i| i < channels.len()))
+                .ok_or_else(|| {
+                    bad(
+                        self.path(),
+                        format!("channel \"{c}\"; the file has {}", list()),
+                    )
+                }),
+        }
+    }
+}
+
 /// An OME-TIFF file's metadata and where each plane is: see the module documentation.
 #[derive(Debug, Clone)]
 pub struct OmeTiff {
@@ -70,7 +124,7 @@ pub struct OmeTiff {
     pages: Vec<Option<u32>>,
 }
 
-fn bad(path: &Path, what: impl Into<String>) -> DataError {
+pub(super) fn bad(path: &Path, what: impl Into<String>) -> DataError {
     DataError::Unsupported {
         path: path.to_owned(),
         what: what.into(),
@@ -359,65 +413,10 @@ impl OmeTiff {
         Ok(ome)
     }
 
-    /// The file.
-    #[must_use]
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Time points (SizeT).
-    #[must_use]
-    pub fn frames(&self) -> usize {
-        self.size[4]
-    }
-
     /// Z planes per stack (SizeZ).
     #[must_use]
     pub fn depth(&self) -> usize {
         self.size[2]
-    }
-
-    /// Channel names, in order (a channel without a name is named by its index).
-    #[must_use]
-    pub fn channels(&self) -> &[String] {
-        &self.channels
-    }
-
-    /// Physical pixel and Z-step sizes in micrometres, where the file gives them.
-    #[must_use]
-    pub fn physical_size(&self) -> PhysicalSize {
-        self.physical
-    }
-
-    /// The channel `choice` names: a channel's name, or its index (from 0). `None` asks
-    /// for the only channel of a single-channel file.
-    ///
-    /// # Errors
-    /// No such channel, or no choice in a file with several channels.
-    pub fn channel(&self, choice: Option<&str>) -> Result<usize, DataError> {
-        let list = || self.channels.join(", ");
-        match choice {
-            None if self.channels.len() == 1 => Ok(0),
-            None => Err(bad(
-                &self.path,
-                format!(
-                    "choice of channel: the file has {} ({}); pick one with --channel NAME or INDEX",
-                    self.channels.len(),
-                    list()
-                ),
-            )),
-            Some(c) => self
-                .channels
-                .iter()
-                .position(|n| n == c)
-                .or_else(|| c.parse::<usize>().ok().filter(|&i| i < self.channels.len()))
-                .ok_or_else(|| {
-                    bad(
-                        &self.path,
-                        format!("channel \"{c}\"; the file has {}", list()),
-                    )
-                }),
-        }
     }
 
     /// The position of plane (z, c, t) in the dimension order.
@@ -500,30 +499,6 @@ impl OmeTiff {
         Ok(out)
     }
 
-    /// Reads the Z stack of channel `c` at time point `t` (a 2D image if SizeZ is 1).
-    ///
-    /// # Errors
-    /// I/O or decoding errors, a plane with no page, or a page of another size.
-    pub fn read_stack(&self, c: usize, t: usize) -> Result<Image, DataError> {
-        let mut data = Vec::with_capacity(self.size[0] * self.size[1] * self.size[2]);
-        for page in self.read_pages(c, t)? {
-            data.extend(page_to_f32(&self.path, page)?);
-        }
-        Ok(self.volume(data))
-    }
-
-    /// Reads the Z stack of channel `c` at time point `t` as labels (integer pixels).
-    ///
-    /// # Errors
-    /// As [`OmeTiff::read_stack`], plus non-integer or negative labels.
-    pub fn read_label_stack(&self, c: usize, t: usize) -> Result<Labels, DataError> {
-        let mut data = Vec::with_capacity(self.size[0] * self.size[1] * self.size[2]);
-        for page in self.read_pages(c, t)? {
-            data.extend(page_to_labels(&self.path, page)?);
-        }
-        Ok(self.volume(data))
-    }
-
     fn volume<T>(&self, data: Vec<T>) -> Volume<T> {
         Volume {
             depth: self.size[2],
@@ -531,6 +506,40 @@ impl OmeTiff {
             width: self.size[0],
             data,
         }
+    }
+}
+
+impl StackFile for OmeTiff {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn frames(&self) -> usize {
+        self.size[4]
+    }
+
+    fn channels(&self) -> &[String] {
+        &self.channels
+    }
+
+    fn physical_size(&self) -> PhysicalSize {
+        self.physical
+    }
+
+    fn read_stack(&self, c: usize, t: usize) -> Result<Image, DataError> {
+        let mut data = Vec::with_capacity(self.size[0] * self.size[1] * self.size[2]);
+        for page in self.read_pages(c, t)? {
+            data.extend(page_to_f32(&self.path, page)?);
+        }
+        Ok(self.volume(data))
+    }
+
+    fn read_label_stack(&self, c: usize, t: usize) -> Result<Labels, DataError> {
+        let mut data = Vec::with_capacity(self.size[0] * self.size[1] * self.size[2]);
+        for page in self.read_pages(c, t)? {
+            data.extend(page_to_labels(&self.path, page)?);
+        }
+        Ok(self.volume(data))
     }
 }
 

@@ -1,0 +1,675 @@
+//! OME-Zarr (OME-NGFF): chunked images in a Zarr folder, as napari, ome-zarr-py, Fiji
+//! (MoBIE) and the big-data pipelines write them, read and written with `zarrs`.
+//!
+//! A folder `NAME.ome.zarr` is a Zarr group whose `multiscales` metadata (NGFF 0.4, on
+//! Zarr v2: `.zattrs`; NGFF 0.5, on Zarr v3: `zarr.json`, under `ome`) names its axes
+//! (2 to 5 of `t`, `c`, `z`, `y`, `x`, in that order) and its resolution levels; the first
+//! level is the full-resolution array read here. Its `scale` transformation and the axes'
+//! units give the physical pixel sizes; `omero` channel labels name the channels. Label
+//! images (instance masks) sit in `labels/NAME` inside the image, listed by the `labels`
+//! group's metadata.
+//!
+//! [`OmeZarr::open`] reads the metadata only; [`StackFile::read_stack`] reads the chunks
+//! of one time point of one channel, so a movie larger than memory is never read whole.
+//! [`write_labels`] writes a label movie as NGFF 0.5.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use zarrs::array::{Array, ArrayBuilder, ArraySubset, data_type};
+use zarrs::filesystem::FilesystemStore;
+use zarrs::group::{Group, GroupBuilder};
+
+use super::DataError;
+use super::ome::{PhysicalSize, StackFile, bad};
+use super::tiff_io::MAX_PIXELS;
+use super::volume::{Image, Labels, Volume};
+
+/// Most time points times channels an OME-Zarr image may have.
+pub const MAX_STACKS: u64 = 1 << 24;
+
+/// Whether `path` names a Zarr folder (`.zarr`, as in `NAME.ome.zarr`, any case).
+#[must_use]
+pub fn is_ome_zarr(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.to_ascii_lowercase().ends_with(".zarr"))
+}
+
+fn zarr_err(path: &Path, e: impl std::fmt::Display) -> DataError {
+    DataError::Zarr {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Micrometres per NGFF length unit (the UDUNITS-2 names the spec lists).
+fn micrometres(unit: &str) -> Option<f64> {
+    Some(match unit {
+        "micrometer" | "micron" => 1.0,
+        "nanometer" => 1e-3,
+        "picometer" => 1e-6,
+        "angstrom" => 1e-4,
+        "millimeter" => 1e3,
+        "centimeter" => 1e4,
+        "meter" => 1e6,
+        _ => return None,
+    })
+}
+
+/// An OME-Zarr image's full-resolution array and what its metadata says about it.
+pub struct OmeZarr {
+    path: PathBuf,
+    array: Array<FilesystemStore>,
+    /// The array dimension of t, c and z, where the image has them.
+    tcz: [Option<usize>; 3],
+    /// Sizes of t, c, z (1 where absent), y, x.
+    size: [u64; 5],
+    channels: Vec<String>,
+    physical: PhysicalSize,
+}
+
+impl std::fmt::Debug for OmeZarr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OmeZarr")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("channels", &self.channels)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The NGFF metadata of a group: under `ome` (0.5) or at the top of the attributes (0.4).
+fn ngff(attrs: &Map<String, Value>) -> &Map<String, Value> {
+    attrs.get("ome").and_then(Value::as_object).unwrap_or(attrs)
+}
+
+/// The `scale` of a list of coordinate transformations (all ones where there is none).
+fn scale_of(transforms: Option<&Value>, dims: usize) -> Vec<f64> {
+    transforms
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|t| t.get("type").and_then(Value::as_str) == Some("scale"))
+        .and_then(|t| t.get("scale"))
+        .and_then(Value::as_array)
+        .filter(|s| s.len() == dims)
+        .map_or_else(
+            || vec![1.0; dims],
+            |s| s.iter().map(|v| v.as_f64().unwrap_or(1.0)).collect(),
+        )
+}
+
+impl OmeZarr {
+    /// Reads and checks the metadata of an OME-Zarr image (no pixels).
+    ///
+    /// # Errors
+    /// A folder that is not a Zarr group with NGFF `multiscales`, axes other than 2 to 5
+    /// of t, c, z, y, x, an array whose shape disagrees with them, sizes past the limits,
+    /// or a data type that is not an integer or a float.
+    pub fn open(path: &Path) -> Result<Self, DataError> {
+        let store = Arc::new(FilesystemStore::new(path).map_err(|e| zarr_err(path, e))?);
+        let group = Group::open(Arc::clone(&store), "/").map_err(|e| zarr_err(path, e))?;
+        let meta = ngff(group.attributes());
+        let ms = meta
+            .get("multiscales")
+            .and_then(Value::as_array)
+            .and_then(|m| m.first())
+            .ok_or_else(|| bad(path, "Zarr group without NGFF multiscales metadata"))?;
+        let axes: Vec<(String, Option<String>)> = ms
+            .get("axes")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad(path, "NGFF multiscales without axes"))?
+            .iter()
+            .map(|a| match a {
+                Value::String(n) => (n.to_ascii_lowercase(), None),
+                _ => (
+                    a.get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_ascii_lowercase(),
+                    a.get("unit").and_then(Value::as_str).map(str::to_owned),
+                ),
+            })
+            .collect();
+        let names: String = axes.iter().map(|(n, _)| n.as_str()).collect();
+        let dim = |n: &str| axes.iter().position(|(a, _)| a == n);
+        let (Some(y), Some(x)) = (dim("y"), dim("x")) else {
+            return Err(bad(
+                path,
+                format!("NGFF axes \"{names}\" (y and x are needed)"),
+            ));
+        };
+        if !(2..=5).contains(&axes.len())
+            || axes
+                .iter()
+                .any(|(n, _)| !["t", "c", "z", "y", "x"].contains(&n.as_str()))
+            || !matches!(
+                names.as_str(),
+                "yx" | "zyx" | "cyx" | "czyx" | "tyx" | "tzyx" | "tcyx" | "tczyx"
+            )
+        {
+            return Err(bad(
+                path,
+                format!("NGFF axes \"{names}\" (2 to 5 of t, c, z, y, x, in that order)"),
+            ));
+        }
+        let level = ms
+            .get("datasets")
+            .and_then(Value::as_array)
+            .and_then(|d| d.first())
+            .ok_or_else(|| bad(path, "NGFF multiscales without datasets"))?;
+        let level_path = level
+            .get("path")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty() && !p.split('/').any(|s| s == ".." || s.is_empty()))
+            .ok_or_else(|| bad(path, "NGFF dataset without a plain relative path"))?;
+        let array = Array::open(Arc::clone(&store), &format!("/{level_path}"))
+            .map_err(|e| zarr_err(&path.join(level_path), e))?;
+        let shape = array.shape().to_vec();
+        if shape.len() != axes.len() {
+            return Err(bad(
+                &path.join(level_path),
+                format!("array of {} dimensions for axes \"{names}\"", shape.len()),
+            ));
+        }
+        let tcz = [dim("t"), dim("c"), dim("z")];
+        let size_of = |d: Option<usize>| d.map_or(1, |d| shape[d]);
+        let size = [
+            size_of(tcz[0]),
+            size_of(tcz[1]),
+            size_of(tcz[2]),
+            shape[y],
+            shape[x],
+        ];
+        let stack = size[2]
+            .checked_mul(size[3])
+            .and_then(|p| p.checked_mul(size[4]));
+        if size.contains(&0) || stack.is_none_or(|p| p > MAX_PIXELS as u64) {
+            return Err(bad(
+                path,
+                format!(
+                    "Z stack of {} x {} x {} pixels (at least 1 and at most {MAX_PIXELS})",
+                    size[2], size[3], size[4]
+                ),
+            ));
+        }
+        if size[0].saturating_mul(size[1]) > MAX_STACKS {
+            return Err(bad(
+                path,
+                format!(
+                    "{} time points x {} channels (at most {MAX_STACKS} stacks)",
+                    size[0], size[1]
+                ),
+            ));
+        }
+        let dt = array.data_type();
+        if ![
+            data_type::uint8(),
+            data_type::uint16(),
+            data_type::uint32(),
+            data_type::uint64(),
+            data_type::int8(),
+            data_type::int16(),
+            data_type::int32(),
+            data_type::int64(),
+            data_type::float32(),
+            data_type::float64(),
+        ]
+        .contains(dt)
+        {
+            return Err(bad(
+                &path.join(level_path),
+                format!("data type {dt:?}; expected an integer or floating-point type"),
+            ));
+        }
+        // Physical sizes: the level's scale times the multiscale's, in the axes' units.
+        let outer = scale_of(ms.get("coordinateTransformations"), axes.len());
+        let inner = scale_of(level.get("coordinateTransformations"), axes.len());
+        let physical_at = |d: Option<usize>| {
+            let d = d?;
+            let unit = micrometres(axes[d].1.as_deref()?)?;
+            let v = inner[d] * outer[d] * unit;
+            (v.is_finite() && v > 0.0).then_some(v)
+        };
+        let physical = PhysicalSize {
+            x: physical_at(Some(x)),
+            y: physical_at(Some(y)),
+            z: physical_at(tcz[2]),
+        };
+        let channels_meta = meta
+            .get("omero")
+            .or_else(|| group.attributes().get("omero"))
+            .and_then(|o| o.get("channels"))
+            .and_then(Value::as_array);
+        let channels = (0..size[1])
+            .map(|i| {
+                channels_meta
+                    .and_then(|c| c.get(i as usize))
+                    .and_then(|c| c.get("label"))
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("{i}"), str::to_owned)
+            })
+            .collect();
+        Ok(Self {
+            path: path.to_owned(),
+            array,
+            tcz,
+            size,
+            channels,
+            physical,
+        })
+    }
+
+    /// Z planes per stack.
+    #[must_use]
+    pub fn depth(&self) -> usize {
+        self.size[2] as usize
+    }
+
+    /// The image's first label image (`labels/NAME`, as the `labels` group lists them),
+    /// if it has one.
+    ///
+    /// # Errors
+    /// A listed label image that [`OmeZarr::open`] refuses.
+    pub fn label_image(&self) -> Result<Option<Self>, DataError> {
+        let labels = self.path.join("labels");
+        if !labels.is_dir() {
+            return Ok(None);
+        }
+        let store = Arc::new(FilesystemStore::new(&labels).map_err(|e| zarr_err(&labels, e))?);
+        let Ok(group) = Group::open(store, "/") else {
+            return Ok(None);
+        };
+        let first = ngff(group.attributes())
+            .get("labels")
+            .and_then(Value::as_array)
+            .and_then(|l| l.first())
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty() && !n.contains('/') && *n != "..");
+        first.map(|n| Self::open(&labels.join(n))).transpose()
+    }
+
+    /// The array subset of stack (c, t).
+    fn subset(&self, c: usize, t: usize) -> Result<ArraySubset, DataError> {
+        if c as u64 >= self.size[1] || t as u64 >= self.size[0] {
+            return Err(bad(
+                &self.path,
+                format!(
+                    "stack C={c} T={t} (the image has {} channels, {} time points)",
+                    self.size[1], self.size[0]
+                ),
+            ));
+        }
+        let mut ranges = vec![0..0; self.array.dimensionality()];
+        let [dt, dc, dz] = self.tcz;
+        let mut next = 0;
+        for (d, r) in ranges.iter_mut().enumerate() {
+            *r = if Some(d) == dt {
+                t as u64..t as u64 + 1
+            } else if Some(d) == dc {
+                c as u64..c as u64 + 1
+            } else if Some(d) == dz {
+                0..self.size[2]
+            } else {
+                // y, then x (the axes' order).
+                next += 1;
+                0..self.size[2 + next]
+            };
+        }
+        Ok(ArraySubset::new_with_ranges(&ranges))
+    }
+
+    /// The elements of stack (c, t), each mapped by `f` from the array's type.
+    fn read<T>(
+        &self,
+        c: usize,
+        t: usize,
+        f: impl Fn(Element) -> Result<T, String>,
+    ) -> Result<Volume<T>, DataError> {
+        let subset = self.subset(c, t)?;
+        let err = |e: zarrs::array::ArrayError| zarr_err(&self.path, e);
+        let dt = self.array.data_type();
+        macro_rules! get {
+            ($ty:ty, $variant:ident) => {
+                self.array
+                    .retrieve_array_subset::<Vec<$ty>>(&subset)
+                    .map_err(err)?
+                    .into_iter()
+                    .map(|v| f(Element::$variant(v)))
+                    .collect::<Result<Vec<T>, String>>()
+            };
+        }
+        let data = if *dt == data_type::uint8() {
+            get!(u8, U8)
+        } else if *dt == data_type::uint16() {
+            get!(u16, U16)
+        } else if *dt == data_type::uint32() {
+            get!(u32, U32)
+        } else if *dt == data_type::uint64() {
+            get!(u64, U64)
+        } else if *dt == data_type::int8() {
+            get!(i8, I8)
+        } else if *dt == data_type::int16() {
+            get!(i16, I16)
+        } else if *dt == data_type::int32() {
+            get!(i32, I32)
+        } else if *dt == data_type::int64() {
+            get!(i64, I64)
+        } else if *dt == data_type::float32() {
+            get!(f32, F32)
+        } else {
+            get!(f64, F64)
+        }
+        .map_err(|what| bad(&self.path, what))?;
+        Ok(Volume {
+            depth: self.size[2] as usize,
+            height: self.size[3] as usize,
+            width: self.size[4] as usize,
+            data,
+        })
+    }
+}
+
+/// One element of an array, in its own type.
+#[derive(Debug, Clone, Copy)]
+enum Element {
+    U8(u8),
+    U16(u16),
+    U32(u32),
+    U64(u64),
+    I8(i8),
+    I16(i16),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+}
+
+impl Element {
+    fn to_f32(self) -> f32 {
+        match self {
+            Self::U8(v) => f32::from(v),
+            Self::U16(v) => f32::from(v),
+            Self::U32(v) => v as f32,
+            Self::U64(v) => v as f32,
+            Self::I8(v) => f32::from(v),
+            Self::I16(v) => f32::from(v),
+            Self::I32(v) => v as f32,
+            Self::I64(v) => v as f32,
+            Self::F32(v) => v,
+            Self::F64(v) => v as f32,
+        }
+    }
+
+    fn to_label(self) -> Result<u32, String> {
+        let out =
+            |v: &dyn std::fmt::Display| format!("label value {v} (labels are 0 to {})", u32::MAX);
+        match self {
+            Self::U8(v) => Ok(u32::from(v)),
+            Self::U16(v) => Ok(u32::from(v)),
+            Self::U32(v) => Ok(v),
+            Self::U64(v) => u32::try_from(v).map_err(|_| out(&v)),
+            Self::I8(v) => u32::try_from(v).map_err(|_| out(&v)),
+            Self::I16(v) => u32::try_from(v).map_err(|_| out(&v)),
+            Self::I32(v) => u32::try_from(v).map_err(|_| out(&v)),
+            Self::I64(v) => u32::try_from(v).map_err(|_| out(&v)),
+            Self::F32(_) | Self::F64(_) => {
+                Err("floating-point label image; masks must hold integer labels".into())
+            }
+        }
+    }
+}
+
+impl StackFile for OmeZarr {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn frames(&self) -> usize {
+        self.size[0] as usize
+    }
+
+    fn channels(&self) -> &[String] {
+        &self.channels
+    }
+
+    fn physical_size(&self) -> PhysicalSize {
+        self.physical
+    }
+
+    fn read_stack(&self, c: usize, t: usize) -> Result<Image, DataError> {
+        self.read(c, t, |e| Ok(e.to_f32()))
+    }
+
+    fn read_label_stack(&self, c: usize, t: usize) -> Result<Labels, DataError> {
+        self.read(c, t, Element::to_label)
+    }
+}
+
+/// Writes a label movie (one Z stack per time point, all of one shape) as an NGFF 0.5
+/// label image: axes t, (z,) y, x with the `physical` sizes in micrometres where given,
+/// one resolution level `0`, 16-bit if every label fits, else 32-bit, one chunk per
+/// plane of at most 512 x 512, gzip-compressed. Written to `PATH.partial` and renamed,
+/// so a crash never leaves half an image under the name.
+///
+/// # Errors
+/// No frames, frames of different shapes, an existing `path`, or I/O errors.
+pub fn write_labels(
+    path: &Path,
+    frames: &[Labels],
+    physical: PhysicalSize,
+) -> Result<(), DataError> {
+    let Some(first) = frames.first() else {
+        return Err(bad(path, "label movie without frames"));
+    };
+    if let Some((t, f)) = frames
+        .iter()
+        .enumerate()
+        .find(|(_, f)| !f.same_shape(first))
+    {
+        return Err(DataError::SizeMismatch {
+            path: path.to_owned(),
+            expected: format!("{:?} (frame 0)", first.shape()),
+            found: format!("{:?} (frame {t})", f.shape()),
+        });
+    }
+    if path.exists() {
+        return Err(bad(path, "output that already exists (remove it first)"));
+    }
+    let (d, h, w) = first.shape();
+    let wide = frames
+        .iter()
+        .any(|f| f.data.iter().any(|&l| l > u32::from(u16::MAX)));
+    let tmp = path.with_extension("zarr.partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|source| DataError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+    }
+    let mut names = vec!["t"];
+    let mut axes = vec![json!({"name": "t", "type": "time"})];
+    let mut scale = vec![1.0];
+    let mut shape = vec![frames.len() as u64];
+    let mut chunks = vec![1u64];
+    let mut space = |name: &'static str, n: usize, chunk: usize, size: Option<f64>| {
+        names.push(name);
+        axes.push(match size {
+            Some(_) => json!({"name": name, "type": "space", "unit": "micrometer"}),
+            None => json!({"name": name, "type": "space"}),
+        });
+        scale.push(size.unwrap_or(1.0));
+        shape.push(n as u64);
+        chunks.push(chunk as u64);
+    };
+    if d > 1 {
+        space("z", d, 1, physical.z);
+    }
+    space("y", h, h.min(512), physical.y);
+    space("x", w, w.min(512), physical.x);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("labels");
+    let attrs = json!({
+        "ome": {
+            "version": "0.5",
+            "multiscales": [{
+                "name": name,
+                "axes": axes,
+                "datasets": [{
+                    "path": "0",
+                    "coordinateTransformations": [{"type": "scale", "scale": scale}],
+                }],
+            }],
+            "image-label": {"source": {}},
+        }
+    });
+    let write = || -> Result<(), DataError> {
+        let err = |e: &dyn std::fmt::Display| zarr_err(path, e);
+        let store = Arc::new(FilesystemStore::new(&tmp).map_err(|e| err(&e))?);
+        let Value::Object(attrs) = attrs else {
+            unreachable!("a JSON object literal");
+        };
+        GroupBuilder::new()
+            .attributes(attrs)
+            .build(Arc::clone(&store), "/")
+            .map_err(|e| err(&e))?
+            .store_metadata()
+            .map_err(|e| err(&e))?;
+        let codec = zarrs::array::codec::GzipCodec::new(5).map_err(|e| err(&e))?;
+        let array = ArrayBuilder::new(
+            shape.clone(),
+            chunks.clone(),
+            if wide {
+                data_type::uint32()
+            } else {
+                data_type::uint16()
+            },
+            0u32,
+        )
+        .dimension_names(Some(names.clone()))
+        .bytes_to_bytes_codecs(vec![Arc::new(codec)])
+        .build(Arc::clone(&store), "/0")
+        .map_err(|e| err(&e))?;
+        array.store_metadata().map_err(|e| err(&e))?;
+        for (t, f) in frames.iter().enumerate() {
+            let ranges: Vec<std::ops::Range<u64>> = std::iter::once(t as u64..t as u64 + 1)
+                .chain(shape[1..].iter().map(|&n| 0..n))
+                .collect();
+            let subset = ArraySubset::new_with_ranges(&ranges);
+            if wide {
+                array.store_array_subset(&subset, f.data.clone())
+            } else {
+                let narrow: Vec<u16> = f.data.iter().map(|&l| l as u16).collect();
+                array.store_array_subset(&subset, narrow)
+            }
+            .map_err(|e| err(&e))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|source| DataError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_movies_round_trip_2d_and_3d_with_their_pixel_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        for (depth, wide) in [(1, false), (3, true)] {
+            let p = dir.path().join(format!("masks{depth}.ome.zarr"));
+            let frames: Vec<Labels> = (0..4u32)
+                .map(|t| Volume {
+                    depth,
+                    height: 5,
+                    width: 7,
+                    data: (0..(depth * 35) as u32)
+                        .map(|i| if wide { i * 3000 + t } else { i + t })
+                        .collect(),
+                })
+                .collect();
+            let ps = PhysicalSize {
+                x: Some(0.5),
+                y: Some(0.5),
+                z: (depth > 1).then_some(2.0),
+            };
+            write_labels(&p, &frames, ps).unwrap();
+            assert!(!p.with_extension("zarr.partial").exists());
+            let z = OmeZarr::open(&p).unwrap();
+            assert_eq!((z.frames(), z.depth(), z.channels().len()), (4, depth, 1));
+            assert_eq!(z.physical_size(), ps);
+            for (t, f) in frames.iter().enumerate() {
+                assert_eq!(&z.read_label_stack(0, t).unwrap(), f);
+                let img = z.read_stack(0, t).unwrap();
+                assert_eq!(img.data[1], f.data[1] as f32);
+            }
+            assert!(z.read_stack(0, 4).is_err());
+            assert!(z.read_stack(1, 0).is_err());
+            let err = write_labels(&p, &frames, ps).unwrap_err().to_string();
+            assert!(err.contains("already exists"), "{err}");
+        }
+        assert!(
+            write_labels(
+                &dir.path().join("none.ome.zarr"),
+                &[],
+                PhysicalSize::default()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn folders_that_are_not_ngff_images_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, attrs: Value| {
+            let p = dir.path().join(name);
+            let store = Arc::new(FilesystemStore::new(&p).unwrap());
+            let Value::Object(a) = attrs else { panic!() };
+            GroupBuilder::new()
+                .attributes(a)
+                .build(store, "/")
+                .unwrap()
+                .store_metadata()
+                .unwrap();
+            p
+        };
+        let cases = [
+            ("plain.zarr", json!({}), "multiscales"),
+            (
+                "axes.zarr",
+                json!({"multiscales": [{"axes": ["x", "y"], "datasets": [{"path": "0"}]}]}),
+                "axes",
+            ),
+            (
+                "escape.zarr",
+                json!({"multiscales": [{"axes": ["y", "x"], "datasets": [{"path": "../0"}]}]}),
+                "relative path",
+            ),
+            (
+                "missing.zarr",
+                json!({"ome": {"version": "0.5", "multiscales": [{"axes": ["y", "x"], "datasets": [{"path": "0"}]}]}}),
+                "missing.zarr",
+            ),
+        ];
+        for (name, attrs, needle) in cases {
+            let p = write(name, attrs);
+            let err = OmeZarr::open(&p).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains(needle), "{name}: {err}");
+        }
+        let err = OmeZarr::open(&dir.path().join("nowhere.zarr"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nowhere.zarr"), "{err}");
+    }
+}
