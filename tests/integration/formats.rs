@@ -5,21 +5,61 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::{cellswarm, ok_stdout};
+use crate::util::{cellswarm, have_python_modules, ok_stdout};
 
 fn have_tifffile() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import tifffile, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CELLSWARM_REQUIRE_ORACLES").is_none_or(|v| v != "1"),
-            "CELLSWARM_REQUIRE_ORACLES=1 but python3 cannot import tifffile"
-        );
-        eprintln!("skipping: tifffile not installed (pip install -r .ci/requirements.txt)");
-    }
-    ok
+    have_python_modules("tifffile, numpy", "tifffile")
+}
+
+/// A small synthetic CTC movie in `d/movie`: 4 frames of 96 x 96, with masks.
+fn synth_movie(d: &Path) {
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &[
+            "synth",
+            "--out",
+            "movie",
+            "--profile",
+            "balanced",
+            "--frames",
+            "4",
+            "--seed",
+            "9",
+            "--size",
+            "96",
+        ],
+    ));
+}
+
+/// `cellswarm train` for 5 steps of a tiny network on frames 0-2 of `data` (channel
+/// `nuclei`), scored on frame 3: the output.
+fn train_briefly(d: &Path, data: &str) -> String {
+    ok_stdout(&cellswarm(
+        d,
+        &[
+            "train",
+            "--data",
+            data,
+            "--channel",
+            "nuclei",
+            "--out",
+            "model",
+            "--frames",
+            "0-2",
+            "--val-frames",
+            "3-3",
+            "--steps",
+            "5",
+            "--patch",
+            "32",
+            "--batch",
+            "4",
+            "--depth",
+            "2",
+            "--width",
+            "4",
+        ],
+    ))
 }
 
 fn python(dir: &Path, script: &str, args: &[&str]) -> String {
@@ -82,22 +122,7 @@ fn ome_tiff_movies_from_tifffile_segment_track_and_train_like_their_ctc_frames()
     }
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let _ = ok_stdout(&cellswarm(
-        d,
-        &[
-            "synth",
-            "--out",
-            "movie",
-            "--profile",
-            "balanced",
-            "--frames",
-            "4",
-            "--seed",
-            "9",
-            "--size",
-            "96",
-        ],
-    ));
+    synth_movie(d);
     let shapes = python(
         d,
         TO_OME,
@@ -192,49 +217,13 @@ fn ome_tiff_movies_from_tifffile_segment_track_and_train_like_their_ctc_frames()
     );
 
     // Training finds the label movie beside the OME-TIFF and scores on it.
-    let out = ok_stdout(&cellswarm(
-        d,
-        &[
-            "train",
-            "--data",
-            "cells.ome.tif",
-            "--channel",
-            "nuclei",
-            "--out",
-            "model",
-            "--frames",
-            "0-2",
-            "--val-frames",
-            "3-3",
-            "--steps",
-            "5",
-            "--patch",
-            "32",
-            "--batch",
-            "4",
-            "--depth",
-            "2",
-            "--width",
-            "4",
-        ],
-    ));
+    let out = train_briefly(d, "cells.ome.tif");
     assert!(out.contains("trained 5 steps"), "{out}");
     assert!(out.contains("held-out frames 3-3: F1@0.5"), "{out}");
 }
 
 fn have_ome_zarr() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import ome_zarr, zarr, tifffile"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CELLSWARM_REQUIRE_ORACLES").is_none_or(|v| v != "1"),
-            "CELLSWARM_REQUIRE_ORACLES=1 but python3 cannot import ome_zarr (ome-zarr-py)"
-        );
-        eprintln!("skipping: ome-zarr not installed (pip install -r .ci/requirements.txt)");
-    }
-    ok
+    have_python_modules("ome_zarr, zarr, tifffile", "ome-zarr")
 }
 
 /// A CTC movie as OME-Zarr images written by ome-zarr-py, the NGFF reference
@@ -296,22 +285,7 @@ fn ome_zarr_images_from_ome_zarr_py_segment_and_train_and_ours_read_back() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let _ = ok_stdout(&cellswarm(
-        d,
-        &[
-            "synth",
-            "--out",
-            "movie",
-            "--profile",
-            "balanced",
-            "--frames",
-            "4",
-            "--seed",
-            "9",
-            "--size",
-            "96",
-        ],
-    ));
+    synth_movie(d);
     let shape = python(d, TO_ZARR, &["movie/01", "movie/01_GT/SEG"]);
     assert!(shape.contains("(4, 2, 96, 96)"), "{shape}");
     let _ = ok_stdout(&cellswarm(
@@ -367,32 +341,77 @@ fn ome_zarr_images_from_ome_zarr_py_segment_and_train_and_ours_read_back() {
     );
 
     // The label image inside the NGFF image is its training masks.
+    let out = train_briefly(d, "cells04.ome.zarr");
+    assert!(out.contains("trained 5 steps"), "{out}");
+    assert!(out.contains("held-out frames 3-3: F1@0.5"), "{out}");
+}
+
+/// The synthetic movie's frames as 3D stacks of three planes (the nuclei dimmer above
+/// and below their middle plane) with 3D masks: as a CTC folder of multi-page TIFF
+/// frames, and as an NGFF 0.4 image (t, c, z, y, x) with a `labels/cells` label image.
+const TO_3D: &str = r#"
+import sys, glob, os
+import numpy as np, tifffile, zarr
+from ome_zarr.io import parse_url
+from ome_zarr.writer import write_image, write_labels
+from ome_zarr.format import FormatV04
+src, gt = sys.argv[1:3]
+frames = np.stack([tifffile.imread(p) for p in sorted(glob.glob(src + "/t*.tif"))]).astype(np.float32)
+labels = np.stack([tifffile.imread(p) for p in sorted(glob.glob(gt + "/man_seg*.tif"))])
+bg = np.median(frames)
+stacks = np.stack([bg + 0.6 * (frames - bg), frames, bg + 0.6 * (frames - bg)], axis=1).astype(np.uint16)
+masks = np.stack([labels] * 3, axis=1).astype(np.uint16)
+os.makedirs("stacks/01", exist_ok=True)
+os.makedirs("stacks/01_GT/SEG", exist_ok=True)
+for t in range(len(stacks)):
+    tifffile.imwrite(f"stacks/01/t{t:03d}.tif", stacks[t], photometric="minisblack")
+    tifffile.imwrite(f"stacks/01_GT/SEG/man_seg{t:03d}.tif", masks[t], photometric="minisblack")
+fmt = FormatV04()
+root = zarr.group(store=parse_url("stacks.ome.zarr", mode="w", fmt=fmt).store, zarr_format=2)
+write_image(stacks[:, None], root, axes="tczyx", fmt=fmt)
+write_labels(masks, root, name="cells", axes="tzyx", fmt=fmt)
+print(stacks.shape)
+"#;
+
+#[test]
+fn a_swarm_trains_on_3d_stacks_from_a_ctc_folder_and_an_ome_zarr_image() {
+    if !have_ome_zarr() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    synth_movie(d);
+    let shape = python(d, TO_3D, &["movie/01", "movie/01_GT/SEG"]);
+    assert!(shape.contains("(4, 3, 96, 96)"), "{shape}");
+    // Two sites, one per format, each a movie of 3D stacks: one round of the real swarm
+    // (two nodes over loopback, U-Net training on the stacks' planes, the deltas signed,
+    // exchanged and merged), scored in 3D on each site's held-out stack.
     let out = ok_stdout(&cellswarm(
         d,
         &[
-            "train",
-            "--data",
-            "cells04.ome.zarr",
-            "--channel",
-            "nuclei",
+            "demo",
             "--out",
-            "model",
-            "--frames",
-            "0-2",
-            "--val-frames",
-            "3-3",
-            "--steps",
-            "5",
-            "--patch",
-            "32",
-            "--batch",
-            "4",
-            "--depth",
+            "report",
+            "--sites",
             "2",
-            "--width",
-            "4",
+            "--data",
+            "stacks/01",
+            "stacks.ome.zarr",
+            "--no-baselines",
+            "--rounds",
+            "1",
+            "--steps",
+            "3",
         ],
     ));
-    assert!(out.contains("trained 5 steps"), "{out}");
-    assert!(out.contains("held-out frames 3-3: F1@0.5"), "{out}");
+    assert!(out.contains("round  1"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("report/metrics.json")).unwrap()).unwrap();
+    assert_eq!(
+        v["movies"],
+        serde_json::json!(["stacks/01", "stacks.ome.zarr"])
+    );
+    let f1 = v["union"]["swarm"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&f1), "{v}");
+    assert_eq!(v["rounds"].as_array().map(Vec::len), Some(1));
 }

@@ -185,18 +185,7 @@ print("JSON" + json.dumps(out))
 "#;
 
 fn have_py_ctcmetrics() -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import ctc_metrics"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CELLSWARM_REQUIRE_ORACLES").is_none_or(|v| v != "1"),
-            "CELLSWARM_REQUIRE_ORACLES=1 but python3 cannot import ctc_metrics (py-ctcmetrics)"
-        );
-        eprintln!("skipping: py-ctcmetrics not installed (pip install -r .ci/requirements.txt)");
-    }
-    ok
+    crate::util::have_python_modules("ctc_metrics", "py-ctcmetrics")
 }
 
 #[test]

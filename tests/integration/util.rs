@@ -35,3 +35,25 @@ pub(crate) fn ok_stdout(out: &Output) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Whether python3 can import `modules` (e.g. `"tifffile, numpy"`), the oracles of a
+/// test; `package` is what to install. With `CELLSWARM_REQUIRE_ORACLES=1` (CI) a missing
+/// oracle fails the test instead of skipping it.
+///
+/// # Panics
+/// If the oracle is missing and required.
+#[must_use]
+pub(crate) fn have_python_modules(modules: &str, package: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CELLSWARM_REQUIRE_ORACLES").is_none_or(|v| v != "1"),
+            "CELLSWARM_REQUIRE_ORACLES=1 but python3 cannot import {modules} ({package})"
+        );
+        eprintln!("skipping: {package} not installed (pip install -r .ci/requirements.txt)");
+    }
+    ok
+}

@@ -561,6 +561,16 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
     s.fix_width(&movie, &frames)?;
     let zarr = crate::data::ngff::is_ome_zarr(&a.out);
     if zarr || crate::data::ome::is_ome_tiff(&a.out) {
+        // Time point t of a label movie is frame t of the movie it labels.
+        if a.frames
+            .is_some_and(|r| r.first > movie.frames().next().unwrap_or(0))
+        {
+            bail!(
+                "{}: an OME label movie starts at the movie's first frame; drop --frames, or \
+                 write maskTTT.tif files to a folder",
+                a.out.display()
+            );
+        }
         let pb = bar(frames.len() as u64, "frames");
         let mut out = Vec::with_capacity(frames.len());
         for t in &frames {

@@ -165,7 +165,8 @@ impl Movie {
     }
 
     /// Opens a movie as [`Movie::open`] does, reading channel `channel` (a name or an
-    /// index from 0) of an OME-TIFF file. A CTC folder has one channel, `0`.
+    /// index from 0) of an OME-TIFF file or OME-Zarr image. A CTC folder has one channel
+    /// and ignores the choice (it is meant for the OME movies beside it).
     ///
     /// # Errors
     /// As [`Movie::open`], and a channel the movie does not have.
@@ -173,16 +174,9 @@ impl Movie {
         if is_ome_tiff(dir) || is_ome_zarr(dir) {
             return Self::open_ome(dir, channel);
         }
-        if let Some(c) = channel
-            && c != "0"
-        {
-            return Err(DataError::Unsupported {
-                path: dir.to_owned(),
-                what: format!(
-                    "channel \"{c}\": a CTC sequence folder has one channel (0); channels are chosen in OME-TIFF files"
-                ),
-            });
-        }
+        // A CTC folder has one channel: a choice meant for the OME movies beside it in
+        // the same command or node file does not apply to it.
+        let _ = channel;
         let frames = numbered(dir, "t")?;
         let Some((&last, _)) = frames.last_key_value() else {
             return Err(DataError::NoFrames {

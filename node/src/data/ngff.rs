@@ -22,7 +22,7 @@ use zarrs::filesystem::FilesystemStore;
 use zarrs::group::{Group, GroupBuilder};
 
 use super::DataError;
-use super::ome::{PhysicalSize, StackFile, bad};
+use super::ome::{MAX_CHANNELS, PhysicalSize, StackFile, bad, check_label_movie};
 use super::tiff_io::MAX_PIXELS;
 use super::volume::{Image, Labels, Volume};
 
@@ -85,20 +85,76 @@ fn ngff(attrs: &Map<String, Value>) -> &Map<String, Value> {
     attrs.get("ome").and_then(Value::as_object).unwrap_or(attrs)
 }
 
-/// The `scale` of a list of coordinate transformations (all ones where there is none).
-fn scale_of(transforms: Option<&Value>, dims: usize) -> Vec<f64> {
-    transforms
+/// The `scale` of a list of coordinate transformations: `Some(ones)` where the list has
+/// no scale, `None` where its scale is not `dims` numbers (given by `path`, the wrong
+/// length, or not numbers): no size can be read from it.
+fn scale_of(transforms: Option<&Value>, dims: usize) -> Option<Vec<f64>> {
+    let Some(scale) = transforms
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .find(|t| t.get("type").and_then(Value::as_str) == Some("scale"))
-        .and_then(|t| t.get("scale"))
+    else {
+        return Some(vec![1.0; dims]);
+    };
+    scale
+        .get("scale")
         .and_then(Value::as_array)
-        .filter(|s| s.len() == dims)
-        .map_or_else(
-            || vec![1.0; dims],
-            |s| s.iter().map(|v| v.as_f64().unwrap_or(1.0)).collect(),
-        )
+        .filter(|s| s.len() == dims)?
+        .iter()
+        .map(Value::as_f64)
+        .collect()
+}
+
+/// Most elements a chunk (or the index of a shard) may hold: 2^28 (1 GiB of 32-bit
+/// values). Zarr decoders allocate a whole chunk at a time, whatever the reader asks for.
+pub const MAX_CHUNK_ELEMENTS: u64 = 1 << 28;
+
+/// Checks that no chunk (and no shard's index) of `array` is larger than
+/// [`MAX_CHUNK_ELEMENTS`], before a chunk is read.
+fn check_chunks(path: &Path, array: &Array<FilesystemStore>) -> Result<(), DataError> {
+    let zeros = vec![0u64; array.dimensionality()];
+    let chunk = array.chunk_shape(&zeros).map_err(|e| zarr_err(path, e))?;
+    let elements = chunk
+        .iter()
+        .try_fold(1u64, |n, &c| n.checked_mul(c.get()))
+        .unwrap_or(u64::MAX);
+    if elements > MAX_CHUNK_ELEMENTS {
+        return Err(bad(
+            path,
+            format!("chunks of {elements} elements (at most {MAX_CHUNK_ELEMENTS})"),
+        ));
+    }
+    // A shard holds an index of one entry per inner chunk.
+    let meta = serde_json::to_value(array.metadata()).unwrap_or(Value::Null);
+    let inner = meta
+        .get("codecs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|c| c.get("name").and_then(Value::as_str) == Some("sharding_indexed"))
+        .filter_map(|c| c.pointer("/configuration/chunk_shape"))
+        .filter_map(Value::as_array);
+    for shape in inner {
+        let per_shard = chunk
+            .iter()
+            .zip(shape)
+            .try_fold(1u64, |n, (&outer, inner)| {
+                let inner = inner.as_u64().filter(|&i| i > 0)?;
+                n.checked_mul(outer.get().div_ceil(inner))
+            })
+            .unwrap_or(u64::MAX);
+        if per_shard > MAX_CHUNK_ELEMENTS / 16 {
+            return Err(bad(
+                path,
+                format!(
+                    "shards of {per_shard} inner chunks (at most {})",
+                    MAX_CHUNK_ELEMENTS / 16
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl OmeZarr {
@@ -195,6 +251,31 @@ impl OmeZarr {
                 ),
             ));
         }
+        if size[1] > MAX_CHANNELS as u64 {
+            return Err(bad(
+                path,
+                format!("{} channels (at most {MAX_CHANNELS})", size[1]),
+            ));
+        }
+        if let Some(names_in_array) = array.dimension_names() {
+            let given: Vec<String> = names_in_array
+                .iter()
+                .map(|n| n.as_deref().unwrap_or_default().to_ascii_lowercase())
+                .collect();
+            if given
+                .iter()
+                .zip(&axes)
+                .any(|(g, (a, _))| !g.is_empty() && g != a)
+            {
+                return Err(bad(
+                    &path.join(level_path),
+                    format!(
+                        "array dimensions named {given:?} for NGFF axes \"{names}\" (the array would be read transposed)"
+                    ),
+                ));
+            }
+        }
+        check_chunks(&path.join(level_path), &array)?;
         if size[0].saturating_mul(size[1]) > MAX_STACKS {
             return Err(bad(
                 path,
@@ -230,7 +311,7 @@ impl OmeZarr {
         let physical_at = |d: Option<usize>| {
             let d = d?;
             let unit = micrometres(axes[d].1.as_deref()?)?;
-            let v = inner[d] * outer[d] * unit;
+            let v = inner.as_ref()?[d] * outer.as_ref()?[d] * unit;
             (v.is_finite() && v > 0.0).then_some(v)
         };
         let physical = PhysicalSize {
@@ -461,23 +542,7 @@ pub fn write_labels(
     frames: &[Labels],
     physical: PhysicalSize,
 ) -> Result<(), DataError> {
-    let Some(first) = frames.first() else {
-        return Err(bad(path, "label movie without frames"));
-    };
-    if let Some((t, f)) = frames
-        .iter()
-        .enumerate()
-        .find(|(_, f)| !f.same_shape(first))
-    {
-        return Err(DataError::SizeMismatch {
-            path: path.to_owned(),
-            expected: format!("{:?} (frame 0)", first.shape()),
-            found: format!("{:?} (frame {t})", f.shape()),
-        });
-    }
-    if path.exists() {
-        return Err(bad(path, "output that already exists (remove it first)"));
-    }
+    let first = check_label_movie(path, frames)?;
     let (d, h, w) = first.shape();
     let wide = frames
         .iter()
@@ -667,6 +732,27 @@ mod tests {
             let err = OmeZarr::open(&p).unwrap_err().to_string();
             assert!(err.contains(name) && err.contains(needle), "{name}: {err}");
         }
+        // Arrays whose dimension names or chunks say otherwise than the metadata allows.
+        let array_case = |name: &str, dims: [&str; 3], chunks: Vec<u64>| {
+            let p = write(
+                name,
+                json!({"ome": {"version": "0.5", "multiscales": [{
+                    "axes": [{"name": "t", "type": "time"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                    "datasets": [{"path": "0"}]}]}}),
+            );
+            let store = Arc::new(FilesystemStore::new(&p).unwrap());
+            ArrayBuilder::new(vec![2u64, 4096, 4096], chunks, data_type::uint16(), 0u16)
+                .dimension_names(Some(dims.to_vec()))
+                .build(store, "/0")
+                .unwrap()
+                .store_metadata()
+                .unwrap();
+            OmeZarr::open(&p).unwrap_err().to_string()
+        };
+        let err = array_case("transposed.zarr", ["y", "t", "x"], vec![1, 64, 64]);
+        assert!(err.contains("transposed"), "{err}");
+        let err = array_case("bomb.zarr", ["t", "y", "x"], vec![1, 1 << 16, 1 << 16]);
+        assert!(err.contains("chunks of"), "{err}");
         let err = OmeZarr::open(&dir.path().join("nowhere.zarr"))
             .unwrap_err()
             .to_string();

@@ -17,15 +17,14 @@
 //! Written ([`write_labels`]): one label movie, `XYZCT`, one channel, 16- or 32-bit.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-use tiff::decoder::{Decoder, Limits};
 use tiff::encoder::{Compression, DeflateLevel, TiffEncoder, colortype};
 use tiff::tags::Tag;
 
 use super::DataError;
-use super::tiff_io::{MAX_PIXELS, page_to_f32, page_to_labels};
+use super::tiff_io::{MAX_PIXELS, open_decoder, page_to_f32, page_to_labels};
 use super::volume::{Image, Labels, Volume};
 
 /// Most planes (Z x C x T) an OME-TIFF may declare.
@@ -124,6 +123,27 @@ pub struct OmeTiff {
     pages: Vec<Option<u32>>,
 }
 
+/// Samples in a decoded page.
+fn samples(page: &tiff::decoder::DecodingResult) -> usize {
+    use tiff::decoder::DecodingResult as D;
+    match page {
+        D::U8(v) => v.len(),
+        D::U16(v) => v.len(),
+        D::U32(v) => v.len(),
+        D::U64(v) => v.len(),
+        D::I8(v) => v.len(),
+        D::I16(v) => v.len(),
+        D::I32(v) => v.len(),
+        D::I64(v) => v.len(),
+        D::F16(v) => v.len(),
+        D::F32(v) => v.len(),
+        D::F64(v) => v.len(),
+        #[allow(unreachable_patterns)]
+        _ => 0,
+    }
+}
+
+/// [`DataError::Unsupported`] for `path`: what it holds that cannot be read.
 pub(super) fn bad(path: &Path, what: impl Into<String>) -> DataError {
     DataError::Unsupported {
         path: path.to_owned(),
@@ -278,17 +298,28 @@ fn parse(path: &Path, xml: &str, file_name: &str) -> Result<OmeTiff, DataError> 
         }
         return Ok(file);
     }
+    // This file's own UUID: a TiffData naming it (or naming this file) maps pages here.
+    let own_uuid = doc
+        .root_element()
+        .attribute("UUID")
+        .map(str::trim)
+        .filter(|u| !u.is_empty());
+    // Planes mapped so far: more than the image has is a malformed (or hostile) map.
+    let mut mapped = 0usize;
     for td in tiff_data {
-        if let Some(uuid) = td.children().find(|n| n.has_tag_name_local("UUID"))
-            && let Some(name) = uuid.attribute("FileName")
-            && name != file_name
-        {
-            return Err(bad(
-                path,
-                format!(
-                    "multi-file OME-TIFF: planes are in {name}; open a single-file OME-TIFF (e.g. bfconvert or tifffile)"
-                ),
-            ));
+        if let Some(uuid) = td.children().find(|n| n.has_tag_name_local("UUID")) {
+            let id = uuid.text().map(str::trim).filter(|u| !u.is_empty());
+            let name = uuid.attribute("FileName");
+            let here = (id.is_some() && id == own_uuid) || name == Some(file_name);
+            if !here {
+                return Err(bad(
+                    path,
+                    format!(
+                        "multi-file OME-TIFF: planes are in {}; open a single-file OME-TIFF (e.g. bfconvert or tifffile)",
+                        name.or(id).unwrap_or("another file")
+                    ),
+                ));
+            }
         }
         let num = |attr: &str, default: usize| -> Result<usize, DataError> {
             td.attribute(attr).map_or(Ok(default), |v| {
@@ -318,6 +349,13 @@ fn parse(path: &Path, xml: &str, file_name: &str) -> Result<OmeTiff, DataError> 
                 format!(
                     "TiffData PlaneCount {count} from plane Z={z} C={c} T={t} runs past the image's {planes} planes"
                 ),
+            ));
+        }
+        mapped = mapped.saturating_add(count);
+        if mapped > planes {
+            return Err(bad(
+                path,
+                format!("TiffData map {mapped} planes or more, for an image of {planes}"),
             ));
         }
         for k in 0..count {
@@ -361,18 +399,6 @@ impl LocalName for roxmltree::Node<'_, '_> {
     fn has_tag_name_local(&self, name: &str) -> bool {
         self.is_element() && self.tag_name().name() == name
     }
-}
-
-fn open_decoder(path: &Path) -> Result<Decoder<BufReader<File>>, DataError> {
-    let file = File::open(path).map_err(|source| DataError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut limits = Limits::default();
-    limits.decoding_buffer_size = 1 << 30;
-    Ok(Decoder::new(BufReader::new(file))
-        .map_err(|e| tiff_err(path, &e))?
-        .with_limits(limits))
 }
 
 impl OmeTiff {
@@ -494,7 +520,18 @@ impl OmeTiff {
                     ));
                 }
             }
-            out.push(dec.read_image().map_err(|e| tiff_err(&self.path, &e))?);
+            let page_data = dec.read_image().map_err(|e| tiff_err(&self.path, &e))?;
+            let samples = samples(&page_data);
+            if samples != self.size[0] * self.size[1] {
+                return Err(bad(
+                    &self.path,
+                    format!(
+                        "page {page} decodes to {samples} samples for {} x {} pixels (packed or multi-sample pixels)",
+                        self.size[0], self.size[1]
+                    ),
+                ));
+            }
+            out.push(page_data);
         }
         Ok(out)
     }
@@ -543,17 +580,15 @@ impl StackFile for OmeTiff {
     }
 }
 
-/// Writes a label movie (one Z stack per time point, all of one shape) as an OME-TIFF:
-/// `XYZCT`, one channel, 16-bit if every label fits, else 32-bit, Deflate-compressed,
-/// with `physical` sizes where given; to a temporary name and renamed.
+/// The first frame of a label movie about to be written to `path`, after checking that
+/// there is one, that every frame has its shape, and that nothing is at `path` yet.
 ///
 /// # Errors
-/// No frames, frames of different shapes, I/O or encoding errors.
-pub fn write_labels(
+/// No frames, frames of different shapes, or an existing `path`.
+pub(super) fn check_label_movie<'a>(
     path: &Path,
-    frames: &[Labels],
-    physical: PhysicalSize,
-) -> Result<(), DataError> {
+    frames: &'a [Labels],
+) -> Result<&'a Labels, DataError> {
     let Some(first) = frames.first() else {
         return Err(bad(path, "label movie without frames"));
     };
@@ -568,6 +603,24 @@ pub fn write_labels(
             found: format!("{:?} (frame {t})", f.shape()),
         });
     }
+    if path.exists() {
+        return Err(bad(path, "output that already exists (remove it first)"));
+    }
+    Ok(first)
+}
+
+/// Writes a label movie (one Z stack per time point, all of one shape) as an OME-TIFF:
+/// `XYZCT`, one channel, 16-bit if every label fits, else 32-bit, Deflate-compressed,
+/// with `physical` sizes where given; to a temporary name and renamed.
+///
+/// # Errors
+/// No frames, frames of different shapes, I/O or encoding errors.
+pub fn write_labels(
+    path: &Path,
+    frames: &[Labels],
+    physical: PhysicalSize,
+) -> Result<(), DataError> {
+    let first = check_label_movie(path, frames)?;
     let wide = frames
         .iter()
         .any(|f| f.data.iter().any(|&l| l > u32::from(u16::MAX)));
@@ -636,11 +689,21 @@ pub fn write_labels(
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// `s` as XML attribute text in ASCII (the TIFF tag holds ASCII only): markup and
+/// every non-ASCII character as character references.
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            c if c.is_ascii() && !c.is_ascii_control() => out.push(c),
+            c => out.push_str(&format!("&#x{:X};", u32::from(c))),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -736,15 +799,21 @@ mod tests {
     fn tiff_data_maps_planes_to_pages() {
         let dir = tempfile::tempdir().unwrap();
         // One Z, two channels, two time points; pages stored T-major but mapped one by
-        // one (as Bio-Formats writes), with this file's own name in the UUID.
+        // one (as Bio-Formats writes), with this file's own name in the UUID, or its
+        // UUID under the name it had before it was renamed.
         let sizes = [3, 2, 1, 2, 2];
         let p = dir.path().join("mapped.ome.tiff");
         let mut inner = String::new();
         let mut pages = Vec::new();
         for (ifd, (c, t)) in [(1, 1), (0, 0), (1, 0), (0, 1)].into_iter().enumerate() {
+            let name = if ifd == 0 {
+                "renamed-since.ome.tif"
+            } else {
+                "mapped.ome.tiff"
+            };
             inner.push_str(&format!(
                 "<TiffData FirstC=\"{c}\" FirstT=\"{t}\" FirstZ=\"0\" IFD=\"{ifd}\" PlaneCount=\"1\">\
-                 <UUID FileName=\"mapped.ome.tiff\">urn:uuid:1</UUID></TiffData>"
+                 <UUID FileName=\"{name}\">urn:uuid:1</UUID></TiffData>"
             ));
             pages.push((0..6).map(|i| value(0, c, t, i)).collect());
         }
@@ -790,6 +859,16 @@ mod tests {
                 "order.ome.tif",
                 xml("XYQCT", sizes, "", ""),
                 "DimensionOrder",
+            ),
+            (
+                "overmapped.ome.tif",
+                xml(
+                    "XYZCT",
+                    sizes,
+                    "",
+                    &"<TiffData IFD=\"0\" PlaneCount=\"2\"/>".repeat(2),
+                ),
+                "TiffData map",
             ),
             (
                 "huge.ome.tif",
@@ -918,5 +997,11 @@ mod tests {
             assert_eq!(&ome.read_label_stack(0, t).unwrap(), f);
         }
         assert!(write_labels(&p, &[], ps).is_err());
+        let err = write_labels(&p, &frames, ps).unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
+        // A name outside ASCII is written as character references and read back.
+        let q = dir.path().join("zellkerne-µ.ome.tif");
+        write_labels(&q, &frames[..1], ps).unwrap();
+        assert_eq!(OmeTiff::open(&q).unwrap().frames(), 1);
     }
 }

@@ -25,17 +25,22 @@ fn tiff_err(path: &Path, e: &tiff::TiffError) -> DataError {
     }
 }
 
-/// The raw pages of a TIFF file, each with its pixel type.
-fn read_pages(path: &Path) -> Result<(usize, usize, Vec<DecodingResult>), DataError> {
+/// A TIFF decoder of `path`, decoding pages of at most 1 GiB.
+pub(super) fn open_decoder(path: &Path) -> Result<Decoder<BufReader<File>>, DataError> {
     let file = File::open(path).map_err(|source| DataError::Io {
         path: path.to_owned(),
         source,
     })?;
     let mut limits = Limits::default();
     limits.decoding_buffer_size = 1 << 30;
-    let mut dec = Decoder::new(BufReader::new(file))
+    Ok(Decoder::new(BufReader::new(file))
         .map_err(|e| tiff_err(path, &e))?
-        .with_limits(limits);
+        .with_limits(limits))
+}
+
+/// The raw pages of a TIFF file, each with its pixel type.
+fn read_pages(path: &Path) -> Result<(usize, usize, Vec<DecodingResult>), DataError> {
+    let mut dec = open_decoder(path)?;
     let mut pages = Vec::new();
     let mut dims: Option<(u32, u32)> = None;
     loop {
