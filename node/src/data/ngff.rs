@@ -542,11 +542,8 @@ pub fn write_labels(
     frames: &[Labels],
     physical: PhysicalSize,
 ) -> Result<(), DataError> {
-    let first = check_label_movie(path, frames)?;
+    let (first, wide) = check_label_movie(path, frames)?;
     let (d, h, w) = first.shape();
-    let wide = frames
-        .iter()
-        .any(|f| f.data.iter().any(|&l| l > u32::from(u16::MAX)));
     let tmp = path.with_extension("zarr.partial");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|source| DataError::Io {

@@ -580,15 +580,16 @@ impl StackFile for OmeTiff {
     }
 }
 
-/// The first frame of a label movie about to be written to `path`, after checking that
-/// there is one, that every frame has its shape, and that nothing is at `path` yet.
+/// The first frame of a label movie about to be written to `path`, and whether a label
+/// needs 32 bits, after checking that there is a frame, that every frame has its shape,
+/// and that nothing is at `path` yet.
 ///
 /// # Errors
 /// No frames, frames of different shapes, or an existing `path`.
 pub(super) fn check_label_movie<'a>(
     path: &Path,
     frames: &'a [Labels],
-) -> Result<&'a Labels, DataError> {
+) -> Result<(&'a Labels, bool), DataError> {
     let Some(first) = frames.first() else {
         return Err(bad(path, "label movie without frames"));
     };
@@ -606,7 +607,10 @@ pub(super) fn check_label_movie<'a>(
     if path.exists() {
         return Err(bad(path, "output that already exists (remove it first)"));
     }
-    Ok(first)
+    let wide = frames
+        .iter()
+        .any(|f| f.data.iter().any(|&l| l > u32::from(u16::MAX)));
+    Ok((first, wide))
 }
 
 /// Writes a label movie (one Z stack per time point, all of one shape) as an OME-TIFF:
@@ -620,10 +624,7 @@ pub fn write_labels(
     frames: &[Labels],
     physical: PhysicalSize,
 ) -> Result<(), DataError> {
-    let first = check_label_movie(path, frames)?;
-    let wide = frames
-        .iter()
-        .any(|f| f.data.iter().any(|&l| l > u32::from(u16::MAX)));
+    let (first, wide) = check_label_movie(path, frames)?;
     let (d, h, w) = first.shape();
     let mut attrs = String::new();
     for (axis, v) in [("X", physical.x), ("Y", physical.y), ("Z", physical.z)] {
