@@ -930,10 +930,8 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
             }
             let mut matrix = Vec::new();
             let mut union = BTreeMap::new();
-            let (mut swarm_scores, mut pooled_scores) = match last_scores {
-                Some((s, p)) => (Some(s), p),
-                None => (None, None),
-            };
+            let (mut swarm_scores, mut pooled_scores) =
+                last_scores.map_or((None, None), |(s, p)| (Some(s), p));
             for (name, w) in &models {
                 let known = match name.as_str() {
                     "swarm" => swarm_scores.take(),

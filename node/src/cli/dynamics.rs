@@ -10,7 +10,7 @@ use super::learn::{InferArgs, Segmenter, bar, masks, movie_frames};
 use crate::data::ctc::{TrackRecord, write_tracks};
 use crate::data::tiff_io::{read_labels, write_labels};
 use crate::data::volume::Labels;
-use crate::infer::{instance_states, labels_from, predict_frame};
+use crate::infer::{instance_states, labels_from};
 use crate::synth::CellState;
 use crate::track::{DivisionRules, TrackOptions, Tracking, lineage_by_overlap, track};
 
@@ -38,7 +38,8 @@ pub struct TrackArgs {
     /// (instead of `--masks`).
     #[arg(long)]
     pub movie: Option<PathBuf>,
-    /// The channel of an OME-TIFF movie: its name or index (needed where it has several).
+    /// The channel of an OME-TIFF or OME-Zarr movie: its name or index (needed where it
+    /// has several; a CTC folder has one).
     #[arg(long, requires = "movie")]
     pub channel: Option<String>,
     /// Where to write `maskTTT.tif` and `res_track.txt` (created if missing).
@@ -95,7 +96,8 @@ pub struct ClassifyArgs {
     /// (`.ome.zarr`).
     #[arg(long)]
     pub movie: PathBuf,
-    /// The channel of an OME-TIFF movie: its name or index (needed where it has several).
+    /// The channel of an OME-TIFF or OME-Zarr movie: its name or index (needed where it
+    /// has several; a CTC folder has one).
     #[arg(long)]
     pub channel: Option<String>,
     /// Classify these objects (`maskTTT.tif`, e.g. `cellswarm track` output, so labels
@@ -184,7 +186,7 @@ pub fn track_cmd(a: &TrackArgs) -> anyhow::Result<()> {
         let mut frames = Vec::with_capacity(ts.len());
         for &t in &ts {
             let img = movie.frame(t)?;
-            let planes = predict_frame(&s.model, &s.config, &s.device, &img, &s.opts);
+            let planes = s.predict(t, &img);
             frames.push(labels_from(&planes, &s.opts));
             pb.inc(1);
         }
@@ -254,7 +256,7 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
     let pb = bar(ts.len() as u64, "frames");
     for &t in &ts {
         let img = movie.frame(t)?;
-        let planes = predict_frame(&s.model, &s.config, &s.device, &img, &s.opts);
+        let planes = s.predict(t, &img);
         let labels = match &given {
             Some(files) => {
                 let Some((_, p)) = files.iter().find(|(u, _)| *u == t) else {

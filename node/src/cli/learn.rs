@@ -13,7 +13,10 @@ use crate::data::ctc::{Movie, TrackRecord, read_tracks};
 use crate::data::dataset::{Annotated, load_annotated, train_planes};
 use crate::data::patches::SamplerConfig;
 use crate::data::tiff_io::{read_labels, write_labels};
-use crate::infer::{InferOptions, border_objects, segment};
+use crate::data::volume::Image;
+use crate::infer::{
+    InferOptions, Probabilities, border_objects, labels_from, predict_frame, segment,
+};
 use crate::measures::compare;
 use crate::metrics::{MatchCounts, Overlaps, SegMeasure, match_counts};
 use burn::prelude::Device;
@@ -30,8 +33,8 @@ pub struct TrainArgs {
     /// `02_ERR_SEG`; `NAME_masks.ome.tif`; the image's first label image).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
-    /// The channel of OME-TIFF movies to read: its name or index (needed where a file
-    /// has several).
+    /// The channel of OME-TIFF and OME-Zarr movies to read: its name or index (needed
+    /// where one has several; CTC folders have one).
     #[arg(long)]
     pub channel: Option<String>,
     /// The model folder to write (weights.safetensors and config.json).
@@ -165,6 +168,9 @@ pub(crate) struct Segmenter {
     pub(crate) opts: InferOptions,
     /// The training movies' cell width from postprocess.json, if known.
     pub(crate) training_width: Option<f32>,
+    /// The probabilities of the frame [`Segmenter::fix_width`] estimated the width on,
+    /// where they are those [`Segmenter::predict`] would compute for it.
+    estimated: Option<(u32, Vec<Probabilities>)>,
 }
 
 impl Segmenter {
@@ -206,7 +212,17 @@ impl Segmenter {
             device,
             opts,
             training_width: post.and_then(|p| p.training_width),
+            estimated: None,
         })
+    }
+
+    /// The probabilities of frame `t` of the movie (its image `img`): the width
+    /// estimate's pass where that was frame `t`, else a pass at the fixed width.
+    pub(crate) fn predict(&mut self, t: u32, img: &Image) -> Vec<Probabilities> {
+        match self.estimated.take_if(|(at, _)| *at == t) {
+            Some((_, planes)) => planes,
+            None => predict_frame(&self.model, &self.config, &self.device, img, &self.opts),
+        }
     }
 }
 
@@ -222,8 +238,17 @@ impl Segmenter {
             return Ok(());
         };
         let img = movie.frame(t)?;
-        let estimate =
-            crate::infer::estimate_width(&self.model, &self.config, &self.device, &img, &self.opts);
+        let (estimate, planes) = crate::infer::estimate_width_with_pass(
+            &self.model,
+            &self.config,
+            &self.device,
+            &img,
+            &self.opts,
+        );
+        // The pass is the one for the estimate, or for the training width without one.
+        if estimate.is_some() || self.training_width.is_none() {
+            self.estimated = planes.map(|p| (t, p));
+        }
         let width = estimate.or(self.training_width).unwrap_or(target as f32);
         let s = crate::scale::factor(target as f32, width, crate::infer::WIDTH_TOLERANCE);
         match (estimate, self.training_width) {
@@ -276,7 +301,8 @@ pub struct SegmentArgs {
     /// (`.ome.zarr`).
     #[arg(long)]
     pub movie: PathBuf,
-    /// The channel of an OME-TIFF movie: its name or index (needed where it has several).
+    /// The channel of an OME-TIFF or OME-Zarr movie: its name or index (needed where it
+    /// has several; a CTC folder has one).
     #[arg(long)]
     pub channel: Option<String>,
     /// Where to write `maskTTT.tif` (a folder, created if missing); a path ending in
@@ -560,7 +586,8 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
     let (movie, frames) = movie_frames(&a.movie, a.frames, a.channel.as_deref())?;
     s.fix_width(&movie, &frames)?;
     let zarr = crate::data::ngff::is_ome_zarr(&a.out);
-    if zarr || crate::data::ome::is_ome_tiff(&a.out) {
+    let label_movie = zarr || crate::data::ome::is_ome_tiff(&a.out);
+    if label_movie {
         // Time point t of a label movie is frame t of the movie it labels.
         if a.frames
             .is_some_and(|r| r.first > movie.frames().next().unwrap_or(0))
@@ -571,43 +598,43 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
                 a.out.display()
             );
         }
-        let pb = bar(frames.len() as u64, "frames");
-        let mut out = Vec::with_capacity(frames.len());
-        for t in &frames {
-            let img = movie.frame(*t)?;
-            out.push(segment(&s.model, &s.config, &s.device, &img, &s.opts));
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
         if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let physical = movie.physical_size().unwrap_or_default();
-        if zarr {
-            crate::data::ngff::write_labels(&a.out, &out, physical)?;
-        } else {
-            crate::data::ome::write_labels(&a.out, &out, physical)?;
-        }
-        println!(
-            "wrote {} frames of masks to {} ({})",
-            frames.len(),
-            a.out.display(),
-            if zarr { "OME-Zarr" } else { "OME-TIFF" }
-        );
-        return Ok(());
+    } else {
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let width = if movie.len() > 1000 { 4 } else { 3 };
     let pb = bar(frames.len() as u64, "frames");
-    for t in &frames {
-        let img = movie.frame(*t)?;
-        let labels = segment(&s.model, &s.config, &s.device, &img, &s.opts);
-        write_labels(&a.out.join(format!("mask{t:0width$}.tif")), &labels)?;
+    let mut kept = Vec::new();
+    for &t in &frames {
+        let img = movie.frame(t)?;
+        let labels = labels_from(&s.predict(t, &img), &s.opts);
+        if label_movie {
+            kept.push(labels);
+        } else {
+            write_labels(&a.out.join(format!("mask{t:0width$}.tif")), &labels)?;
+        }
         pb.inc(1);
     }
     pb.finish_and_clear();
-    println!("wrote {} masks to {}", frames.len(), a.out.display());
+    if !label_movie {
+        println!("wrote {} masks to {}", frames.len(), a.out.display());
+        return Ok(());
+    }
+    let physical = movie.physical_size().unwrap_or_default();
+    if zarr {
+        crate::data::ngff::write_labels(&a.out, &kept, physical)?;
+    } else {
+        crate::data::ome::write_labels(&a.out, &kept, physical)?;
+    }
+    println!(
+        "wrote {} frames of masks to {} ({})",
+        frames.len(),
+        a.out.display(),
+        if zarr { "OME-Zarr" } else { "OME-TIFF" }
+    );
     Ok(())
 }
 

@@ -88,8 +88,8 @@ enum Masks {
     Ome(Arc<dyn StackFile>),
 }
 
-/// A CTC sequence folder (or one channel of an OME-TIFF file) and the masks found
-/// beside it.
+/// A CTC sequence folder (or one channel of an OME-TIFF file or OME-Zarr image) and
+/// the masks found beside it.
 #[derive(Debug, Clone)]
 pub struct Movie {
     dir: PathBuf,
@@ -154,12 +154,12 @@ pub fn masks_beside(movie: &Path) -> PathBuf {
 
 impl Movie {
     /// Opens a sequence folder such as `.../Fluo-N2DL-HeLa/02`, or a single-channel
-    /// OME-TIFF file (`.ome.tif`).
+    /// OME-TIFF file (`.ome.tif`) or OME-Zarr image (`.ome.zarr`).
     ///
     /// # Errors
     /// A folder with no `tTTT.tif` frames, or a gap in the frame numbers (naming the
-    /// missing file); an OME-TIFF that [`OmeTiff::open`] refuses or that has several
-    /// channels (see [`Movie::open_channel`]).
+    /// missing file); an OME file that [`OmeTiff::open`] or [`OmeZarr::open`] refuses,
+    /// or that has several channels (see [`Movie::open_channel`]).
     pub fn open(dir: &Path) -> Result<Self, DataError> {
         Self::open_channel(dir, None)
     }
@@ -172,11 +172,13 @@ impl Movie {
     /// As [`Movie::open`], and a channel the movie does not have.
     pub fn open_channel(dir: &Path, channel: Option<&str>) -> Result<Self, DataError> {
         if is_ome_tiff(dir) || is_ome_zarr(dir) {
-            return Self::open_ome(dir, channel);
+            Self::open_ome(dir, channel)
+        } else {
+            Self::open_ctc(dir)
         }
-        // A CTC folder has one channel: a choice meant for the OME movies beside it in
-        // the same command or node file does not apply to it.
-        let _ = channel;
+    }
+
+    fn open_ctc(dir: &Path) -> Result<Self, DataError> {
         let frames = numbered(dir, "t")?;
         let Some((&last, _)) = frames.last_key_value() else {
             return Err(DataError::NoFrames {
@@ -265,7 +267,7 @@ impl Movie {
     }
 
     /// Physical pixel and Z-step sizes in micrometres, where the movie's metadata gives
-    /// them (OME-TIFF; a CTC folder has none).
+    /// them (OME-TIFF and OME-Zarr; a CTC folder has none).
     #[must_use]
     pub fn physical_size(&self) -> Option<PhysicalSize> {
         match &self.frames {
@@ -285,7 +287,7 @@ impl Movie {
         }
     }
 
-    /// The sequence folder (or the OME-TIFF file).
+    /// The sequence folder (or the OME-TIFF file, or the OME-Zarr folder).
     #[must_use]
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -345,7 +347,7 @@ impl Movie {
         }
     }
 
-    /// Path of frame `t` (of an OME-TIFF movie: the file).
+    /// Path of frame `t` (of an OME movie: its file or folder).
     #[must_use]
     pub fn frame_path(&self, t: u32) -> Option<&Path> {
         match &self.frames {

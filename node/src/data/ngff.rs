@@ -17,13 +17,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
+use tiff::decoder::DecodingResult;
 use zarrs::array::{Array, ArrayBuilder, ArraySubset, data_type};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::group::{Group, GroupBuilder};
 
 use super::DataError;
 use super::ome::{MAX_CHANNELS, PhysicalSize, StackFile, bad, check_label_movie};
-use super::tiff_io::MAX_PIXELS;
+use super::tiff_io::{MAX_PIXELS, page_to_f32, page_to_labels};
 use super::volume::{Image, Labels, Volume};
 
 /// Most time points times channels an OME-Zarr image may have.
@@ -62,8 +63,8 @@ fn micrometres(unit: &str) -> Option<f64> {
 pub struct OmeZarr {
     path: PathBuf,
     array: Array<FilesystemStore>,
-    /// The array dimension of t, c and z, where the image has them.
-    tcz: [Option<usize>; 3],
+    /// The array's axes, one letter each (`tczyx` or fewer, in that order).
+    axes: Vec<u8>,
     /// Sizes of t, c, z (1 where absent), y, x.
     size: [u64; 5],
     channels: Vec<String>,
@@ -190,27 +191,18 @@ impl OmeZarr {
             })
             .collect();
         let names: String = axes.iter().map(|(n, _)| n.as_str()).collect();
-        let dim = |n: &str| axes.iter().position(|(a, _)| a == n);
-        let (Some(y), Some(x)) = (dim("y"), dim("x")) else {
-            return Err(bad(
-                path,
-                format!("NGFF axes \"{names}\" (y and x are needed)"),
-            ));
-        };
-        if !(2..=5).contains(&axes.len())
-            || axes
-                .iter()
-                .any(|(n, _)| !["t", "c", "z", "y", "x"].contains(&n.as_str()))
-            || !matches!(
-                names.as_str(),
-                "yx" | "zyx" | "cyx" | "czyx" | "tyx" | "tzyx" | "tcyx" | "tczyx"
-            )
-        {
+        // NGFF's rule: y and x last, z, c and t before them where present, in that order.
+        if !matches!(
+            names.as_str(),
+            "yx" | "zyx" | "cyx" | "czyx" | "tyx" | "tzyx" | "tcyx" | "tczyx"
+        ) {
             return Err(bad(
                 path,
                 format!("NGFF axes \"{names}\" (2 to 5 of t, c, z, y, x, in that order)"),
             ));
         }
+        let dim = |n: &str| axes.iter().position(|(a, _)| a == n);
+        let (y, x) = (axes.len() - 2, axes.len() - 1);
         let level = ms
             .get("datasets")
             .and_then(Value::as_array)
@@ -230,15 +222,8 @@ impl OmeZarr {
                 format!("array of {} dimensions for axes \"{names}\"", shape.len()),
             ));
         }
-        let tcz = [dim("t"), dim("c"), dim("z")];
-        let size_of = |d: Option<usize>| d.map_or(1, |d| shape[d]);
-        let size = [
-            size_of(tcz[0]),
-            size_of(tcz[1]),
-            size_of(tcz[2]),
-            shape[y],
-            shape[x],
-        ];
+        let size_of = |n: &str| dim(n).map_or(1, |d| shape[d]);
+        let size = [size_of("t"), size_of("c"), size_of("z"), shape[y], shape[x]];
         let stack = size[2]
             .checked_mul(size[3])
             .and_then(|p| p.checked_mul(size[4]));
@@ -317,7 +302,7 @@ impl OmeZarr {
         let physical = PhysicalSize {
             x: physical_at(Some(x)),
             y: physical_at(Some(y)),
-            z: physical_at(tcz[2]),
+            z: physical_at(dim("z")),
         };
         let channels_meta = meta
             .get("omero")
@@ -336,7 +321,7 @@ impl OmeZarr {
         Ok(Self {
             path: path.to_owned(),
             array,
-            tcz,
+            axes: names.into_bytes(),
             size,
             channels,
             physical,
@@ -383,46 +368,37 @@ impl OmeZarr {
                 ),
             ));
         }
-        let mut ranges = vec![0..0; self.array.dimensionality()];
-        let [dt, dc, dz] = self.tcz;
-        let mut next = 0;
-        for (d, r) in ranges.iter_mut().enumerate() {
-            *r = if Some(d) == dt {
-                t as u64..t as u64 + 1
-            } else if Some(d) == dc {
-                c as u64..c as u64 + 1
-            } else if Some(d) == dz {
-                0..self.size[2]
-            } else {
-                // y, then x (the axes' order).
-                next += 1;
-                0..self.size[2 + next]
-            };
-        }
+        let [_, _, z, y, x] = self.size;
+        let ranges: Vec<std::ops::Range<u64>> = self
+            .axes
+            .iter()
+            .map(|a| match a {
+                b't' => t as u64..t as u64 + 1,
+                b'c' => c as u64..c as u64 + 1,
+                b'z' => 0..z,
+                b'y' => 0..y,
+                _ => 0..x,
+            })
+            .collect();
         Ok(ArraySubset::new_with_ranges(&ranges))
     }
 
-    /// The elements of stack (c, t), each mapped by `f` from the array's type.
-    fn read<T>(
-        &self,
-        c: usize,
-        t: usize,
-        f: impl Fn(Element) -> Result<T, String>,
-    ) -> Result<Volume<T>, DataError> {
+    /// The elements of stack (c, t) in the array's own type, as the TIFF reader gives a
+    /// page, so both formats convert pixels and labels alike.
+    fn read_raw(&self, c: usize, t: usize) -> Result<DecodingResult, DataError> {
         let subset = self.subset(c, t)?;
         let err = |e: zarrs::array::ArrayError| zarr_err(&self.path, e);
         let dt = self.array.data_type();
         macro_rules! get {
             ($ty:ty, $variant:ident) => {
-                self.array
-                    .retrieve_array_subset::<Vec<$ty>>(&subset)
-                    .map_err(err)?
-                    .into_iter()
-                    .map(|v| f(Element::$variant(v)))
-                    .collect::<Result<Vec<T>, String>>()
+                DecodingResult::$variant(
+                    self.array
+                        .retrieve_array_subset::<Vec<$ty>>(&subset)
+                        .map_err(err)?,
+                )
             };
         }
-        let data = if *dt == data_type::uint8() {
+        Ok(if *dt == data_type::uint8() {
             get!(u8, U8)
         } else if *dt == data_type::uint16() {
             get!(u16, U16)
@@ -442,63 +418,15 @@ impl OmeZarr {
             get!(f32, F32)
         } else {
             get!(f64, F64)
-        }
-        .map_err(|what| bad(&self.path, what))?;
-        Ok(Volume {
+        })
+    }
+
+    fn volume<T>(&self, data: Vec<T>) -> Volume<T> {
+        Volume {
             depth: self.size[2] as usize,
             height: self.size[3] as usize,
             width: self.size[4] as usize,
             data,
-        })
-    }
-}
-
-/// One element of an array, in its own type.
-#[derive(Debug, Clone, Copy)]
-enum Element {
-    U8(u8),
-    U16(u16),
-    U32(u32),
-    U64(u64),
-    I8(i8),
-    I16(i16),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-    F64(f64),
-}
-
-impl Element {
-    fn to_f32(self) -> f32 {
-        match self {
-            Self::U8(v) => f32::from(v),
-            Self::U16(v) => f32::from(v),
-            Self::U32(v) => v as f32,
-            Self::U64(v) => v as f32,
-            Self::I8(v) => f32::from(v),
-            Self::I16(v) => f32::from(v),
-            Self::I32(v) => v as f32,
-            Self::I64(v) => v as f32,
-            Self::F32(v) => v,
-            Self::F64(v) => v as f32,
-        }
-    }
-
-    fn to_label(self) -> Result<u32, String> {
-        let out =
-            |v: &dyn std::fmt::Display| format!("label value {v} (labels are 0 to {})", u32::MAX);
-        match self {
-            Self::U8(v) => Ok(u32::from(v)),
-            Self::U16(v) => Ok(u32::from(v)),
-            Self::U32(v) => Ok(v),
-            Self::U64(v) => u32::try_from(v).map_err(|_| out(&v)),
-            Self::I8(v) => u32::try_from(v).map_err(|_| out(&v)),
-            Self::I16(v) => u32::try_from(v).map_err(|_| out(&v)),
-            Self::I32(v) => u32::try_from(v).map_err(|_| out(&v)),
-            Self::I64(v) => u32::try_from(v).map_err(|_| out(&v)),
-            Self::F32(_) | Self::F64(_) => {
-                Err("floating-point label image; masks must hold integer labels".into())
-            }
         }
     }
 }
@@ -521,11 +449,11 @@ impl StackFile for OmeZarr {
     }
 
     fn read_stack(&self, c: usize, t: usize) -> Result<Image, DataError> {
-        self.read(c, t, |e| Ok(e.to_f32()))
+        Ok(self.volume(page_to_f32(&self.path, self.read_raw(c, t)?)?))
     }
 
     fn read_label_stack(&self, c: usize, t: usize) -> Result<Labels, DataError> {
-        self.read(c, t, Element::to_label)
+        Ok(self.volume(page_to_labels(&self.path, self.read_raw(c, t)?)?))
     }
 }
 

@@ -24,7 +24,9 @@ use tiff::encoder::{Compression, DeflateLevel, TiffEncoder, colortype};
 use tiff::tags::Tag;
 
 use super::DataError;
-use super::tiff_io::{MAX_PIXELS, open_decoder, page_to_f32, page_to_labels};
+use super::tiff_io::{
+    MAX_PIXELS, gray_page_size, open_decoder, page_to_f32, page_to_labels, read_gray_page, tiff_err,
+};
 use super::volume::{Image, Labels, Volume};
 
 /// Most planes (Z x C x T) an OME-TIFF may declare.
@@ -123,38 +125,11 @@ pub struct OmeTiff {
     pages: Vec<Option<u32>>,
 }
 
-/// Samples in a decoded page.
-fn samples(page: &tiff::decoder::DecodingResult) -> usize {
-    use tiff::decoder::DecodingResult as D;
-    match page {
-        D::U8(v) => v.len(),
-        D::U16(v) => v.len(),
-        D::U32(v) => v.len(),
-        D::U64(v) => v.len(),
-        D::I8(v) => v.len(),
-        D::I16(v) => v.len(),
-        D::I32(v) => v.len(),
-        D::I64(v) => v.len(),
-        D::F16(v) => v.len(),
-        D::F32(v) => v.len(),
-        D::F64(v) => v.len(),
-        #[allow(unreachable_patterns)]
-        _ => 0,
-    }
-}
-
 /// [`DataError::Unsupported`] for `path`: what it holds that cannot be read.
 pub(super) fn bad(path: &Path, what: impl Into<String>) -> DataError {
     DataError::Unsupported {
         path: path.to_owned(),
         what: what.into(),
-    }
-}
-
-fn tiff_err(path: &Path, e: &tiff::TiffError) -> DataError {
-    DataError::Tiff {
-        path: path.to_owned(),
-        message: e.to_string(),
     }
 }
 
@@ -503,7 +478,7 @@ impl OmeTiff {
                     format!("page {page} of plane C={c} T={t} ({e})"),
                 )
             })?;
-            let (w, h) = dec.dimensions().map_err(|e| tiff_err(&self.path, &e))?;
+            let (w, h) = gray_page_size(&mut dec, &self.path)?;
             if (w as usize, h as usize) != (self.size[0], self.size[1]) {
                 return Err(DataError::SizeMismatch {
                     path: self.path.clone(),
@@ -511,27 +486,7 @@ impl OmeTiff {
                     found: format!("{w} x {h} (page {page})"),
                 });
             }
-            match dec.colortype().map_err(|e| tiff_err(&self.path, &e))? {
-                tiff::ColorType::Gray(_) => {}
-                other => {
-                    return Err(bad(
-                        &self.path,
-                        format!("pixel type {other:?} on page {page}; expected grayscale"),
-                    ));
-                }
-            }
-            let page_data = dec.read_image().map_err(|e| tiff_err(&self.path, &e))?;
-            let samples = samples(&page_data);
-            if samples != self.size[0] * self.size[1] {
-                return Err(bad(
-                    &self.path,
-                    format!(
-                        "page {page} decodes to {samples} samples for {} x {} pixels (packed or multi-sample pixels)",
-                        self.size[0], self.size[1]
-                    ),
-                ));
-            }
-            out.push(page_data);
+            out.push(read_gray_page(&mut dec, &self.path, (w, h))?);
         }
         Ok(out)
     }

@@ -18,7 +18,8 @@ use super::volume::{Image, Labels, Volume};
 /// Largest image accepted, in pixels (a 3D stack of 2048 x 2048 x 512).
 pub const MAX_PIXELS: usize = 1 << 31;
 
-fn tiff_err(path: &Path, e: &tiff::TiffError) -> DataError {
+/// [`DataError::Tiff`] for `path`.
+pub(super) fn tiff_err(path: &Path, e: &tiff::TiffError) -> DataError {
     DataError::Tiff {
         path: path.to_owned(),
         message: e.to_string(),
@@ -38,22 +39,70 @@ pub(super) fn open_decoder(path: &Path) -> Result<Decoder<BufReader<File>>, Data
         .with_limits(limits))
 }
 
+/// The size of the decoder's current page, if its pixels are single grayscale samples.
+///
+/// # Errors
+/// A colour or multi-sample page, or an unreadable directory.
+pub(super) fn gray_page_size(
+    dec: &mut Decoder<BufReader<File>>,
+    path: &Path,
+) -> Result<(u32, u32), DataError> {
+    match dec.colortype().map_err(|e| tiff_err(path, &e))? {
+        ColorType::Gray(_) => dec.dimensions().map_err(|e| tiff_err(path, &e)),
+        other => Err(DataError::Unsupported {
+            path: path.to_owned(),
+            what: format!("pixel type {other:?}; expected single-channel grayscale"),
+        }),
+    }
+}
+
+/// Samples in a decoded page.
+fn samples(page: &DecodingResult) -> usize {
+    match page {
+        DecodingResult::U8(v) => v.len(),
+        DecodingResult::U16(v) => v.len(),
+        DecodingResult::U32(v) => v.len(),
+        DecodingResult::U64(v) => v.len(),
+        DecodingResult::I8(v) => v.len(),
+        DecodingResult::I16(v) => v.len(),
+        DecodingResult::I32(v) => v.len(),
+        DecodingResult::I64(v) => v.len(),
+        DecodingResult::F16(v) => v.len(),
+        DecodingResult::F32(v) => v.len(),
+        DecodingResult::F64(v) => v.len(),
+        #[allow(unreachable_patterns)]
+        _ => 0,
+    }
+}
+
+/// Decodes the decoder's current page, `w` x `h` pixels as [`gray_page_size`] found,
+/// checking that it decodes to one sample a pixel (packed 1- or 4-bit pages do not).
+///
+/// # Errors
+/// Decoding errors, or another number of samples.
+pub(super) fn read_gray_page(
+    dec: &mut Decoder<BufReader<File>>,
+    path: &Path,
+    (w, h): (u32, u32),
+) -> Result<DecodingResult, DataError> {
+    let page = dec.read_image().map_err(|e| tiff_err(path, &e))?;
+    let n = samples(&page);
+    if n != w as usize * h as usize {
+        return Err(DataError::Unsupported {
+            path: path.to_owned(),
+            what: format!("page that decodes to {n} samples for {w} x {h} pixels (packed pixels)"),
+        });
+    }
+    Ok(page)
+}
+
 /// The raw pages of a TIFF file, each with its pixel type.
 fn read_pages(path: &Path) -> Result<(usize, usize, Vec<DecodingResult>), DataError> {
     let mut dec = open_decoder(path)?;
     let mut pages = Vec::new();
     let mut dims: Option<(u32, u32)> = None;
     loop {
-        let (w, h) = dec.dimensions().map_err(|e| tiff_err(path, &e))?;
-        match dec.colortype().map_err(|e| tiff_err(path, &e))? {
-            ColorType::Gray(_) => {}
-            other => {
-                return Err(DataError::Unsupported {
-                    path: path.to_owned(),
-                    what: format!("pixel type {other:?}; expected single-channel grayscale"),
-                });
-            }
-        }
+        let (w, h) = gray_page_size(&mut dec, path)?;
         if let Some((w0, h0)) = dims
             && (w, h) != (w0, h0)
         {
@@ -71,7 +120,7 @@ fn read_pages(path: &Path) -> Result<(usize, usize, Vec<DecodingResult>), DataEr
                 what: format!("image larger than {MAX_PIXELS} pixels"),
             });
         }
-        pages.push(dec.read_image().map_err(|e| tiff_err(path, &e))?);
+        pages.push(read_gray_page(&mut dec, path, (w, h))?);
         if !dec.more_images() {
             break;
         }
