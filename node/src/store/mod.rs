@@ -269,6 +269,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Database errors.
     fn commit_rounds(&self, commits: &[RoundCommit]) -> Result<(), StoreError>;
 
+    /// Deletes the delta blobs that round `round`'s audit lines name, except our own
+    /// delta of that round (the local-DP ledger and a restart need it). Returns how many
+    /// files it removed. Others' deltas are kept only while a peer catching up may ask
+    /// for them (the rounds a member keeps): see `docs/protocol.md`, "Catching up".
+    ///
+    /// # Errors
+    /// Database or I/O errors.
+    fn forget_deltas(&self, round: RoundId) -> Result<usize, StoreError>;
+
     /// The merge record envelope of a round.
     ///
     /// # Errors
@@ -739,6 +748,23 @@ impl Store for DiskStore {
         self.kv.flush()
     }
 
+    fn forget_deltas(&self, round: RoundId) -> Result<usize, StoreError> {
+        let own = self.own_delta(round)?.map(|o| o.delta);
+        let mut removed = 0;
+        for entry in self.audit(round)? {
+            if Some(entry.delta) == own {
+                continue;
+            }
+            let path = self.blob_path(BlobKind::Delta, entry.delta.as_bytes());
+            match self.files.remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        Ok(removed)
+    }
+
     fn record(&self, round: RoundId) -> Result<Option<Vec<u8>>, StoreError> {
         self.kv.get(Table::Records, &round.0.to_be_bytes())
     }
@@ -932,6 +958,52 @@ mod tests {
             s.put_blob(BlobKind::Delta, &dh, b"not an envelope")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_rounds_deltas_are_forgotten_but_our_own() {
+        let (_d, s) = store();
+        let (me, other) = (
+            Identity::from_seed([1; 32]).unwrap(),
+            Identity::from_seed([2; 32]).unwrap(),
+        );
+        let put = |id: &Identity, payload: &[u8]| {
+            let env = seal(id, PayloadKind::Delta, payload);
+            let h = DeltaHash::of(payload);
+            s.put_blob(BlobKind::Delta, h.as_bytes(), &env).unwrap();
+            AuditEntry {
+                round: RoundId(1),
+                signer: id.signer_key(),
+                delta: h,
+                sample_count: 1,
+            }
+        };
+        let (ours, theirs) = (put(&me, b"ours"), put(&other, b"theirs"));
+        s.init_genesis(ModelHash::of(b"genesis"), [3; 32]).unwrap();
+        s.put_own_delta(&OwnDelta {
+            round: RoundId(1),
+            delta: ours.delta,
+            self_seed: None,
+            local_dp_noise: None,
+        })
+        .unwrap();
+        s.commit_round(&RoundCommit {
+            head: Head {
+                round: RoundId(1),
+                record: Some(RecordHash::of(b"record")),
+                model: ModelHash::of(b"model"),
+                state: [4; 32],
+            },
+            record_envelope: seal(&me, PayloadKind::MergeRecord, b"record"),
+            audit: vec![ours, theirs],
+        })
+        .unwrap();
+        assert_eq!(s.forget_deltas(RoundId(1)).unwrap(), 1);
+        assert!(s.has_blob(BlobKind::Delta, ours.delta.as_bytes()));
+        assert!(!s.has_blob(BlobKind::Delta, theirs.delta.as_bytes()));
+        // Again, or for a round with no audit lines: nothing to do.
+        assert_eq!(s.forget_deltas(RoundId(1)).unwrap(), 0);
+        assert_eq!(s.forget_deltas(RoundId(9)).unwrap(), 0);
     }
 
     #[test]

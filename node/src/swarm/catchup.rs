@@ -5,8 +5,9 @@
 //!
 //! A node catches up from its own head: it needs no model from the peer, only records
 //! and deltas, so a peer cannot hand it a model of its choosing. Each member serves its
-//! own deltas from its store; a delta is asked of its signer first, then of the peer the
-//! node catches up from, then of every connected member.
+//! own deltas and the plain deltas it fetched, for the newest rounds it keeps (the state
+//! machine's `HISTORY`), from its store; a delta is asked of its signer first, then of
+//! the peer the node catches up from, then of every connected member.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;

@@ -430,6 +430,10 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Rounds whose deltas a member keeps and serves to members catching up (the state
+/// machine's `HISTORY`: the rounds it can replace).
+const KEPT_ROUNDS: u64 = cellswarm_round::machine::HISTORY as u64;
+
 /// Most masking epochs of one round (restarts beyond it are refused).
 const MAX_MASK_EPOCHS: u32 = 16;
 
@@ -2445,6 +2449,7 @@ impl Engine {
         let commit = RoundCommit::of_record(&record, hash, envelope);
         let head = commit.head;
         self.store.commit_round(&commit)?;
+        self.forget_old_deltas(round);
         self.merger.commit(merged.outcome.next_state.clone());
         for c in &record.contributions {
             self.merged_hashes.insert(c.delta);
@@ -2483,6 +2488,23 @@ impl Engine {
             });
         }
         Ok(())
+    }
+
+    /// Deletes, off the event loop, the others' deltas of the round that falls out of
+    /// the rounds a member keeps once `round` is committed.
+    fn forget_old_deltas(&self, round: RoundId) {
+        let Some(old) = round.0.checked_sub(KEPT_ROUNDS).filter(|r| *r > 0) else {
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        self.tracker
+            .spawn_blocking(move || match store.forget_deltas(RoundId(old)) {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(round = old, deltas = n, "forgot the deltas of an old round");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(round = old, error = %e, "could not forget old deltas"),
+            });
     }
 
     // ---------------------------------------------------------------------------------
@@ -2996,6 +3018,7 @@ impl Engine {
             .collect();
         self.store.commit_rounds(&commits)?;
         for (record, _, _) in &o.records {
+            self.forget_old_deltas(record.round);
             for c in &record.contributions {
                 self.merged_hashes.insert(c.delta);
             }
@@ -3060,7 +3083,24 @@ impl Engine {
                 }
                 match result {
                     Ok(r) if r.header == ResponseHeader::Delta => {
-                        self.accept_envelope(round, hash, r.body.into(), Some(peer));
+                        let env: Vec<u8> = r.body.into();
+                        // A plain delta is kept and served for the rounds a member keeps:
+                        // a member catching up recomputes a round from any member that
+                        // pooled its deltas, not only from their signers (docs/protocol.md,
+                        // "Catching up").
+                        let keep = self.fixed_point.is_none().then(|| env.clone());
+                        if self.accept_envelope(round, hash, env, Some(peer))
+                            && let Some(env) = keep
+                        {
+                            let store = Arc::clone(&self.store);
+                            self.tracker.spawn_blocking(move || {
+                                if let Err(e) =
+                                    store.put_blob_hashed(BlobKind::Delta, hash.as_bytes(), &env)
+                                {
+                                    tracing::warn!(round = %round, delta = %hash.short(), error = %e, "could not keep a fetched delta");
+                                }
+                            });
+                        }
                         self.retry_pending_records().await;
                     }
                     Ok(r) => {

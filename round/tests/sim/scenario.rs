@@ -77,10 +77,9 @@ pub(crate) fn run_seed(seed: u64, trace: bool) -> Outcome {
         train_ids: 0,
         trace,
         frozen: false,
-        // As the node: each member serves only its own deltas from its store. An
-        // experiment (`CELLSWARM_SIM_KEEP_FETCHED=1`) lets members serve every delta they
-        // fetched, a design the node does not have.
-        keep_fetched: std::env::var("CELLSWARM_SIM_KEEP_FETCHED").is_ok_and(|v| v == "1"),
+        // As the node: each member serves every delta it fetched, for the rounds it keeps.
+        // `CELLSWARM_SIM_KEEP_FETCHED=0` serves only its own (the node before).
+        keep_fetched: !std::env::var("CELLSWARM_SIM_KEEP_FETCHED").is_ok_and(|v| v == "0"),
         outcome: Outcome {
             byzantine: liars as u64,
             ..Outcome::default()

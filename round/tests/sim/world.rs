@@ -8,7 +8,7 @@ use cellswarm_common::ids::{DeltaHash, ModelHash, RoundId, SignerKey};
 use cellswarm_common::records::Head;
 use cellswarm_common::wire::Contribution;
 use cellswarm_round::machine::{
-    Config, DeltaMeta, Durable, Effect, Input, Job, Machine, Msg, Req, Resp, Restored,
+    Config, DeltaMeta, Durable, Effect, HISTORY, Input, Job, Machine, Msg, Req, Resp, Restored,
     SignedRecord, Time,
 };
 
@@ -210,8 +210,9 @@ pub(crate) struct World {
     pub(crate) outcome: Outcome,
     /// No training completes any more: the last rounds settle before the end.
     pub(crate) frozen: bool,
-    /// Honest members keep the deltas they fetch and serve them (an experiment; the
-    /// node's store serves only a member's own deltas, as this world does when false).
+    /// Honest members keep the deltas they fetch and serve them, for the rounds they
+    /// keep (as the node's store does); `false` (`CELLSWARM_SIM_KEEP_FETCHED=0`) serves
+    /// only a member's own deltas, as the node did before.
     pub(crate) keep_fetched: bool,
 }
 
@@ -545,6 +546,15 @@ impl World {
                 }
                 chain.push(record.clone());
                 let round = record.record.round;
+                // Others' deltas of rounds the node no longer keeps are deleted; its own
+                // stay.
+                let me = self.nodes[i].key;
+                let deltas = &self.oracle.deltas;
+                self.nodes[i].live.blobs.retain(|h| {
+                    deltas
+                        .get(h)
+                        .is_none_or(|m| m.signer == me || m.round.0 + HISTORY as u64 > round.0)
+                });
                 if self.honest(i) {
                     let chain = self.nodes[i].live.chain.clone();
                     let v = self.oracle.committed(i, &chain, self.now);
