@@ -74,6 +74,12 @@ pub struct TrackArgs {
     /// Keep fragments that touch no other object as tracks instead of dropping them.
     #[arg(long)]
     pub keep_isolated_fragments: bool,
+    /// Cut an object in two before linking when it is at least this many times as large
+    /// as the object it continues and took in new mass from where another object was
+    /// (a fresh daughter merged with a neighbour); a cut is carried on while the merge
+    /// lasts (0: off).
+    #[arg(long, default_value_t = TrackOptions::default().split_growth)]
+    pub split_growth: f64,
     /// Smallest share of an object's area that must overlap its predecessor (`--linker overlap`).
     #[arg(long, default_value_t = 0.3)]
     pub min_overlap: f64,
@@ -208,6 +214,7 @@ pub fn track_cmd(a: &TrackArgs) -> anyhow::Result<()> {
                 drift_radius: a.drift_radius,
                 fragment_frames: a.fragment_frames,
                 drop_isolated_fragments: !a.keep_isolated_fragments,
+                split_growth: a.split_growth,
                 ..TrackOptions::default()
             };
             track(&frames, &opts)?
@@ -215,11 +222,12 @@ pub fn track_cmd(a: &TrackArgs) -> anyhow::Result<()> {
     };
     write_result(&a.out, first, &r)?;
     println!(
-        "tracked {} frames: {} tracks, {} divisions, {} gaps closed; wrote {}",
+        "tracked {} frames: {} tracks, {} divisions, {} gaps closed, {} merged objects cut; wrote {}",
         frames.len(),
         r.tracks.len(),
         r.divisions,
         r.gaps_closed,
+        r.merges_split,
         a.out.display()
     );
     Ok(())

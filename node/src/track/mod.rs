@@ -50,6 +50,8 @@ use serde::{Deserialize, Serialize};
 use crate::data::ctc::TrackRecord;
 use crate::data::volume::Labels;
 
+mod split;
+
 /// Plausibility rules for a division (one mother, two daughters).
 ///
 /// Over-segmentation (a nucleus cut into pieces) and debris beside a cell look like
@@ -144,6 +146,11 @@ pub struct TrackOptions {
     pub fragment_gap: usize,
     /// Fragments with no neighbour are dropped from the masks (`false`: kept as tracks).
     pub drop_isolated_fragments: bool,
+    /// An object at least this many times as large as the object of the frame before
+    /// that it continues, which took in new mass from where another object was, is two
+    /// cells merged and is cut in two before linking (a fresh daughter the segmenter
+    /// joined to a neighbour; see `split.rs`). 0: never.
+    pub split_growth: f64,
 }
 
 impl Default for TrackOptions {
@@ -158,18 +165,20 @@ impl Default for TrackOptions {
             fragment_frames: 2,
             fragment_gap: 2,
             drop_isolated_fragments: true,
+            split_growth: 1.5,
         }
     }
 }
 
 impl TrackOptions {
-    /// The tracker that believes the segmenter: [`DivisionRules::lenient`] and no
-    /// fragment handling (how cellswarm tracked before these existed).
+    /// The tracker that believes the segmenter: [`DivisionRules::lenient`], no fragment
+    /// handling and no merges split (how cellswarm tracked before these existed).
     #[must_use]
     pub fn lenient() -> Self {
         Self {
             divisions: Some(DivisionRules::lenient()),
             fragment_frames: 0,
+            split_growth: 0.0,
             ..Self::default()
         }
     }
@@ -566,7 +575,10 @@ fn link_frames(
                 .collect();
             for (x, &j) in near.iter().enumerate() {
                 for &k in &near[x + 1..] {
-                    // At least one daughter is new (not the mother's own continuation).
+                    // At least one daughter is new (not the mother's own continuation):
+                    // the other one is unlinked, or linked from a fragment, or from a
+                    // cell she does not overlap while she overlaps the mother (as
+                    // `free` allows).
                     let linked = |d: usize| prev[d].is_some() && !from_fragment(d, &prev);
                     if next[i] == Some(j) && linked(k) || next[i] == Some(k) && linked(j) {
                         continue;
@@ -688,6 +700,8 @@ pub struct Tracking {
     pub fragments_merged: usize,
     /// Fragment objects removed from the masks (no neighbour).
     pub fragments_dropped: usize,
+    /// Objects cut in two before linking: cells the segmenter merged (one per frame).
+    pub merges_split: usize,
 }
 
 /// A piece of a track: a chain of objects in consecutive frames.
@@ -709,6 +723,14 @@ struct Segment {
 /// No frames, or frames of different sizes.
 pub fn track(frames: &[Labels], opts: &TrackOptions) -> Result<Tracking, TrackError> {
     check_frames(frames)?;
+    let mut cut;
+    let (frames, merges_split) = if opts.split_growth > 0.0 && frames.len() > 1 {
+        cut = frames.to_vec();
+        let n = split::split_merges(&mut cut, opts);
+        (&cut[..], n)
+    } else {
+        (frames, 0)
+    };
     let objs: Vec<Vec<Object>> = frames
         .iter()
         .map(|f| objects(f, opts.border_margin))
@@ -741,7 +763,9 @@ pub fn track(frames: &[Labels], opts: &TrackOptions) -> Result<Tracking, TrackEr
         history = next_history;
         links.push(l);
     }
-    Ok(assemble(frames, &objs, &links, opts))
+    let mut r = assemble(frames, &objs, &links, opts);
+    r.merges_split = merges_split;
+    Ok(r)
 }
 
 /// The lineage of masks that cover every cell in every frame, by overlap alone: each
@@ -944,6 +968,7 @@ fn assemble(
         pieces_swallowed,
         fragments_merged,
         fragments_dropped,
+        merges_split: 0,
     }
 }
 
@@ -2045,7 +2070,7 @@ mod synthetic {
                  exact masks: {} tracks, {} divisions {clean_d:?}, TRA {clean_tra:.4}\n  \
                  corrupted, lenient: {} tracks, {} divisions {old_d:?}, TRA {old_tra:.4}\n  \
                  corrupted, default: {} tracks, {} divisions {new_d:?}, TRA {new_tra:.4} \
-                 (undone {}, swallowed {}, joined {}, merged {}, dropped {})",
+                 (undone {}, swallowed {}, joined {}, merged {}, dropped {}, cut {})",
                 clean.tracks.len(),
                 clean.divisions,
                 old.tracks.len(),
@@ -2057,6 +2082,7 @@ mod synthetic {
                 new.tracks_joined,
                 new.fragments_merged,
                 new.fragments_dropped,
+                new.merges_split,
             );
             eprintln!("{report}");
             // The injected errors fool a tracker that believes the segmenter.
