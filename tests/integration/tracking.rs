@@ -184,6 +184,126 @@ for res, gt in zip(sys.argv[1::2], sys.argv[2::2]):
 print("JSON" + json.dumps(out))
 "#;
 
+/// py-ctcmetrics' measures of each result folder `d/F` against `gt`.
+fn py_ctcmetrics(d: &Path, folders: &[&str], gt: &Path) -> Vec<serde_json::Value> {
+    let mut args = vec!["-c".to_owned(), PY_CTC.to_owned()];
+    for f in folders {
+        args.push(d.join(f).display().to_string());
+        args.push(gt.display().to_string());
+    }
+    let py = std::process::Command::new("python3")
+        .args(&args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&py.stdout);
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let json = stdout
+        .split("JSON")
+        .nth(1)
+        .expect("the oracle prints its results");
+    serde_json::from_str(json.trim()).unwrap()
+}
+
+/// Our `eval --json` of result `f` gives py-ctcmetrics' `o` (to 1e-4; divisions exactly).
+fn assert_same_measures(f: &str, ours: &serde_json::Value, o: &serde_json::Value) {
+    assert_eq!(
+        o["Valid"], 1.0,
+        "{f}: py-ctcmetrics finds the result invalid"
+    );
+    let t = &ours["tracking"];
+    let pairs = [
+        ("DET", &t["det"]),
+        ("TRA", &t["tra"]),
+        ("LNK", &t["lnk"]),
+        ("SEG", &ours["seg"]),
+        ("AOGM", &t["aogm"]),
+    ];
+    for (name, v) in pairs {
+        let (a, b) = (v.as_f64().unwrap(), o[name].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-4,
+            "{f}: {name} ours {a}, py-ctcmetrics {b}"
+        );
+    }
+    for (ours_key, theirs) in [
+        ("tp", "tp_div(0)"),
+        ("fp", "fp_div(0)"),
+        ("fn_", "fn_div(0)"),
+    ] {
+        assert_eq!(
+            t["divisions"][ours_key].as_f64(),
+            o[theirs].as_f64(),
+            "{f}: divisions {ours_key}"
+        );
+    }
+    eprintln!("{f}: {t}");
+}
+
+/// 3D stacks: the measures agree with py-ctcmetrics on the CHO nuclei of
+/// `../shared/data` (frames 0-5 of the reference 3D masks as ground truth, linked by
+/// overlap; results: the tracker on those masks, and on them with objects dropped and
+/// merged).
+#[test]
+fn ctc_measures_agree_with_py_ctcmetrics_on_3d_stacks() {
+    if !have_py_ctcmetrics() {
+        return;
+    }
+    let Some(cho) = shared("Fluo-N3DH-CHO/02_ERR_SEG") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let gt = d.join("gt");
+    for sub in ["SEG", "TRA", "masks"] {
+        std::fs::create_dir_all(gt.join(sub)).unwrap();
+    }
+    for t in 0..6 {
+        let m = read_labels(&cho.join(format!("mask{t:03}.tif"))).unwrap();
+        assert!(m.depth > 1, "CHO frames are 3D stacks");
+        write_labels(&gt.join(format!("SEG/man_seg{t:03}.tif")), &m).unwrap();
+        write_labels(&gt.join(format!("masks/mask{t:03}.tif")), &m).unwrap();
+    }
+    let out = ok_stdout(&cellswarm(
+        d,
+        &[
+            "track", "--linker", "overlap", "--masks", "gt/masks", "--out", "lineage",
+        ],
+    ));
+    assert!(out.contains("tracked 6 frames"), "{out}");
+    for t in 0..6 {
+        std::fs::copy(
+            d.join(format!("lineage/mask{t:03}.tif")),
+            gt.join(format!("TRA/man_track{t:03}.tif")),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        d.join("lineage/res_track.txt"),
+        gt.join("TRA/man_track.txt"),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(gt.join("masks")).unwrap();
+    degrade(&gt.join("TRA"), &d.join("degraded-masks"));
+    for (masks, out) in [("gt/SEG", "tracked"), ("degraded-masks", "degraded")] {
+        let o = ok_stdout(&cellswarm(d, &["track", "--masks", masks, "--out", out]));
+        assert!(o.contains("tracked 6 frames"), "{o}");
+    }
+    let folders = ["tracked", "degraded"];
+    let oracle = py_ctcmetrics(d, &folders, &gt);
+    for (f, o) in folders.iter().zip(&oracle) {
+        assert_same_measures(f, &eval_json(d, f, "gt"), o);
+    }
+    let degraded = &eval_json(d, "degraded", "gt")["tracking"];
+    assert!(
+        degraded["counts"]["fn_"].as_u64().unwrap() > 0,
+        "{degraded}"
+    );
+}
+
 fn have_py_ctcmetrics() -> bool {
     crate::util::have_python_modules("ctc_metrics", "py-ctcmetrics")
 }
@@ -219,63 +339,9 @@ fn ctc_measures_agree_with_py_ctcmetrics() {
     assert!(out.contains("tracked 24 frames"), "{out}");
     Result::from_gt(&gt).write(&d.join("truth"));
     let folders = ["tracked", "damaged", "degraded", "truth"];
-    let mut args = vec!["-c".to_owned(), PY_CTC.to_owned()];
-    for f in folders {
-        args.push(d.join(f).display().to_string());
-        args.push(gt.display().to_string());
-    }
-    let py = std::process::Command::new("python3")
-        .args(&args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&py.stdout);
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
-    let json = stdout
-        .split("JSON")
-        .nth(1)
-        .expect("the oracle prints its results");
-    let oracle: Vec<serde_json::Value> = serde_json::from_str(json.trim()).unwrap();
+    let oracle = py_ctcmetrics(d, &folders, &gt);
     for (f, o) in folders.iter().zip(&oracle) {
-        assert_eq!(
-            o["Valid"], 1.0,
-            "{f}: py-ctcmetrics finds the result invalid"
-        );
-        let ours = eval_json(d, f, "ds/01_GT");
-        let t = &ours["tracking"];
-        let pairs = [
-            ("DET", &t["det"]),
-            ("TRA", &t["tra"]),
-            ("LNK", &t["lnk"]),
-            ("SEG", &ours["seg"]),
-            ("AOGM", &t["aogm"]),
-        ];
-        for (name, v) in pairs {
-            let (a, b) = (v.as_f64().unwrap(), o[name].as_f64().unwrap());
-            assert!(
-                (a - b).abs() <= 1e-4,
-                "{f}: {name} ours {a}, py-ctcmetrics {b}"
-            );
-        }
-        assert_eq!(
-            t["divisions"]["tp"].as_f64(),
-            o["tp_div(0)"].as_f64(),
-            "{f}"
-        );
-        assert_eq!(
-            t["divisions"]["fp"].as_f64(),
-            o["fp_div(0)"].as_f64(),
-            "{f}"
-        );
-        assert_eq!(
-            t["divisions"]["fn_"].as_f64(),
-            o["fn_div(0)"].as_f64(),
-            "{f}"
-        );
-        eprintln!("{f}: {t}");
+        assert_same_measures(f, &eval_json(d, f, "ds/01_GT"), o);
     }
     // The deliberate errors are visible: a missed division, a switch, two false positives.
     let dmg = &eval_json(d, "damaged", "ds/01_GT")["tracking"];
@@ -325,7 +391,14 @@ fn track_reports_bad_input_clearly() {
 
 /// `../shared/data/bacteria-trpL` beside the checkout, if present.
 fn bacteria() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/bacteria-trpL");
+    shared("bacteria-trpL")
+}
+
+/// `../shared/data/NAME` beside the checkout, if present.
+fn shared(name: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data")
+        .join(name);
     if p.is_dir() {
         Some(p)
     } else {

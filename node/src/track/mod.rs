@@ -5,6 +5,8 @@
 //!
 //! 1. **Objects**: every label of every frame becomes an object with its area, centroid
 //!    and whether it touches the field of view's border.
+//!    Objects that are two cells merged (a fresh daughter joined to a neighbour) are
+//!    cut in two first: see `split.rs` and [`TrackOptions::split_growth`].
 //! 2. **Frame-to-frame linking**: pairs whose IoU exceeds 0.5 are linked at once (such
 //!    pairs are necessarily one-to-one). The remaining objects of frames `t` and `t + 1`
 //!    are paired by an optimal assignment (Hungarian method, [`pathfinding`]) that
