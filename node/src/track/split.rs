@@ -263,13 +263,13 @@ mod tests {
     fn a_daughter_merged_into_a_neighbour_is_cut_out_and_the_cut_carried_on() {
         let mut f = daughter_merged_into_a_neighbour();
         assert_eq!(split_merges(&mut f, &opts()), 2);
-        for t in 1..3 {
-            let ids = f[t].ids();
+        for (t, m) in f.iter().enumerate().skip(1) {
+            let ids = m.ids();
             assert_eq!(ids.len(), 3, "frame {t}: {ids:?}");
             // The neighbour keeps its label where it was; the new part is the daughter.
-            assert_eq!(f[t].at(0, 15, 8), 1);
-            assert_ne!(f[t].at(0, 15, 20), 1);
-            assert_ne!(f[t].at(0, 15, 20), 2);
+            assert_eq!(m.at(0, 15, 8), 1);
+            assert_ne!(m.at(0, 15, 20), 1);
+            assert_ne!(m.at(0, 15, 20), 2);
         }
         // The tracker then finds the division.
         let mut frames = daughter_merged_into_a_neighbour();
