@@ -2117,8 +2117,9 @@ impl Engine {
                     }
                     return false;
                 }
-                // Others' deltas are held (decoded) for the round only; each member serves
-                // its own from its store, and the audit log keeps every merged hash.
+                // Others' deltas are held decoded for the round; a fetched one's envelope
+                // is also kept in the store for the rounds a member keeps (served to
+                // members catching up), and the audit log keeps every merged hash.
                 rs.pool.insert(signer, Pooled::new(hash, content));
                 self.metrics.deltas_accepted.fetch_add(1, Ordering::Relaxed);
                 self.publish_status(false);
