@@ -6,14 +6,15 @@
 //! The frames themselves say what happened: the object grew by half or more over the
 //! object it continues, that object lies mostly inside it, no other object of the frame
 //! before does (two cells that were apart and now touch are left alone, and so is a
-//! cut nucleus whole again), and the new mass came from where another object was (the
+//! cut nucleus whole again), the new mass came from where another object was (the
 //! mother), and it is at least as large as the frame's median object (a fresh daughter
-//! that grows fast is not). Such an object is cut in two by 2-means on its pixel coordinates, one centre
-//! on the part that continues the old object and one on the new part; a cut is kept only
-//! when the continuing part is about as large as the object it continues and the new part
-//! is a plausible cell (a quarter of it at least). A merge lasts as long as the two cells
-//! touch, so a cut made in one frame is made again in the next one wherever one object
-//! holds most of both parts, this time with the parts' centroids as centres.
+//! that grows fast is not). Such an object is cut in two by 2-means on its pixel
+//! coordinates, one centre on the part that continues the old object and one on the new
+//! part; a cut is kept only when the continuing part is about as large as the object it
+//! continues and the new part is a plausible cell (a quarter of it at least). A merge
+//! lasts as long as the two cells touch, so a cut made in one frame is made again in the
+//! next one wherever one object holds most of both parts, this time with the parts'
+//! centroids as centres.
 
 use std::collections::HashMap;
 
