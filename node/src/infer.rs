@@ -1167,7 +1167,7 @@ pub fn classical_segment(frame: &Image, opts: &InferOptions) -> Labels {
 }
 
 /// The cell state of one object.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct InstanceState {
     /// The object's label.
     pub label: u32,
@@ -1175,6 +1175,8 @@ pub struct InstanceState {
     pub class: usize,
     /// Its probability: the state probability averaged over the object's pixels.
     pub probability: f32,
+    /// Every state's probability averaged over the object's pixels.
+    pub mean: Vec<f32>,
 }
 
 /// Each object's state from the state head's per-pixel probabilities: the state with
@@ -1206,10 +1208,12 @@ pub fn instance_states(planes: &[Probabilities], labels: &Labels) -> Vec<Instanc
                 .iter()
                 .enumerate()
                 .fold((0, f64::MIN), |b, (c, &v)| if v > b.1 { (c, v) } else { b });
+            let n = count.max(1) as f64;
             InstanceState {
                 label,
                 class,
-                probability: (best / count.max(1) as f64) as f32,
+                probability: (best / n) as f32,
+                mean: acc.iter().map(|&v| (v / n) as f32).collect(),
             }
         })
         .collect()

@@ -7,12 +7,13 @@ use anyhow::{Context, bail};
 use cellswarm_common::config::FrameRange;
 
 use super::learn::{InferArgs, Segmenter, bar, masks, movie_frames};
-use crate::data::ctc::{TrackRecord, write_tracks};
+use crate::data::ctc::{TrackRecord, read_tracks, write_tracks};
 use crate::data::tiff_io::{read_labels, write_labels};
 use crate::data::volume::Labels;
 use crate::infer::{instance_states, labels_from};
 use crate::synth::CellState;
-use crate::track::{DivisionRules, TrackOptions, Tracking, lineage_by_overlap, track};
+use crate::track::states::{Observation, StateRules, decode};
+use crate::track::{DivisionRules, TrackOptions, Tracking, lineage_by_overlap, objects, track};
 
 /// How `cellswarm track` links objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -116,6 +117,23 @@ pub struct ClassifyArgs {
     /// Frames to classify (default: all).
     #[arg(long)]
     pub frames: Option<FrameRange>,
+    /// Classify every object on its own frame only, even where `--masks` holds tracks
+    /// (`res_track.txt`); by default a tracked cell's states are read along its track
+    /// (docs/tracking.md, "Cell states along tracks").
+    #[arg(long)]
+    pub per_frame: bool,
+    /// Along tracks: probability of a change of state from one frame to the next (lower
+    /// smooths more).
+    #[arg(long, default_value_t = StateRules::default().change)]
+    pub state_change: f64,
+    /// Along tracks: how many times more likely a track that vanishes inside the field
+    /// ends dying, and one that ends in two daughters ends dividing.
+    #[arg(long, default_value_t = StateRules::default().end_evidence)]
+    pub end_evidence: f64,
+    /// Along tracks: area ratio to the previous frame below which shrinking is evidence
+    /// for dying (0: ignore areas).
+    #[arg(long, default_value_t = StateRules::default().shrink)]
+    pub shrink: f64,
     /// Inference settings (segmentation settings apply without `--masks`).
     #[command(flatten)]
     pub infer: InferArgs,
@@ -259,8 +277,24 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
         Some(dir) => Some(numbered_masks(dir)?),
         None => None,
     };
-    let mut csv = String::from("frame,label,class,probability\n");
-    let mut objects = 0usize;
+    // Tracks given with the masks: states are read along them.
+    let tracks = match &a.masks {
+        Some(dir) if !a.per_frame && dir.join("res_track.txt").is_file() => {
+            if s.config.cell_states == CellState::ALL.len() {
+                Some(read_tracks(&dir.join("res_track.txt"))?)
+            } else {
+                tracing::warn!(
+                    states = s.config.cell_states,
+                    "the model's states are not interphase, dividing and dying: classifying frame by frame"
+                );
+                None
+            }
+        }
+        _ => None,
+    };
+    // (frame, label, state, the head's mean probabilities)
+    let mut rows: Vec<(u32, u32, usize, Vec<f32>)> = Vec::new();
+    let mut observed: Vec<Observation> = Vec::new();
     let pb = bar(ts.len() as u64, "frames");
     for &t in &ts {
         let img = movie.frame(t)?;
@@ -286,27 +320,78 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
             }
             None => labels_from(&planes, &s.opts),
         };
-        for st in instance_states(&planes, &labels) {
-            objects += 1;
-            let _ = writeln!(
-                csv,
-                "{t},{},{},{:.4}",
-                st.label,
-                state_name(st.class, s.config.cell_states),
-                st.probability
-            );
+        let states = instance_states(&planes, &labels);
+        if tracks.is_some() {
+            let objs = objects(&labels, 1);
+            for st in &states {
+                let Some(o) = objs.iter().find(|o| o.label == st.label) else {
+                    continue;
+                };
+                let mut p = [0.0f32; 3];
+                for (d, v) in p.iter_mut().zip(&st.mean) {
+                    *d = *v;
+                }
+                observed.push(Observation {
+                    frame: t,
+                    label: st.label,
+                    probabilities: p,
+                    area: o.area,
+                    at_border: o.at_border,
+                });
+            }
         }
+        rows.extend(
+            states
+                .into_iter()
+                .map(|st| (t, st.label, st.class, st.mean)),
+        );
         pb.inc(1);
     }
     pb.finish_and_clear();
+    let mut changed = 0usize;
+    if let Some(tracks) = &tracks {
+        let last = ts.last().copied().unwrap_or(0);
+        let rules = StateRules {
+            change: a.state_change,
+            end_evidence: a.end_evidence,
+            shrink: a.shrink,
+        };
+        let decoded = decode(&observed, tracks, last, &rules);
+        for r in &mut rows {
+            if let Some(&c) = decoded.get(&(r.0, r.1))
+                && c != r.2
+            {
+                r.2 = c;
+                changed += 1;
+            }
+        }
+    }
+    let mut csv = String::from("frame,label,class,probability\n");
+    for (t, label, class, mean) in &rows {
+        let _ = writeln!(
+            csv,
+            "{t},{label},{},{:.4}",
+            state_name(*class, s.config.cell_states),
+            mean.get(*class).copied().unwrap_or(0.0)
+        );
+    }
+    let objects = rows.len();
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(&a.out, csv).with_context(|| format!("writing {}", a.out.display()))?;
-    println!(
-        "classified {objects} objects in {} frames; wrote {}",
-        ts.len(),
-        a.out.display()
-    );
+    if tracks.is_some() {
+        println!(
+            "classified {objects} objects in {} frames along their tracks ({changed} changed from the frame's own reading); wrote {}",
+            ts.len(),
+            a.out.display()
+        );
+    } else {
+        println!(
+            "classified {objects} objects in {} frames; wrote {}",
+            ts.len(),
+            a.out.display()
+        );
+    }
     Ok(())
 }

@@ -53,6 +53,7 @@ use crate::data::ctc::TrackRecord;
 use crate::data::volume::Labels;
 
 mod split;
+pub mod states;
 
 /// Plausibility rules for a division (one mother, two daughters).
 ///
