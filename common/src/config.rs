@@ -569,6 +569,15 @@ impl Default for AggregationConfig {
     }
 }
 
+/// The PeerId a relay address ends in (`.../p2p/<PeerId>`).
+#[must_use]
+pub fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(multiaddr::Protocol::P2p(id)) => Some(id),
+        _ => None,
+    }
+}
+
 /// The consortium file: identical at every member.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -580,6 +589,11 @@ pub struct ConsortiumConfig {
     pub genesis: Option<ModelHash>,
     /// The members.
     pub members: Vec<MemberConfig>,
+    /// Relays every member reserves a slot on and dials unreachable members through
+    /// (`/ip4/.../tcp/PORT/p2p/<relay PeerId>`): members or `cellswarm relay` processes.
+    /// Reachability, not part of the agreement digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<Multiaddr>,
     /// The model every member trains.
     #[serde(default)]
     pub model: ModelSpec,
@@ -598,6 +612,12 @@ impl ConsortiumConfig {
     /// [`ConfigError::Parse`].
     pub fn from_toml(text: &str, file: &Path) -> Result<Self, ConfigError> {
         parse_toml(text, file)
+    }
+
+    /// The PeerIds of the consortium's relays.
+    #[must_use]
+    pub fn relay_peers(&self) -> Vec<PeerId> {
+        self.relays.iter().filter_map(relay_peer).collect()
     }
 
     /// Reads and validates a consortium file.
@@ -626,6 +646,7 @@ impl ConsortiumConfig {
             // Reachability is local knowledge, not part of the agreement.
             m.addresses.clear();
         }
+        canon.relays.clear();
         // bincode 2 with the standard config is a fixed, documented binary layout.
         let bytes = bincode::serde::encode_to_vec(&canon, bincode::config::standard())
             .expect("plain config structs always serialise");
@@ -681,6 +702,14 @@ impl ConsortiumConfig {
                         "PeerId {} does not embed an Ed25519 key; use the id printed by `cellswarm keygen`",
                         m.peer_id
                     ),
+                );
+            }
+        }
+        for (i, a) in self.relays.iter().enumerate() {
+            if relay_peer(a).is_none() {
+                return bad(
+                    &format!("relays[{i}]"),
+                    format!("{a} does not end in /p2p/<the relay's PeerId>"),
                 );
             }
         }
@@ -995,6 +1024,9 @@ pub struct NetConfig {
     /// responses and announcements, before transport encryption) to this file. Off when
     /// absent. See docs/security.md for the record layout.
     pub capture_sent: Option<PathBuf>,
+    /// Serve as a relay for the consortium's members (only members may reserve a slot
+    /// or be relayed). List this node's address in the consortium file's `relays`.
+    pub relay: bool,
 }
 
 impl Default for NetConfig {
@@ -1013,6 +1045,7 @@ impl Default for NetConfig {
             max_connections: 64,
             max_pending_connections: 16,
             capture_sent: None,
+            relay: false,
         }
     }
 }
@@ -1889,6 +1922,26 @@ movies = ["data/01"]
             "net.listen[0]",
             "",
         );
+    }
+
+    #[test]
+    fn relays_name_their_peer_and_stay_out_of_the_agreement() {
+        expect_err(
+            SITE,
+            &consortium_toml("relays = [\"/ip4/10.0.0.9/tcp/7071\"]"),
+            "consortium.toml",
+            "relays[0]",
+            "/p2p/",
+        );
+        let relay = format!("/ip4/10.0.0.9/tcp/7071/p2p/{}", peer(9));
+        let with = load(SITE, &consortium_toml(&format!("relays = [\"{relay}\"]"))).unwrap();
+        assert_eq!(with.consortium.relay_peers(), vec![peer(9)]);
+        let without = load(SITE, &consortium_toml("")).unwrap();
+        assert_eq!(
+            with.consortium.agreement_digest(),
+            without.consortium.agreement_digest()
+        );
+        assert!(!without.node.net.relay);
     }
 
     #[test]

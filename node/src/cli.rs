@@ -85,6 +85,20 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a relay for the consortium's members behind NAT (no model, no data, no rounds)
+    /// until SIGTERM or SIGINT; only members may reserve a slot or be relayed.
+    Relay {
+        /// The consortium file (its members, and its other relays, may connect).
+        #[arg(long)]
+        consortium: PathBuf,
+        /// The relay's key file (`cellswarm keygen`); list `.../p2p/<its PeerId>` in the
+        /// consortium file's `relays`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Addresses to listen on.
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/7071")]
+        listen: Vec<libp2p::Multiaddr>,
+    },
     /// Show a running node's status (from its status endpoint).
     Status {
         /// The node's status endpoint.
@@ -388,6 +402,71 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?
                 .block_on(crate::demo::run(options))?;
+            Ok(())
+        }
+        Command::Relay {
+            consortium,
+            key,
+            listen,
+        } => {
+            let c = cellswarm_common::config::ConsortiumConfig::load(&consortium)?;
+            let id = cellswarm_common::identity::Identity::load_key_file(&key)
+                .with_context(|| format!("reading key file {}", key.display()))?;
+            let me = id.peer_id();
+            let allowed: Vec<libp2p::PeerId> = c
+                .members
+                .iter()
+                .map(|m| m.peer_id)
+                .chain(c.relay_peers())
+                .filter(|p| *p != me)
+                .collect();
+            let external: Vec<libp2p::Multiaddr> = c
+                .relays
+                .iter()
+                .filter(|a| cellswarm_common::config::relay_peer(a) == Some(me))
+                .cloned()
+                .collect();
+            if external.is_empty() {
+                tracing::warn!(
+                    "{}: no entry in `relays` names this relay ({me}); reservations will name the addresses it listens on",
+                    consortium.display()
+                );
+            }
+            let settings = crate::swarm::relay::RelaySettings {
+                listen,
+                external,
+                allowed,
+                max_connections: 256,
+            };
+            println!("relay {me}");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(async move {
+                    let cancel = tokio_util::sync::CancellationToken::new();
+                    let stop = cancel.clone();
+                    tokio::spawn(async move {
+                        let mut term = tokio::signal::unix::signal(
+                            tokio::signal::unix::SignalKind::terminate(),
+                        )
+                        .ok();
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            Some(()) = async {
+                                match term.as_mut() {
+                                    Some(t) => t.recv().await,
+                                    None => std::future::pending().await,
+                                }
+                            } => {}
+                        }
+                        stop.cancel();
+                    });
+                    crate::swarm::relay::run(id.libp2p_keypair(), settings, cancel, |a| {
+                        println!("listening on {a}/p2p/{me}");
+                    })
+                    .await
+                })?;
             Ok(())
         }
         Command::Run { config } => {

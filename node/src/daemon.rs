@@ -256,8 +256,15 @@ impl Node {
             .consortium
             .members
             .iter()
-            .filter(|m| m.peer_id != peer_id && !m.addresses.is_empty())
+            .filter(|m| m.peer_id != peer_id)
             .map(|m| (m.peer_id, m.addresses.clone()))
+            .collect();
+        let relays: Vec<Multiaddr> = config
+            .consortium
+            .relays
+            .iter()
+            .filter(|a| cellswarm_common::config::relay_peer(a) != Some(peer_id))
+            .cloned()
             .collect();
         let status_cfg = config.node.status.clone();
         let engine = Engine::new(EngineParts {
@@ -274,13 +281,20 @@ impl Node {
             tracker: tracker.clone(),
         })?;
         let engine = tracker.spawn(engine.run());
-        tracker.spawn(redial(net.clone(), bootstrap, known, cancel.clone()));
+        tracker.spawn(redial(
+            net.clone(),
+            bootstrap,
+            known,
+            relays,
+            cancel.clone(),
+        ));
         if status_cfg.enabled {
             let server = crate::status_http::serve(
                 status_cfg.listen,
                 status.clone(),
                 Arc::clone(&metrics),
                 Arc::clone(net.traffic()),
+                Arc::clone(net.links()),
                 cancel.clone(),
             )
             .await
@@ -357,16 +371,19 @@ async fn redial(
     net: NetClient,
     bootstrap: Vec<Multiaddr>,
     known: Vec<(PeerId, Vec<Multiaddr>)>,
+    relays: Vec<Multiaddr>,
     cancel: CancellationToken,
 ) {
     for a in bootstrap {
         net.dial(a).await;
     }
-    if known.is_empty() {
+    if known.iter().all(|(_, a)| a.is_empty()) && relays.is_empty() {
         return;
     }
     let mut tick = tokio::time::interval(Duration::from_secs(3));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Ticks each member has been unreachable in a row.
+    let mut missed: std::collections::HashMap<PeerId, u32> = std::collections::HashMap::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -374,10 +391,30 @@ async fn redial(
         }
         let connected = net.connected().await;
         for (peer, addrs) in &known {
-            if !connected.contains(peer) {
-                for a in addrs {
-                    net.dial(a.clone().with_p2p(*peer).unwrap_or_else(|a| a))
-                        .await;
+            if connected.contains(peer) {
+                missed.remove(peer);
+                continue;
+            }
+            for a in addrs {
+                net.dial(a.clone().with_p2p(*peer).unwrap_or_else(|a| a))
+                    .await;
+            }
+            // A member without an address, or not reached directly for two tries, is
+            // dialled through every relay (it holds a slot there if it is behind NAT);
+            // hole punching then upgrades the relayed connection where the NATs allow.
+            let n = missed.entry(*peer).or_default();
+            *n += 1;
+            if addrs.is_empty() || *n > 2 {
+                for r in &relays {
+                    if cellswarm_common::config::relay_peer(r) == Some(*peer) {
+                        continue;
+                    }
+                    let via = r
+                        .clone()
+                        .with(libp2p::multiaddr::Protocol::P2pCircuit)
+                        .with_p2p(*peer)
+                        .unwrap_or_else(|a| a);
+                    net.dial(via).await;
                 }
             }
         }

@@ -1,7 +1,8 @@
 //! The daemon's HTTP status endpoint (axum; bound to loopback by default).
 //!
-//! - `GET /status`: JSON — PeerId, round, phase, model hash, connected members, the last
-//!   merge record, rounds completed, and the rejection counters.
+//! - `GET /status`: JSON — PeerId, round, phase, model hash, connected members (and
+//!   whether each is reached directly or through a relay), the last merge record, rounds
+//!   completed, and the rejection counters.
 //! - `GET /metrics`: the Prometheus text format (see [`Metrics::prometheus`]).
 //!
 //! Nothing here reads data or the store: it serves the engine's published snapshot.
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::swarm::codec::Traffic;
+use crate::swarm::network::{LinkPath, Links};
 use crate::swarm::status::{Metrics, Status};
 
 #[derive(Clone)]
@@ -27,6 +29,7 @@ struct Shared {
     status: watch::Receiver<Status>,
     metrics: Arc<Metrics>,
     traffic: Arc<Traffic>,
+    links: Arc<Links>,
 }
 
 /// The `/status` document.
@@ -38,6 +41,12 @@ struct StatusDoc {
     rejected: std::collections::BTreeMap<String, u64>,
     bytes_in: u64,
     bytes_out: u64,
+    /// Every connected peer (members and relays) and whether it is reached directly or
+    /// only through a relay.
+    links: std::collections::BTreeMap<String, LinkPath>,
+    /// Our addresses a member confirmed reachable from outside (AutoNAT); empty behind
+    /// NAT.
+    reachable: Vec<String>,
 }
 
 async fn get_status(State(s): State<Shared>) -> impl IntoResponse {
@@ -52,6 +61,15 @@ async fn get_status(State(s): State<Shared>) -> impl IntoResponse {
             .collect(),
         bytes_in: s.traffic.bytes_in.load(Ordering::Relaxed),
         bytes_out: s.traffic.bytes_out.load(Ordering::Relaxed),
+        links: s.links.paths(),
+        reachable: s
+            .links
+            .reachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     };
     axum::Json(doc)
 }
@@ -74,6 +92,7 @@ async fn get_metrics(State(s): State<Shared>) -> impl IntoResponse {
         s.traffic.oversize.load(Ordering::Relaxed),
         s.traffic.events_dropped.load(Ordering::Relaxed),
     ));
+    body.push_str(&s.links.prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
@@ -86,6 +105,7 @@ pub async fn serve(
     status: watch::Receiver<Status>,
     metrics: Arc<Metrics>,
     traffic: Arc<Traffic>,
+    links: Arc<Links>,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = ()> + Send + use<>, std::io::Error> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -97,6 +117,7 @@ pub async fn serve(
             status,
             metrics,
             traffic,
+            links,
         });
     Ok(async move {
         let stop = async move { cancel.cancelled().await };

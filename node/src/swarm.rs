@@ -9,12 +9,14 @@
 //! - [`engine`]: the round state machine.
 //! - [`catchup`]: verified catch-up (records checked by `cellswarm-round`, merges recomputed).
 //! - [`status`]: status snapshots and metrics.
+//! - [`relay`]: `cellswarm relay`, a relay-only process for members behind NAT.
 
 pub mod catchup;
 pub mod codec;
 pub mod engine;
 pub mod local;
 pub mod network;
+pub mod relay;
 pub mod secagg;
 pub mod status;
 pub mod verify;

@@ -18,6 +18,9 @@ mod swarm;
 /// The swarm as processes: killed members and mergers, graceful stops.
 mod swarm_process;
 
+/// Members behind NAT: relays, relayed and hole-punched connections.
+mod nat;
+
 /// `cellswarm demo` end to end.
 mod demo;
 

@@ -252,6 +252,17 @@ impl Consortium {
         nodes
     }
 
+    /// Adds `lines` at the top of member `i`'s `[net]` section.
+    pub(crate) fn set_net(&self, i: usize, lines: &str) {
+        let file = &self.sites[i].node_file;
+        let text = std::fs::read_to_string(file).expect("the site file reads");
+        std::fs::write(
+            file,
+            text.replacen("[net]\n", &format!("[net]\n{lines}\n"), 1),
+        )
+        .expect("the site file is written");
+    }
+
     /// Appends `lines` to member `i`'s site file (its `[testing]` section comes last).
     pub(crate) fn append_site(&self, i: usize, lines: &str) {
         let file = &self.sites[i].node_file;

@@ -9,19 +9,23 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cellswarm_common::config::NetConfig;
 use cellswarm_common::protocol::{AGENT, IDENTIFY_PROTOCOL, ROUND_TOPIC, SYNC_PROTOCOL};
 use cellswarm_common::wire::Request;
+use libp2p::core::ConnectedPoint;
 use libp2p::futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::ConnectionId;
 use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, noise,
-    ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, autonat, connection_limits, dcutr,
+    identify, noise, ping, relay, tcp, yamux,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -64,8 +68,10 @@ mod behaviour {
     #![allow(missing_docs, missing_debug_implementations)]
 
     use libp2p::swarm::NetworkBehaviour;
+    use libp2p::swarm::behaviour::toggle::Toggle;
     use libp2p::{
-        allow_block_list, connection_limits, gossipsub, identify, ping, request_response,
+        allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, ping, relay,
+        request_response,
     };
 
     use super::SyncCodec;
@@ -85,6 +91,16 @@ mod behaviour {
         pub identify: identify::Behaviour,
         /// Liveness.
         pub ping: ping::Behaviour,
+        /// Serves as a relay for members (`[net] relay = true`).
+        pub relay_server: Toggle<relay::Behaviour>,
+        /// Reserves slots on the consortium's relays and dials through them.
+        pub relay_client: relay::client::Behaviour,
+        /// Upgrades relayed connections to direct ones by hole punching.
+        pub dcutr: dcutr::Behaviour,
+        /// Asks members whether our addresses are reachable from outside.
+        pub autonat_client: autonat::v2::client::Behaviour,
+        /// Answers members' reachability probes.
+        pub autonat_server: autonat::v2::server::Behaviour,
     }
 }
 
@@ -171,6 +187,109 @@ impl PeerSlots {
     }
 }
 
+/// How this node reaches its peers: direct or through a relay (for /status and
+/// /metrics), and what hole punching and the relays did.
+#[derive(Debug, Default)]
+pub struct Links {
+    peers: std::sync::Mutex<HashMap<PeerId, HashMap<ConnectionId, bool>>>,
+    /// Connections established through a relay, ever.
+    pub relayed_connections: AtomicU64,
+    /// Relayed connections upgraded to direct ones by hole punching.
+    pub holepunch_ok: AtomicU64,
+    /// Hole punches that failed (the pair stays relayed).
+    pub holepunch_failed: AtomicU64,
+    /// Reservations a relay accepted for us (renewals included).
+    pub reservations: AtomicU64,
+    /// As a relay: reservations accepted for members.
+    pub reservations_served: AtomicU64,
+    /// As a relay: circuits opened between members.
+    pub circuits_served: AtomicU64,
+    /// As a relay: reservations or circuits refused.
+    pub relay_refused: AtomicU64,
+    /// Addresses of ours that a member confirmed reachable (AutoNAT).
+    pub reachable: std::sync::Mutex<Vec<Multiaddr>>,
+}
+
+/// How a peer is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkPath {
+    /// At least one direct connection.
+    Direct,
+    /// Only through a relay.
+    Relayed,
+}
+
+impl Links {
+    fn opened(&self, peer: PeerId, id: ConnectionId, relayed: bool) {
+        if relayed {
+            self.relayed_connections.fetch_add(1, Ordering::Relaxed);
+        }
+        self.lock().entry(peer).or_default().insert(id, relayed);
+    }
+
+    fn closed(&self, peer: PeerId, id: ConnectionId) {
+        let mut map = self.lock();
+        if let Some(c) = map.get_mut(&peer) {
+            c.remove(&id);
+            if c.is_empty() {
+                map.remove(&peer);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, HashMap<ConnectionId, bool>>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every connected peer and how it is reached, by PeerId.
+    #[must_use]
+    pub fn paths(&self) -> std::collections::BTreeMap<String, LinkPath> {
+        self.lock()
+            .iter()
+            .map(|(p, c)| {
+                let path = if c.values().any(|relayed| !relayed) {
+                    LinkPath::Direct
+                } else {
+                    LinkPath::Relayed
+                };
+                (p.to_string(), path)
+            })
+            .collect()
+    }
+
+    /// The Prometheus lines of these counters.
+    #[must_use]
+    pub fn prometheus(&self) -> String {
+        let paths = self.paths();
+        let direct = paths.values().filter(|p| **p == LinkPath::Direct).count();
+        let relayed = paths.len() - direct;
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "# HELP cellswarm_peers Connected peers by path.\n# TYPE cellswarm_peers gauge\n\
+             cellswarm_peers{{path=\"direct\"}} {direct}\ncellswarm_peers{{path=\"relayed\"}} {relayed}\n\
+             # HELP cellswarm_relayed_connections_total Connections established through a relay.\n\
+             # TYPE cellswarm_relayed_connections_total counter\ncellswarm_relayed_connections_total {}\n\
+             # HELP cellswarm_holepunch_total Hole punches (DCUtR) by result.\n# TYPE cellswarm_holepunch_total counter\n\
+             cellswarm_holepunch_total{{result=\"ok\"}} {}\ncellswarm_holepunch_total{{result=\"failed\"}} {}\n\
+             # HELP cellswarm_relay_reservations_total Reservations relays accepted for this node.\n\
+             # TYPE cellswarm_relay_reservations_total counter\ncellswarm_relay_reservations_total {}\n\
+             # HELP cellswarm_relay_served_total As a relay: reservations and circuits served for members, and requests refused.\n\
+             # TYPE cellswarm_relay_served_total counter\ncellswarm_relay_served_total{{kind=\"reservation\"}} {}\n\
+             cellswarm_relay_served_total{{kind=\"circuit\"}} {}\ncellswarm_relay_served_total{{kind=\"refused\"}} {}\n",
+            c(&self.relayed_connections),
+            c(&self.holepunch_ok),
+            c(&self.holepunch_failed),
+            c(&self.reservations),
+            c(&self.reservations_served),
+            c(&self.circuits_served),
+            c(&self.relay_refused),
+        )
+    }
+}
+
 /// A cloneable handle to the event loop.
 #[derive(Debug, Clone)]
 pub struct NetClient {
@@ -178,6 +297,7 @@ pub struct NetClient {
     local: PeerId,
     traffic: Arc<Traffic>,
     slots: Arc<PeerSlots>,
+    links: Arc<Links>,
 }
 
 impl NetClient {
@@ -191,6 +311,12 @@ impl NetClient {
     #[must_use]
     pub fn traffic(&self) -> &Arc<Traffic> {
         &self.traffic
+    }
+
+    /// How peers are reached (direct or relayed).
+    #[must_use]
+    pub fn links(&self) -> &Arc<Links> {
+        &self.links
     }
 
     async fn send(&self, c: Command) -> Result<(), NetError> {
@@ -276,6 +402,8 @@ pub struct NetSettings {
     pub net: NetConfig,
     /// The consortium's members.
     pub members: Vec<PeerId>,
+    /// The consortium's relays (addresses ending in `/p2p/<PeerId>`).
+    pub relays: Vec<Multiaddr>,
 }
 
 impl NetSettings {
@@ -291,6 +419,7 @@ impl NetSettings {
                 .iter()
                 .map(|m| m.peer_id)
                 .collect(),
+            relays: config.consortium.relays.clone(),
         }
     }
 }
@@ -313,6 +442,13 @@ pub fn start(
     let codec = SyncCodec::new(net.max_message_bytes, Arc::clone(&traffic));
     let members = settings.members.clone();
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let relay_peers: Vec<PeerId> = settings
+        .relays
+        .iter()
+        .filter_map(cellswarm_common::config::relay_peer)
+        .collect();
+    let local_id = keypair.public().to_peer_id();
+    let mut relay_listens = HashMap::new();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -322,10 +458,12 @@ pub fn start(
         )
         .map_err(|e| setup(&e))?
         .with_quic()
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay_client| {
             let mut allowlist =
                 allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
-            for m in &members {
+            for m in members.iter().chain(&relay_peers) {
                 allowlist.allow_peer(*m);
             }
             let limits = connection_limits::Behaviour::new(
@@ -371,11 +509,29 @@ pub fn start(
                 ping: ping::Behaviour::new(
                     ping::Config::new().with_interval(Duration::from_secs(15)),
                 ),
+                relay_server: Toggle::from(net.relay.then(|| {
+                    relay::Behaviour::new(key.public().to_peer_id(), super::relay::relay_config())
+                })),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
+                autonat_client: autonat::v2::client::Behaviour::default(),
+                autonat_server: autonat::v2::server::Behaviour::default(),
             })
         })
         .map_err(|e| setup(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(net.idle_timeout))
         .build();
+    if let Some(r) = swarm.behaviour_mut().relay_server.as_mut() {
+        // Serve members whether or not AutoNAT has confirmed an external address yet:
+        // the consortium file names this node as a relay, at the addresses a reservation
+        // hands out.
+        r.set_status(Some(relay::Status::Enable));
+        for addr in &settings.relays {
+            if cellswarm_common::config::relay_peer(addr) == Some(local_id) {
+                swarm.add_external_address(super::relay::without_p2p(addr));
+            }
+        }
+    }
     swarm
         .behaviour_mut()
         .gossipsub
@@ -389,7 +545,22 @@ pub fn start(
                 message: e.to_string(),
             })?;
     }
+    // A slot on every relay of the consortium but ourselves: members that cannot dial
+    // us directly reach us through it.
+    for addr in &settings.relays {
+        if cellswarm_common::config::relay_peer(addr) == Some(local_id) {
+            continue;
+        }
+        let circuit = addr.clone().with(Protocol::P2pCircuit);
+        match swarm.listen_on(circuit.clone()) {
+            Ok(id) => {
+                relay_listens.insert(id, circuit);
+            }
+            Err(e) => tracing::warn!(relay = %addr, error = %e, "cannot reserve a slot on a relay"),
+        }
+    }
     let local = *swarm.local_peer_id();
+    let links = Arc::new(Links::default());
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let client_traffic = Arc::clone(&traffic);
@@ -398,6 +569,7 @@ pub fn start(
         local,
         traffic,
         slots: Arc::default(),
+        links: Arc::clone(&links),
     };
     Ok((
         client,
@@ -412,6 +584,10 @@ pub fn start(
             banned: HashMap::new(),
             deferred: VecDeque::new(),
             traffic_for_loop: Arc::clone(&client_traffic),
+            members: members.iter().copied().collect(),
+            links,
+            relay_listens,
+            relisten: Vec::new(),
         },
     ))
 }
@@ -430,7 +606,17 @@ pub struct EventLoop {
     /// Connection and listen events the engine's full queue could not take yet, in order.
     deferred: VecDeque<NetEvent>,
     traffic_for_loop: Arc<Traffic>,
+    /// The consortium's members (relays that are not members are not reported).
+    members: HashSet<PeerId>,
+    links: Arc<Links>,
+    /// Our slots on relays (circuit listen addresses), by listener.
+    relay_listens: HashMap<libp2p::core::transport::ListenerId, Multiaddr>,
+    /// Slots to reserve again (the relay went away), and when.
+    relisten: Vec<(Instant, Multiaddr)>,
 }
+
+/// How long after losing a relay slot it is reserved again.
+pub const RELISTEN: Duration = Duration::from_secs(5);
 
 /// Protocol violations within [`ABUSE_WINDOW`] after which a peer is disconnected.
 pub const ABUSE_STRIKES: usize = 3;
@@ -458,7 +644,10 @@ impl EventLoop {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = unban.tick(), if !self.banned.is_empty() => self.lift_bans(),
+                _ = unban.tick(), if !self.banned.is_empty() || !self.relisten.is_empty() => {
+                    self.lift_bans();
+                    self.reserve_again();
+                }
                 _ = retry.tick(), if !self.deferred.is_empty() => self.flush_deferred(),
                 event = self.swarm.select_next_some() => self.handle_swarm(event).await,
                 command = self.commands.recv() => match command {
@@ -502,6 +691,26 @@ impl EventLoop {
             ban_seconds = ABUSE_BAN.as_secs(),
             "disconnected an abusive peer"
         );
+    }
+
+    /// Reserves again the relay slots whose listener closed (every 5 s until it holds).
+    fn reserve_again(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relisten)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.relisten = later;
+        for (_, addr) in due {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    self.relay_listens.insert(id, addr);
+                }
+                Err(e) => {
+                    tracing::debug!(relay = %addr, error = %e, "reserving a relay slot failed; trying again");
+                    self.relisten.push((now + RELISTEN, addr));
+                }
+            }
+        }
     }
 
     fn lift_bans(&mut self) {
@@ -630,22 +839,47 @@ impl EventLoop {
                 self.emit(NetEvent::Listening(address));
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
             } => {
-                self.swarm
-                    .add_peer_address(peer_id, endpoint.get_remote_address().clone());
-                if self.connected.insert(peer_id) {
-                    tracing::info!(peer = %peer_id, "member connected");
+                let relayed = endpoint.is_relayed();
+                if !relayed && let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    self.swarm.add_peer_address(peer_id, address.clone());
+                }
+                self.links.opened(peer_id, connection_id, relayed);
+                let path = if relayed { "relayed" } else { "direct" };
+                if !self.members.contains(&peer_id) {
+                    tracing::info!(peer = %peer_id, path, "relay connected");
+                } else if self.connected.insert(peer_id) {
+                    tracing::info!(peer = %peer_id, path, "member connected");
                     self.emit(NetEvent::Connected(peer_id));
+                } else {
+                    tracing::debug!(peer = %peer_id, path, "another connection to a member");
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
-            } if self.connected.remove(&peer_id) => {
-                tracing::info!(peer = %peer_id, "member disconnected");
-                self.emit(NetEvent::Disconnected(peer_id));
+            } => {
+                self.links.closed(peer_id, connection_id);
+                if num_established == 0 && self.connected.remove(&peer_id) {
+                    tracing::info!(peer = %peer_id, "member disconnected");
+                    self.emit(NetEvent::Disconnected(peer_id));
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(addr) = self.relay_listens.remove(&listener_id) {
+                    tracing::info!(relay = %addr, reason = ?reason, "relay slot lost; reserving again");
+                    self.relisten.push((Instant::now() + RELISTEN, addr));
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
@@ -679,6 +913,83 @@ impl EventLoop {
                 for addr in info.listen_addrs {
                     self.swarm.add_peer_address(peer_id, addr);
                 }
+            }
+            SwarmEvent::Behaviour(CellswarmBehaviourEvent::Dcutr(e)) => match e.result {
+                Ok(_) => {
+                    self.links.holepunch_ok.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %e.remote_peer_id, "hole punched: a direct connection replaces the relayed one");
+                }
+                Err(err) => {
+                    self.links.holepunch_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %e.remote_peer_id, reason = %err, "hole punching failed: the connection stays relayed");
+                }
+            },
+            SwarmEvent::Behaviour(CellswarmBehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    ..
+                },
+            )) => {
+                self.links.reservations.fetch_add(1, Ordering::Relaxed);
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "reserved a slot on a relay: members can reach us through it");
+                }
+            }
+            SwarmEvent::Behaviour(CellswarmBehaviourEvent::RelayServer(e)) => self.on_relay(e),
+            SwarmEvent::Behaviour(CellswarmBehaviourEvent::AutonatClient(e)) => match e.result {
+                Ok(()) => {
+                    tracing::info!(addr = %e.tested_addr, server = %e.server, "reachable from outside at this address (AutoNAT)");
+                    let mut r = self
+                        .links
+                        .reachable
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if !r.contains(&e.tested_addr) {
+                        r.push(e.tested_addr);
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(addr = %e.tested_addr, server = %e.server, reason = %err, "not reachable at this address (AutoNAT)");
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// Counts what this node did as a relay. Only members can connect at all (the
+    /// allow list), so every reservation and circuit served is a member's.
+    fn on_relay(&mut self, e: relay::Event) {
+        match e {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
+                self.links
+                    .reservations_served
+                    .fetch_add(1, Ordering::Relaxed);
+                if !renewed {
+                    tracing::info!(peer = %src_peer_id, "relay: reserved a slot for a member");
+                }
+            }
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                self.links.circuits_served.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit opened between members");
+            }
+            relay::Event::ReservationReqDenied { src_peer_id, .. } => {
+                self.links.relay_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %src_peer_id, "relay: reservation refused");
+            }
+            relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                ..
+            } => {
+                self.links.relay_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit refused");
             }
             _ => {}
         }
@@ -785,6 +1096,7 @@ mod tests {
             local: PeerId::random(),
             traffic: Arc::default(),
             slots: Arc::default(),
+            links: Arc::default(),
         };
         let (busy, other) = (PeerId::random(), PeerId::random());
         let mut tasks = Vec::new();
