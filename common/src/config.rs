@@ -1041,7 +1041,7 @@ impl Default for NetConfig {
             max_message_bytes: 512 << 20,
             idle_timeout: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(300),
-            max_connections_per_peer: 2,
+            max_connections_per_peer: 4,
             max_connections: 64,
             max_pending_connections: 16,
             capture_sent: None,

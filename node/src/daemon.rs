@@ -405,8 +405,13 @@ async fn redial(
             let n = missed.entry(*peer).or_default();
             *n += 1;
             if addrs.is_empty() || *n > 2 {
+                let mut via_relay = std::collections::HashSet::new();
                 for r in &relays {
-                    if cellswarm_common::config::relay_peer(r) == Some(*peer) {
+                    // One circuit per relay (its first address).
+                    let Some(id) = cellswarm_common::config::relay_peer(r) else {
+                        continue;
+                    };
+                    if id == *peer || !via_relay.insert(id) {
                         continue;
                     }
                     let via = r

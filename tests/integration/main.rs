@@ -21,6 +21,9 @@ mod swarm_process;
 /// Members behind NAT: relays, relayed and hole-punched connections.
 mod nat;
 
+/// Across real network boundaries: sites behind NATs in network namespaces.
+mod netns;
+
 /// `cellswarm demo` end to end.
 mod demo;
 

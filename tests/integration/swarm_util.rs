@@ -272,33 +272,63 @@ impl Consortium {
 
     /// Starts member `i` as a `cellswarm run` process logging JSON lines to `events`.
     pub(crate) fn spawn(&self, i: usize, events: &mpsc::Sender<LogEvent>) -> Child {
-        let mut child = Command::new(CELLSWARM)
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&self.sites[i].node_file)
-            .env("RUST_LOG", "info,libp2p=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the cellswarm test binary starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let tx = events.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let event = LogEvent::parse(i, &line);
-                if tx.send(event).is_err() {
-                    return;
-                }
-            }
-            let _ = tx.send(LogEvent {
-                node: i,
-                message: EXITED.into(),
-                fields: serde_json::Value::Null,
-                line: String::new(),
-            });
-        });
-        child
+        self.spawn_in(i, events, &[])
     }
+
+    /// Like [`Self::spawn`], run through `wrapper` (e.g. `ip netns exec NS`).
+    pub(crate) fn spawn_in(
+        &self,
+        i: usize,
+        events: &mpsc::Sender<LogEvent>,
+        wrapper: &[&str],
+    ) -> Child {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(CELLSWARM);
+                c
+            }
+            None => Command::new(CELLSWARM),
+        };
+        cmd.args(["--log-format", "json", "run", "--config"])
+            .arg(&self.sites[i].node_file)
+            .env(
+                "RUST_LOG",
+                std::env::var("CELLSWARM_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+            );
+        spawn_logged(cmd, i, events)
+    }
+}
+
+/// Starts `cmd` with stderr piped into `events` as log events of `node`.
+pub(crate) fn spawn_logged(
+    mut cmd: Command,
+    node: usize,
+    events: &mpsc::Sender<LogEvent>,
+) -> Child {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the cellswarm test binary starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let tx = events.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let event = LogEvent::parse(node, &line);
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(LogEvent {
+            node,
+            message: EXITED.into(),
+            fields: serde_json::Value::Null,
+            line: String::new(),
+        });
+    });
+    child
 }
 
 /// The message of the event sent after a node process's last log line.

@@ -545,10 +545,23 @@ pub fn start(
                 message: e.to_string(),
             })?;
     }
-    // A slot on every relay of the consortium but ourselves: members that cannot dial
-    // us directly reach us through it.
+    // A slot on every relay of the consortium but ourselves (one per relay, at its first
+    // address): members that cannot dial us directly reach us through it. Its other
+    // addresses (another transport) are dialled too, so that the relay tells us how we
+    // are seen on each transport: hole punching needs those addresses (QUIC's UDP
+    // mapping is the one most NATs let a punched hole through).
+    let mut reserved = HashSet::new();
     for addr in &settings.relays {
-        if cellswarm_common::config::relay_peer(addr) == Some(local_id) {
+        let Some(relay) = cellswarm_common::config::relay_peer(addr) else {
+            continue;
+        };
+        if relay == local_id {
+            continue;
+        }
+        if !reserved.insert(relay) {
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::debug!(relay = %addr, error = %e, "dialling a relay failed");
+            }
             continue;
         }
         let circuit = addr.clone().with(Protocol::P2pCircuit);
@@ -870,6 +883,12 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, "member disconnected");
                     self.emit(NetEvent::Disconnected(peer_id));
                 }
+            }
+            SwarmEvent::NewExternalAddrCandidate { address } => {
+                tracing::debug!(%address, "a peer sees us at this address");
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "reachable from outside at this address");
             }
             SwarmEvent::ListenerClosed {
                 listener_id,
