@@ -47,9 +47,13 @@ struct StatusDoc {
     /// Our addresses a member confirmed reachable from outside (AutoNAT); empty behind
     /// NAT.
     reachable: Vec<String>,
+    /// Bytes received and sent over relayed connections.
+    relayed_bytes_in: u64,
+    relayed_bytes_out: u64,
 }
 
 async fn get_status(State(s): State<Shared>) -> impl IntoResponse {
+    let (relayed_bytes_in, relayed_bytes_out) = s.links.relayed_bytes();
     let doc = StatusDoc {
         status: s.status.borrow().clone(),
         deltas_accepted: s.metrics.deltas_accepted.load(Ordering::Relaxed),
@@ -70,6 +74,8 @@ async fn get_status(State(s): State<Shared>) -> impl IntoResponse {
             .iter()
             .map(ToString::to_string)
             .collect(),
+        relayed_bytes_in,
+        relayed_bytes_out,
     };
     axum::Json(doc)
 }

@@ -88,6 +88,12 @@ fn members_without_a_reachable_address_train_together_through_a_member_relay() {
                 links.prometheus()
             );
             assert!(links.reservations.load(Ordering::Relaxed) >= 1);
+            let (rin, rout) = links.relayed_bytes();
+            assert!(
+                rin > 0 && rout > 0,
+                "no bytes counted through the relay: {}",
+                links.bandwidth_text()
+            );
         }
         let served = nodes[0].net().links();
         assert!(served.reservations_served.load(Ordering::Relaxed) >= 2);

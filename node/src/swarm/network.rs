@@ -208,6 +208,8 @@ pub struct Links {
     pub relay_refused: AtomicU64,
     /// Addresses of ours that a member confirmed reachable (AutoNAT).
     pub reachable: std::sync::Mutex<Vec<Multiaddr>>,
+    /// libp2p's byte counters per transport stack (relayed stacks hold `p2p-circuit`).
+    bandwidth: std::sync::OnceLock<prometheus_client::registry::Registry>,
 }
 
 /// How a peer is connected.
@@ -260,6 +262,23 @@ impl Links {
             .collect()
     }
 
+    /// libp2p's bandwidth counters in the Prometheus text format
+    /// (`libp2p_bandwidth_bytes_total{protocols=...,direction=...}`).
+    #[must_use]
+    pub fn bandwidth_text(&self) -> String {
+        let mut out = String::new();
+        if let Some(r) = self.bandwidth.get() {
+            let _ = prometheus_client::encoding::text::encode_registry(&mut out, r);
+        }
+        out
+    }
+
+    /// Bytes in and out over relayed connections (through a relay's circuits).
+    #[must_use]
+    pub fn relayed_bytes(&self) -> (u64, u64) {
+        relayed_bytes(&self.bandwidth_text())
+    }
+
     /// The Prometheus lines of these counters.
     #[must_use]
     pub fn prometheus(&self) -> String {
@@ -286,8 +305,37 @@ impl Links {
             c(&self.reservations_served),
             c(&self.circuits_served),
             c(&self.relay_refused),
-        )
+        ) + &{
+            let (rin, rout) = self.relayed_bytes();
+            format!(
+                "# HELP cellswarm_relayed_bytes_total Bytes over relayed connections.\n\
+                 # TYPE cellswarm_relayed_bytes_total counter\n\
+                 cellswarm_relayed_bytes_total{{direction=\"in\"}} {rin}\n\
+                 cellswarm_relayed_bytes_total{{direction=\"out\"}} {rout}\n{}",
+                self.bandwidth_text()
+            )
+        }
     }
+}
+
+/// Sums libp2p's bandwidth counters (`text`, the Prometheus text format) over the
+/// transport stacks that go through a relay: `(inbound, outbound)` bytes.
+fn relayed_bytes(text: &str) -> (u64, u64) {
+    let (mut inb, mut outb) = (0u64, 0u64);
+    for line in text.lines() {
+        if !line.starts_with("libp2p_bandwidth_bytes_total{") || !line.contains("p2p-circuit") {
+            continue;
+        }
+        let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if line.contains("direction=\"Inbound\"") {
+            inb += v as u64;
+        } else if line.contains("direction=\"Outbound\"") {
+            outb += v as u64;
+        }
+    }
+    (inb, outb)
 }
 
 /// A cloneable handle to the event loop.
@@ -449,6 +497,7 @@ pub fn start(
         .collect();
     let local_id = keypair.public().to_peer_id();
     let mut relay_listens = HashMap::new();
+    let mut bandwidth = prometheus_client::registry::Registry::default();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -460,6 +509,7 @@ pub fn start(
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| setup(&e))?
+        .with_bandwidth_metrics(&mut bandwidth)
         .with_behaviour(|key, relay_client| {
             let mut allowlist =
                 allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
@@ -574,6 +624,7 @@ pub fn start(
     }
     let local = *swarm.local_peer_id();
     let links = Arc::new(Links::default());
+    let _ = links.bandwidth.set(bandwidth);
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(1024);
     let client_traffic = Arc::clone(&traffic);
@@ -1105,6 +1156,17 @@ mod tests {
         for _ in 0..32 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[test]
+    fn relayed_bytes_sum_the_circuit_stacks_only() {
+        let text = "# HELP libp2p_bandwidth_bytes Bandwidth usage by direction and transport protocols.\n\
+            libp2p_bandwidth_bytes_total{protocols=\"/ip4/udp/quic-v1/p2p/p2p-circuit/p2p\",direction=\"Inbound\"} 100\n\
+            libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp/p2p/p2p-circuit/p2p\",direction=\"Inbound\"} 20\n\
+            libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp/p2p/p2p-circuit/p2p\",direction=\"Outbound\"} 7\n\
+            libp2p_bandwidth_bytes_total{protocols=\"/ip4/udp/quic-v1\",direction=\"Inbound\"} 5000\n";
+        assert_eq!(relayed_bytes(text), (120, 7));
+        assert_eq!(relayed_bytes(""), (0, 0));
     }
 
     #[tokio::test]
