@@ -269,7 +269,9 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 path, ctc = sys.argv[1:3]
 nodes = list(Reader(parse_url(path))())
-image = nodes[0]
+# A label image that names its source image comes after that image (and its other
+# label images): take the node read from `path` itself.
+image = next(n for n in nodes if n.zarr.basename() == path.rstrip("/").split("/")[-1])
 a = np.asarray(image.data[0])
 axes = [ax["name"] for ax in image.metadata["axes"]]
 scale = image.metadata["coordinateTransformations"][0][0]["scale"]
@@ -318,6 +320,35 @@ fn ome_zarr_images_from_ome_zarr_py_segment_and_train_and_ours_read_back() {
             "{image}: {cmp}"
         );
     }
+    // Written into the NGFF 0.5 image as a second label image beside ome-zarr-py's, read
+    // back by ome-zarr-py and listed in the image's labels group.
+    let printed = ok_stdout(&cellswarm(
+        d,
+        &[
+            "segment",
+            "--movie",
+            "cells05.ome.zarr",
+            "--channel",
+            "nuclei",
+            "--out",
+            "cells05.ome.zarr/labels/ours",
+        ],
+    ));
+    assert!(printed.contains("wrote 4 frames"), "{printed}");
+    let cmp = python(
+        d,
+        COMPARE_ZARR,
+        &["cells05.ome.zarr/labels/ours", "ctc-seg"],
+    );
+    assert!(
+        cmp.contains("axes tyx equal True scale 0.65 labels True"),
+        "{cmp}"
+    );
+    let group = std::fs::read_to_string(d.join("cells05.ome.zarr/labels/zarr.json")).unwrap();
+    assert!(
+        group.contains("\"cells\"") && group.contains("\"ours\""),
+        "{group}"
+    );
     let out = cellswarm(
         d,
         &[

@@ -308,7 +308,8 @@ pub struct SegmentArgs {
     /// Where to write `maskTTT.tif` (a folder, created if missing); a path ending in
     /// `.ome.tif` writes one OME-TIFF label movie instead, one ending in `.ome.zarr` an
     /// OME-Zarr (NGFF 0.5) label image (one time point per segmented frame, with the
-    /// movie's pixel sizes).
+    /// movie's pixel sizes), and `IMAGE.ome.zarr/labels/NAME` writes that label image
+    /// into an NGFF 0.5 image and lists it there.
     #[arg(long)]
     pub out: PathBuf,
     /// Frames to segment (default: all).
@@ -585,7 +586,9 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
     let mut s = Segmenter::load(a.model.as_deref(), &a.infer)?;
     let (movie, frames) = movie_frames(&a.movie, a.frames, a.channel.as_deref())?;
     s.fix_width(&movie, &frames)?;
-    let zarr = crate::data::ngff::is_ome_zarr(&a.out);
+    // `IMAGE.ome.zarr/labels/NAME`: the masks go into the image, listed as its labels.
+    let into_image = crate::data::ngff::inside_image(&a.out);
+    let zarr = into_image.is_some() || crate::data::ngff::is_ome_zarr(&a.out);
     let label_movie = zarr || crate::data::ome::is_ome_tiff(&a.out);
     if label_movie {
         // Time point t of a label movie is frame t of the movie it labels.
@@ -598,7 +601,11 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
                 a.out.display()
             );
         }
-        if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = a
+            .out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty() && into_image.is_none())
+        {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
@@ -624,7 +631,9 @@ pub fn segment_cmd(a: &SegmentArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let physical = movie.physical_size().unwrap_or_default();
-    if zarr {
+    if let Some((image, name)) = &into_image {
+        crate::data::ngff::write_image_labels(image, name, &kept, physical)?;
+    } else if zarr {
         crate::data::ngff::write_labels(&a.out, &kept, physical)?;
     } else {
         crate::data::ome::write_labels(&a.out, &kept, physical)?;

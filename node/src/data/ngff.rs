@@ -470,6 +470,112 @@ pub fn write_labels(
     frames: &[Labels],
     physical: PhysicalSize,
 ) -> Result<(), DataError> {
+    write_label_image(path, frames, physical, None)
+}
+
+/// If `path` is `IMAGE.ome.zarr/labels/NAME`, the image folder and `NAME`.
+#[must_use]
+pub fn inside_image(path: &Path) -> Option<(PathBuf, String)> {
+    let name = path.file_name()?.to_str()?.to_owned();
+    let labels = path.parent()?;
+    if labels.file_name()? != "labels" {
+        return None;
+    }
+    let image = labels.parent()?;
+    is_ome_zarr(image).then(|| (image.to_owned(), name))
+}
+
+/// Writes a label movie into an NGFF 0.5 image as `IMAGE/labels/NAME` (as
+/// [`write_labels`] writes one, with `image-label` pointing back at the image) and lists
+/// it in the image's `labels` group, creating the group if needed: napari and other NGFF
+/// viewers then show the masks over the image, and cellswarm reads the first listed label
+/// image as the movie's masks. Returns the label image's path.
+///
+/// # Errors
+/// A name that is not a plain folder name, an image that is not NGFF 0.5 (a 0.4 image is
+/// Zarr v2, which this writer does not write: write the labels to their own
+/// `NAME.ome.zarr`), a label movie whose frames or plane size differ from the image's,
+/// an existing label image of that name, or I/O errors.
+pub fn write_image_labels(
+    image: &Path,
+    name: &str,
+    frames: &[Labels],
+    physical: PhysicalSize,
+) -> Result<PathBuf, DataError> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !plain {
+        return Err(bad(
+            image,
+            format!("label image name {name:?}: use letters, digits, '.', '_' and '-'"),
+        ));
+    }
+    if !image.join("zarr.json").is_file() {
+        return Err(bad(
+            image,
+            "labels can be added to an NGFF 0.5 image (Zarr v3, zarr.json) only; for this \
+             image write them to their own NAME.ome.zarr",
+        ));
+    }
+    let z = OmeZarr::open(image)?;
+    let (d, h, w) = frames.first().map_or((0, 0, 0), Volume::shape);
+    let (zd, zh, zw) = (z.size[2] as usize, z.size[3] as usize, z.size[4] as usize);
+    if frames.len() != z.frames() || (d, h, w) != (zd, zh, zw) {
+        return Err(bad(
+            image,
+            format!(
+                "the masks ({} frames of {d} x {h} x {w}) do not fit the image ({} frames of {} x {} x {})",
+                frames.len(),
+                z.frames(),
+                zd,
+                zh,
+                zw
+            ),
+        ));
+    }
+    let labels = image.join("labels");
+    let path = labels.join(name);
+    std::fs::create_dir_all(&labels).map_err(|source| DataError::Io {
+        path: labels.clone(),
+        source,
+    })?;
+    write_label_image(&path, frames, physical, Some("../../"))?;
+    let err = |e: &dyn std::fmt::Display| zarr_err(&labels, e);
+    let store = Arc::new(FilesystemStore::new(&labels).map_err(|e| err(&e))?);
+    let mut listed: Vec<Value> = match Group::open(Arc::clone(&store), "/") {
+        Ok(g) => ngff(g.attributes())
+            .get("labels")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    if !listed.iter().any(|v| v.as_str() == Some(name)) {
+        listed.push(Value::String(name.to_owned()));
+    }
+    let Value::Object(attrs) = json!({"ome": {"version": "0.5", "labels": listed}}) else {
+        unreachable!("a JSON object literal");
+    };
+    GroupBuilder::new()
+        .attributes(attrs)
+        .build(store, "/")
+        .map_err(|e| err(&e))?
+        .store_metadata()
+        .map_err(|e| err(&e))?;
+    Ok(path)
+}
+
+/// [`write_labels`], with `image-label` naming its `source` image (relative path).
+fn write_label_image(
+    path: &Path,
+    frames: &[Labels],
+    physical: PhysicalSize,
+    source: Option<&str>,
+) -> Result<(), DataError> {
     let (first, wide) = check_label_movie(path, frames)?;
     let (d, h, w) = first.shape();
     let tmp = path.with_extension("zarr.partial");
@@ -514,7 +620,10 @@ pub fn write_labels(
                     "coordinateTransformations": [{"type": "scale", "scale": scale}],
                 }],
             }],
-            "image-label": {"source": {}},
+            "image-label": {"source": match source {
+                Some(image) => json!({"image": image}),
+                None => json!({}),
+            }},
         }
     });
     let write = || -> Result<(), DataError> {
@@ -617,6 +726,58 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn masks_written_into_an_image_are_listed_and_read_back_as_its_masks() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("movie.ome.zarr");
+        let plane = |t: u32| Volume {
+            depth: 1,
+            height: 4,
+            width: 6,
+            data: (0..24u32).map(|i| (i + t) % 5).collect(),
+        };
+        let movie: Vec<Labels> = (0..3).map(plane).collect();
+        let ps = PhysicalSize::default();
+        // Any NGFF 0.5 image will do as the movie; a label movie is one.
+        write_labels(&image, &movie, ps).unwrap();
+        let masks: Vec<Labels> = (10..13).map(plane).collect();
+        let at = write_image_labels(&image, "cells", &masks, ps).unwrap();
+        assert_eq!(at, image.join("labels/cells"));
+        assert_eq!(inside_image(&at), Some((image.clone(), "cells".into())));
+        write_image_labels(&image, "nuclei", &movie, ps).unwrap();
+        let z = OmeZarr::open(&image).unwrap();
+        let l = z
+            .label_image()
+            .unwrap()
+            .expect("the first listed label image");
+        assert_eq!(l.read_label_stack(0, 1).unwrap().data, masks[1].data);
+        let group = std::fs::read_to_string(image.join("labels/zarr.json")).unwrap();
+        assert!(
+            group.contains("\"cells\"") && group.contains("\"nuclei\""),
+            "{group}"
+        );
+        let meta = std::fs::read_to_string(image.join("labels/cells/zarr.json")).unwrap();
+        assert!(meta.contains("\"../../\""), "{meta}");
+        // Refused, with the reason: an existing name, a name with a path in it, masks
+        // that do not fit, an NGFF 0.4 image.
+        assert!(write_image_labels(&image, "cells", &masks, ps).is_err());
+        let e = write_image_labels(&image, "../x", &masks, ps)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("label image name"), "{e}");
+        let e = write_image_labels(&image, "few", &masks[..2], ps)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("do not fit"), "{e}");
+        let v2 = dir.path().join("old.ome.zarr");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join(".zattrs"), "{}").unwrap();
+        let e = write_image_labels(&v2, "cells", &masks, ps)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NGFF 0.5"), "{e}");
     }
 
     #[test]
