@@ -404,7 +404,18 @@ async fn redial(
             // hole punching then upgrades the relayed connection where the NATs allow.
             let n = missed.entry(*peer).or_default();
             *n += 1;
-            if addrs.is_empty() || *n > 2 {
+            // Through relays from the first try when it has no address, else from the
+            // third; after a few tries at 3 s, backing off to one a minute (a member that
+            // is offline for days costs the relay a refused circuit a minute).
+            let tries = if addrs.is_empty() {
+                *n
+            } else {
+                n.saturating_sub(2)
+            };
+            let due = (1..=3).contains(&tries)
+                || (tries < 20 && tries.is_power_of_two())
+                || (tries > 0 && tries % 20 == 0);
+            if due {
                 let mut via_relay = std::collections::HashSet::new();
                 for r in &relays {
                     // One circuit per relay (its first address).

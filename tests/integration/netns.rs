@@ -171,6 +171,19 @@ impl Drop for Topology {
     }
 }
 
+/// Processes started in the namespaces: killed (and reaped) on drop, so a failed
+/// assertion leaves nothing running. Declared after the [`Topology`], so it drops first.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Why namespaces cannot be made here, if they cannot.
 fn unavailable() -> Option<String> {
     if sh("ip -V").is_err() {
@@ -262,7 +275,7 @@ fn three_sites_behind_nats_commit_rounds_through_a_relay_and_punch_holes_where_n
     relay.write_key_file(&relay_key).expect("the relay key");
 
     let (tx, mut logs) = Logs::new();
-    let mut children: Vec<Child> = Vec::new();
+    let mut children = Children(Vec::new());
     let inet = topo.inet();
     let mut cmd = Command::new("ip");
     cmd.args([
@@ -285,13 +298,15 @@ fn three_sites_behind_nats_commit_rounds_through_a_relay_and_punch_holes_where_n
         "/ip4/10.99.0.1/udp/7071/quic-v1",
     ])
     .env("RUST_LOG", "info,libp2p=warn");
-    children.push(spawn_logged(cmd, 3, &tx));
+    children.0.push(spawn_logged(cmd, 3, &tx));
     logs.wait_for_new("the relay listening", WAIT, |e| {
         e.node == 3 && e.message == "listening"
     });
     let sites: Vec<String> = (0..3).map(|i| topo.site(i)).collect();
     for (i, ns) in sites.iter().enumerate() {
-        children.push(c.spawn_in(i, &tx, &["ip", "netns", "exec", ns]));
+        children
+            .0
+            .push(c.spawn_in(i, &tx, &["ip", "netns", "exec", ns]));
     }
     let peers: Vec<String> = c
         .sites
@@ -370,7 +385,7 @@ fn three_sites_behind_nats_commit_rounds_through_a_relay_and_punch_holes_where_n
         vec![0, 0, 0],
         "a site tried to reach outside"
     );
-    for (i, child) in children.iter_mut().enumerate() {
+    for (i, child) in children.0.iter_mut().enumerate() {
         assert!(
             terminate(child, Duration::from_secs(30)),
             "process {i} did not exit 0 on SIGTERM"

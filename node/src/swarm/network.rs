@@ -230,6 +230,14 @@ impl Links {
         self.lock().entry(peer).or_default().insert(id, relayed);
     }
 
+    /// The relayed connections to `peer`.
+    fn relayed_of(&self, peer: PeerId) -> Vec<ConnectionId> {
+        self.lock()
+            .get(&peer)
+            .map(|c| c.iter().filter(|(_, r)| **r).map(|(id, _)| *id).collect())
+            .unwrap_or_default()
+    }
+
     fn closed(&self, peer: PeerId, id: ConnectionId) {
         let mut map = self.lock();
         if let Some(c) = map.get_mut(&peer) {
@@ -319,11 +327,15 @@ impl Links {
 }
 
 /// Sums libp2p's bandwidth counters (`text`, the Prometheus text format) over the
-/// transport stacks that go through a relay: `(inbound, outbound)` bytes.
+/// transport stacks that go through a relay: `(inbound, outbound)` bytes. The side that
+/// dialled through a relay labels its connection with the circuit address
+/// (`.../p2p-circuit/p2p`); the side that was dialled sees only the dialler's PeerId
+/// (`/p2p`), which no direct connection has.
 fn relayed_bytes(text: &str) -> (u64, u64) {
     let (mut inb, mut outb) = (0u64, 0u64);
     for line in text.lines() {
-        if !line.starts_with("libp2p_bandwidth_bytes_total{") || !line.contains("p2p-circuit") {
+        let relayed = line.contains("p2p-circuit") || line.contains("{protocols=\"/p2p\",");
+        if !line.starts_with("libp2p_bandwidth_bytes_total{") || !relayed {
             continue;
         }
         let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
@@ -560,7 +572,10 @@ pub fn start(
                     ping::Config::new().with_interval(Duration::from_secs(15)),
                 ),
                 relay_server: Toggle::from(net.relay.then(|| {
-                    relay::Behaviour::new(key.public().to_peer_id(), super::relay::relay_config())
+                    relay::Behaviour::new(
+                        key.public().to_peer_id(),
+                        super::relay::relay_config(members.len() + relay_peers.len()),
+                    )
                 })),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
@@ -617,7 +632,7 @@ pub fn start(
         let circuit = addr.clone().with(Protocol::P2pCircuit);
         match swarm.listen_on(circuit.clone()) {
             Ok(id) => {
-                relay_listens.insert(id, circuit);
+                relay_listens.insert(id, (circuit, RELISTEN));
             }
             Err(e) => tracing::warn!(relay = %addr, error = %e, "cannot reserve a slot on a relay"),
         }
@@ -652,6 +667,7 @@ pub fn start(
             links,
             relay_listens,
             relisten: Vec::new(),
+            relays: settings.relays.clone(),
         },
     ))
 }
@@ -674,13 +690,18 @@ pub struct EventLoop {
     members: HashSet<PeerId>,
     links: Arc<Links>,
     /// Our slots on relays (circuit listen addresses), by listener.
-    relay_listens: HashMap<libp2p::core::transport::ListenerId, Multiaddr>,
-    /// Slots to reserve again (the relay went away), and when.
-    relisten: Vec<(Instant, Multiaddr)>,
+    relay_listens: HashMap<libp2p::core::transport::ListenerId, (Multiaddr, Duration)>,
+    /// Slots to reserve again (the relay went away): when, the circuit address, and the
+    /// wait before the try after it (doubling to [`RELISTEN_MAX`]).
+    relisten: Vec<(Instant, Multiaddr, Duration)>,
+    /// The consortium's relays (all their addresses).
+    relays: Vec<Multiaddr>,
 }
 
-/// How long after losing a relay slot it is reserved again.
+/// How long after losing a relay slot it is reserved again (the first time).
 pub const RELISTEN: Duration = Duration::from_secs(5);
+/// The longest wait between tries to reserve a relay slot again.
+pub const RELISTEN_MAX: Duration = Duration::from_secs(60);
 
 /// Protocol violations within [`ABUSE_WINDOW`] after which a peer is disconnected.
 pub const ABUSE_STRIKES: usize = 3;
@@ -757,21 +778,40 @@ impl EventLoop {
         );
     }
 
-    /// Reserves again the relay slots whose listener closed (every 5 s until it holds).
+    /// Reserves again the relay slots whose listener closed, and dials the relay's other
+    /// addresses again (each transport's view of our address is what hole punching
+    /// needs); a failed try waits twice as long before the next, up to [`RELISTEN_MAX`].
     fn reserve_again(&mut self) {
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relisten)
             .into_iter()
-            .partition(|(at, _)| *at <= now);
+            .partition(|(at, _, _)| *at <= now);
         self.relisten = later;
-        for (_, addr) in due {
+        for (_, addr, wait) in due {
+            let relay = addr.iter().find_map(|p| match p {
+                Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
             match self.swarm.listen_on(addr.clone()) {
                 Ok(id) => {
-                    self.relay_listens.insert(id, addr);
+                    self.relay_listens.insert(id, (addr, wait));
+                    let others: Vec<Multiaddr> = self
+                        .relays
+                        .iter()
+                        .filter(|a| {
+                            relay.is_some() && cellswarm_common::config::relay_peer(a) == relay
+                        })
+                        .skip(1)
+                        .cloned()
+                        .collect();
+                    for a in others {
+                        let _ = self.swarm.dial(a);
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(relay = %addr, error = %e, "reserving a relay slot failed; trying again");
-                    self.relisten.push((now + RELISTEN, addr));
+                    self.relisten
+                        .push((now + wait, addr, (wait * 2).min(RELISTEN_MAX)));
                 }
             }
         }
@@ -946,9 +986,14 @@ impl EventLoop {
                 reason,
                 ..
             } => {
-                if let Some(addr) = self.relay_listens.remove(&listener_id) {
-                    tracing::info!(relay = %addr, reason = ?reason, "relay slot lost; reserving again");
-                    self.relisten.push((Instant::now() + RELISTEN, addr));
+                if let Some((addr, wait)) = self.relay_listens.remove(&listener_id) {
+                    if wait == RELISTEN {
+                        tracing::info!(relay = %addr, reason = ?reason, "relay slot lost; reserving again");
+                    } else {
+                        tracing::debug!(relay = %addr, reason = ?reason, "relay slot lost again");
+                    }
+                    self.relisten
+                        .push((Instant::now() + wait, addr, (wait * 2).min(RELISTEN_MAX)));
                 }
             }
             SwarmEvent::IncomingConnectionError {
@@ -987,6 +1032,11 @@ impl EventLoop {
             SwarmEvent::Behaviour(CellswarmBehaviourEvent::Dcutr(e)) => match e.result {
                 Ok(_) => {
                     self.links.holepunch_ok.fetch_add(1, Ordering::Relaxed);
+                    // The direct connection replaces the relayed ones: requests and
+                    // gossip would otherwise still go partly through the relay.
+                    for id in self.links.relayed_of(e.remote_peer_id) {
+                        self.swarm.close_connection(id);
+                    }
                     tracing::info!(peer = %e.remote_peer_id, "hole punched: a direct connection replaces the relayed one");
                 }
                 Err(err) => {
@@ -1021,6 +1071,11 @@ impl EventLoop {
                 }
                 Err(err) => {
                     tracing::debug!(addr = %e.tested_addr, server = %e.server, reason = %err, "not reachable at this address (AutoNAT)");
+                    self.links
+                        .reachable
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .retain(|a| *a != e.tested_addr);
                 }
             },
             _ => {}
@@ -1059,7 +1114,8 @@ impl EventLoop {
                 ..
             } => {
                 self.links.relay_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit refused");
+                // Mostly a member asking for one that is offline (no reservation).
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "relay: circuit refused");
             }
             _ => {}
         }
@@ -1164,8 +1220,10 @@ mod tests {
             libp2p_bandwidth_bytes_total{protocols=\"/ip4/udp/quic-v1/p2p/p2p-circuit/p2p\",direction=\"Inbound\"} 100\n\
             libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp/p2p/p2p-circuit/p2p\",direction=\"Inbound\"} 20\n\
             libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp/p2p/p2p-circuit/p2p\",direction=\"Outbound\"} 7\n\
+            libp2p_bandwidth_bytes_total{protocols=\"/p2p\",direction=\"Outbound\"} 3\n\
+            libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp/p2p\",direction=\"Outbound\"} 900\n\
             libp2p_bandwidth_bytes_total{protocols=\"/ip4/udp/quic-v1\",direction=\"Inbound\"} 5000\n";
-        assert_eq!(relayed_bytes(text), (120, 7));
+        assert_eq!(relayed_bytes(text), (120, 10));
         assert_eq!(relayed_bytes(""), (0, 0));
     }
 

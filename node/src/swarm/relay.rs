@@ -61,15 +61,26 @@ pub struct RelaySettings {
     pub max_connections: u32,
 }
 
-/// A relay's limits: members' circuits carry models and deltas for as long as the
-/// consortium runs, so neither duration nor bytes are capped per circuit (libp2p's
-/// defaults, 2 minutes and 128 KiB, suit only hole-punching coordination).
+/// A relay's limits for a consortium of `members` (relays included): members' circuits
+/// carry models and deltas for as long as the consortium runs, so neither duration nor
+/// bytes are capped per circuit (libp2p's defaults, 2 minutes and 128 KiB, suit only
+/// hole-punching coordination); every pair of members may hold a circuit each way, so
+/// each member may be in 2 per other member and the relay carries up to two per pair;
+/// and there is no rate limit, since only members can connect at all (the allow list),
+/// and members that cannot reach a peer retry every few seconds.
 #[must_use]
-pub fn relay_config() -> relay::Config {
+pub fn relay_config(members: usize) -> relay::Config {
+    let n = members.max(2);
     relay::Config {
+        max_reservations: (4 * n).max(128),
+        max_reservations_per_peer: 4,
+        reservation_duration: Duration::from_secs(3600),
+        reservation_rate_limiters: Vec::new(),
+        max_circuits: (2 * n * n).max(16),
+        max_circuits_per_peer: (2 * n).max(4),
         max_circuit_duration: Duration::from_secs(24 * 3600),
         max_circuit_bytes: 0,
-        ..relay::Config::default()
+        circuit_src_rate_limiters: Vec::new(),
     }
 }
 
@@ -110,14 +121,17 @@ pub async fn run(
             for p in &allowed {
                 allowlist.allow_peer(*p);
             }
-            let mut relay = relay::Behaviour::new(key.public().to_peer_id(), relay_config());
+            let mut relay =
+                relay::Behaviour::new(key.public().to_peer_id(), relay_config(allowed.len() + 1));
             relay.set_status(Some(relay::Status::Enable));
             RelayBehaviour {
                 allowlist,
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_established(Some(max))
-                        .with_max_established_per_peer(Some(4)),
+                        .with_max_established_per_peer(Some(4))
+                        .with_max_pending_incoming(Some(64))
+                        .with_max_pending_outgoing(Some(64)),
                 ),
                 relay,
                 identify: identify::Behaviour::new(
@@ -192,9 +206,10 @@ pub async fn run(
                 relay::Event::CircuitReqDenied {
                     src_peer_id,
                     dst_peer_id,
-                    ..
+                    status,
                 } => {
-                    tracing::warn!(src = %src_peer_id, dst = %dst_peer_id, "circuit refused");
+                    // Mostly a member asking for one that is offline (no reservation).
+                    tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?status, "circuit refused");
                 }
                 _ => {}
             },
