@@ -23,12 +23,7 @@ const LONG: Duration = Duration::from_secs(120);
 /// Rewrites the consortium file: `relay` becomes its relay, and members from `hidden` on
 /// list no address (as if each sat behind its own NAT).
 fn behind_nat(c: &Consortium, relay: &Multiaddr, hidden: usize) {
-    let dir = c.sites[0]
-        .node_file
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("the folder");
-    let file = dir.join("consortium.toml");
+    let file = c.file();
     let text = std::fs::read_to_string(&file).expect("the consortium file reads");
     let mut out = String::new();
     let mut member = None;
@@ -119,6 +114,41 @@ fn members_without_a_reachable_address_train_together_through_a_member_relay() {
     });
 }
 
+/// Starts an in-process relay (`cellswarm relay`'s loop) on a free loopback port for
+/// `allowed`; returns its address (with `/p2p/`), its stop token and its task.
+async fn start_relay(
+    id: &Identity,
+    allowed: Vec<libp2p::PeerId>,
+) -> (
+    Multiaddr,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), cellswarm_node::swarm::network::NetError>>,
+) {
+    let cancel = CancellationToken::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let settings = RelaySettings {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("an address")],
+        external: Vec::new(),
+        allowed,
+        max_connections: 16,
+    };
+    let task = tokio::spawn(relay::run(
+        id.libp2p_keypair(),
+        settings,
+        cancel.clone(),
+        move |a| {
+            let _ = tx.send(a.clone());
+        },
+    ));
+    let addr = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("the relay listens")
+        .expect("an address")
+        .with_p2p(id.peer_id())
+        .expect("a relay address");
+    (addr, cancel, task)
+}
+
 #[test]
 fn two_members_that_only_a_relay_process_connects_commit_rounds() {
     let setup = Setup {
@@ -130,28 +160,8 @@ fn two_members_that_only_a_relay_process_connects_commit_rounds() {
     let c = Consortium::new(setup);
     let relay_id = Identity::from_seed([9; 32]).expect("a seed");
     runtime().block_on(async {
-        let cancel = CancellationToken::new();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let settings = RelaySettings {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("an address")],
-            external: Vec::new(),
-            allowed: c.sites.iter().map(|s| s.identity().peer_id()).collect(),
-            max_connections: 16,
-        };
-        let task = tokio::spawn(relay::run(
-            relay_id.libp2p_keypair(),
-            settings,
-            cancel.clone(),
-            move |a| {
-                let _ = tx.send(a.clone());
-            },
-        ));
-        let relay_addr = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("the relay listens")
-            .expect("an address")
-            .with_p2p(relay_id.peer_id())
-            .expect("a relay address");
+        let allowed = c.sites.iter().map(|s| s.identity().peer_id()).collect();
+        let (relay_addr, cancel, task) = start_relay(&relay_id, allowed).await;
         // The consortium file names the relay at the port it got.
         behind_nat(&c, &relay_addr, 0);
         let nodes = c.start_all().await;
@@ -216,28 +226,7 @@ fn the_relay_process_serves_members_and_refuses_strangers() {
     let stranger = Identity::from_seed([8; 32]).expect("a seed");
     let relay_id = Identity::from_seed([9; 32]).expect("a seed");
     runtime().block_on(async {
-        let cancel = CancellationToken::new();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let settings = RelaySettings {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("an address")],
-            external: Vec::new(),
-            allowed: vec![member.peer_id()],
-            max_connections: 16,
-        };
-        let task = tokio::spawn(relay::run(
-            relay_id.libp2p_keypair(),
-            settings,
-            cancel.clone(),
-            move |a| {
-                let _ = tx.send(a.clone());
-            },
-        ));
-        let addr = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("the relay listens")
-            .expect("an address")
-            .with_p2p(relay_id.peer_id())
-            .expect("a relay address");
+        let (addr, cancel, task) = start_relay(&relay_id, vec![member.peer_id()]).await;
         assert!(
             reserve(member.libp2p_keypair(), addr.clone()).await,
             "the member got no slot"

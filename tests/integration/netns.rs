@@ -205,12 +205,7 @@ fn unavailable() -> Option<String> {
 /// Writes the consortium for the namespaces: no member address, the relay's TCP and
 /// QUIC addresses; every node listens on all its addresses at [`PORT`].
 fn configure(c: &Consortium, relay: &Identity) {
-    let dir = c.sites[0]
-        .node_file
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("the folder");
-    let file = dir.join("consortium.toml");
+    let file = c.file();
     let id = relay.peer_id();
     let text = std::fs::read_to_string(&file).expect("the consortium file reads");
     let mut out = String::new();
@@ -265,13 +260,7 @@ fn three_sites_behind_nats_commit_rounds_through_a_relay_and_punch_holes_where_n
     });
     let relay = Identity::from_seed([42; 32]).expect("a seed");
     configure(&c, &relay);
-    let dir = c.sites[0]
-        .node_file
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("the folder")
-        .to_owned();
-    let relay_key = dir.join("relay.key");
+    let relay_key = c.file().with_file_name("relay.key");
     relay.write_key_file(&relay_key).expect("the relay key");
 
     let (tx, mut logs) = Logs::new();
@@ -288,7 +277,7 @@ fn three_sites_behind_nats_commit_rounds_through_a_relay_and_punch_holes_where_n
         "relay",
     ])
     .arg("--consortium")
-    .arg(dir.join("consortium.toml"))
+    .arg(c.file())
     .arg("--key")
     .arg(&relay_key)
     .args([

@@ -252,6 +252,11 @@ impl Consortium {
         nodes
     }
 
+    /// The consortium file.
+    pub(crate) fn file(&self) -> PathBuf {
+        self._dir.path().join("consortium.toml")
+    }
+
     /// Adds `lines` at the top of member `i`'s `[net]` section.
     pub(crate) fn set_net(&self, i: usize, lines: &str) {
         let file = &self.sites[i].node_file;
