@@ -183,10 +183,9 @@ fn two_members_that_only_a_relay_process_connects_commit_rounds() {
     });
 }
 
-/// A relay-client swarm for `key` that asks `relay` for a slot; returns whether the
-/// relay accepted it within the timeout.
-async fn reserve(key: libp2p::identity::Keypair, relay: Multiaddr) -> bool {
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+/// A bare relay-client swarm for `key` (no other behaviour).
+fn client(key: libp2p::identity::Keypair) -> libp2p::Swarm<libp2p::relay::client::Behaviour> {
+    libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -198,7 +197,14 @@ async fn reserve(key: libp2p::identity::Keypair, relay: Multiaddr) -> bool {
         .expect("the relay client")
         .with_behaviour(|_, relay_client| relay_client)
         .expect("the behaviour")
-        .build();
+        .build()
+}
+
+/// Asks `relay` for a slot for `swarm`; whether the relay accepted it within the timeout.
+async fn reserve(
+    swarm: &mut libp2p::Swarm<libp2p::relay::client::Behaviour>,
+    relay: Multiaddr,
+) -> bool {
     swarm
         .listen_on(relay.with(Protocol::P2pCircuit))
         .expect("a circuit listen address");
@@ -220,21 +226,71 @@ async fn reserve(key: libp2p::identity::Keypair, relay: Multiaddr) -> bool {
         .unwrap_or(false)
 }
 
+/// Dials `target` through `relay` from `key`'s own swarm; whether a connection to it
+/// was established within the timeout.
+async fn through(
+    key: libp2p::identity::Keypair,
+    relay: &Multiaddr,
+    target: libp2p::PeerId,
+) -> bool {
+    let mut swarm = client(key);
+    let via = relay
+        .clone()
+        .with(Protocol::P2pCircuit)
+        .with_p2p(target)
+        .expect("a circuit address");
+    if swarm.dial(via).is_err() {
+        return false;
+    }
+    let wait = async {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == target => {
+                    return true;
+                }
+                SwarmEvent::OutgoingConnectionError { .. } => return false,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .unwrap_or(false)
+}
+
 #[test]
 fn the_relay_process_serves_members_and_refuses_strangers() {
     let member = Identity::from_seed([7; 32]).expect("a seed");
+    let other = Identity::from_seed([6; 32]).expect("a seed");
     let stranger = Identity::from_seed([8; 32]).expect("a seed");
     let relay_id = Identity::from_seed([9; 32]).expect("a seed");
     runtime().block_on(async {
-        let (addr, cancel, task) = start_relay(&relay_id, vec![member.peer_id()]).await;
+        let allowed = vec![member.peer_id(), other.peer_id()];
+        let (addr, cancel, task) = start_relay(&relay_id, allowed).await;
+        let mut held = client(member.libp2p_keypair());
         assert!(
-            reserve(member.libp2p_keypair(), addr.clone()).await,
+            reserve(&mut held, addr.clone()).await,
             "the member got no slot"
         );
+        // The member keeps its slot (its swarm runs) while others try to reach it.
+        let holder = tokio::spawn(async move {
+            loop {
+                let _ = held.select_next_some().await;
+            }
+        });
         assert!(
-            !reserve(stranger.libp2p_keypair(), addr).await,
+            through(other.libp2p_keypair(), &addr, member.peer_id()).await,
+            "another member could not reach the member through the relay"
+        );
+        assert!(
+            !through(stranger.libp2p_keypair(), &addr, member.peer_id()).await,
+            "a stranger reached a member through the relay"
+        );
+        assert!(
+            !reserve(&mut client(stranger.libp2p_keypair()), addr).await,
             "a stranger got a slot"
         );
+        holder.abort();
         cancel.cancel();
         task.await
             .expect("the relay task")
