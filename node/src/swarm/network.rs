@@ -230,14 +230,6 @@ impl Links {
         self.lock().entry(peer).or_default().insert(id, relayed);
     }
 
-    /// The relayed connections to `peer`.
-    fn relayed_of(&self, peer: PeerId) -> Vec<ConnectionId> {
-        self.lock()
-            .get(&peer)
-            .map(|c| c.iter().filter(|(_, r)| **r).map(|(id, _)| *id).collect())
-            .unwrap_or_default()
-    }
-
     fn closed(&self, peer: PeerId, id: ConnectionId) {
         let mut map = self.lock();
         if let Some(c) = map.get_mut(&peer) {
@@ -1032,12 +1024,11 @@ impl EventLoop {
             SwarmEvent::Behaviour(CellswarmBehaviourEvent::Dcutr(e)) => match e.result {
                 Ok(_) => {
                     self.links.holepunch_ok.fetch_add(1, Ordering::Relaxed);
-                    // The direct connection replaces the relayed ones: requests and
-                    // gossip would otherwise still go partly through the relay.
-                    for id in self.links.relayed_of(e.remote_peer_id) {
-                        self.swarm.close_connection(id);
-                    }
-                    tracing::info!(peer = %e.remote_peer_id, "hole punched: a direct connection replaces the relayed one");
+                    // The relayed connections stay open beside the direct one: closing
+                    // them under gossipsub's streams stalled rounds in tests (gossip
+                    // went on to the closed connection), so some requests and gossip
+                    // still cross the relay until it closes them (idle timeout).
+                    tracing::info!(peer = %e.remote_peer_id, "hole punched: a direct connection beside the relayed one");
                 }
                 Err(err) => {
                     self.links.holepunch_failed.fetch_add(1, Ordering::Relaxed);
