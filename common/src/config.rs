@@ -578,6 +578,21 @@ pub fn relay_peer(addr: &Multiaddr) -> Option<PeerId> {
     }
 }
 
+/// The relays named in `relays`, each once, in order of first mention, with all its
+/// addresses (the first is where a member reserves its slot and opens circuits).
+#[must_use]
+pub fn relay_groups(relays: &[Multiaddr]) -> Vec<(PeerId, Vec<Multiaddr>)> {
+    let mut groups: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
+    for a in relays {
+        let Some(id) = relay_peer(a) else { continue };
+        match groups.iter_mut().find(|(p, _)| *p == id) {
+            Some((_, addrs)) => addrs.push(a.clone()),
+            None => groups.push((id, vec![a.clone()])),
+        }
+    }
+    groups
+}
+
 /// The consortium file: identical at every member.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -614,10 +629,13 @@ impl ConsortiumConfig {
         parse_toml(text, file)
     }
 
-    /// The PeerIds of the consortium's relays.
+    /// The PeerIds of the consortium's relays, each once.
     #[must_use]
     pub fn relay_peers(&self) -> Vec<PeerId> {
-        self.relays.iter().filter_map(relay_peer).collect()
+        relay_groups(&self.relays)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
     }
 
     /// Reads and validates a consortium file.
@@ -1934,8 +1952,17 @@ movies = ["data/01"]
             "/p2p/",
         );
         let relay = format!("/ip4/10.0.0.9/tcp/7071/p2p/{}", peer(9));
-        let with = load(SITE, &consortium_toml(&format!("relays = [\"{relay}\"]"))).unwrap();
+        let quic = format!("/ip4/10.0.0.9/udp/7071/quic-v1/p2p/{}", peer(9));
+        let with = load(
+            SITE,
+            &consortium_toml(&format!("relays = [\"{relay}\", \"{quic}\"]")),
+        )
+        .unwrap();
         assert_eq!(with.consortium.relay_peers(), vec![peer(9)]);
+        let groups = relay_groups(&with.consortium.relays);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].0, peer(9));
+        assert_eq!(groups[0].1, with.consortium.relays);
         let without = load(SITE, &consortium_toml("")).unwrap();
         assert_eq!(
             with.consortium.agreement_digest(),

@@ -445,27 +445,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(async move {
                     let cancel = tokio_util::sync::CancellationToken::new();
-                    let stop = cancel.clone();
-                    tokio::spawn(async move {
-                        let mut term = tokio::signal::unix::signal(
-                            tokio::signal::unix::SignalKind::terminate(),
-                        )
-                        .ok();
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => {}
-                            Some(()) = async {
-                                match term.as_mut() {
-                                    Some(t) => t.recv().await,
-                                    None => std::future::pending().await,
-                                }
-                            } => {}
-                        }
-                        stop.cancel();
-                    });
-                    crate::swarm::relay::run(id.libp2p_keypair(), settings, cancel, |a| {
-                        println!("listening on {a}/p2p/{me}");
-                    })
-                    .await
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .context("installing the SIGTERM handler")?;
+                    let relay = crate::swarm::relay::run(
+                        id.libp2p_keypair(),
+                        settings,
+                        cancel.clone(),
+                        |a| println!("listening on {a}/p2p/{me}"),
+                    );
+                    tokio::pin!(relay);
+                    tokio::select! {
+                        r = &mut relay => return Ok(r?),
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    cancel.cancel();
+                    relay.await?;
+                    anyhow::Ok(())
                 })?;
             Ok(())
         }

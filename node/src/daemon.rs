@@ -259,13 +259,13 @@ impl Node {
             .filter(|m| m.peer_id != peer_id)
             .map(|m| (m.peer_id, m.addresses.clone()))
             .collect();
-        let relays: Vec<Multiaddr> = config
-            .consortium
-            .relays
-            .iter()
-            .filter(|a| cellswarm_common::config::relay_peer(a) != Some(peer_id))
-            .cloned()
-            .collect();
+        // Each other relay's first address: where circuits to members are opened.
+        let relays: Vec<(PeerId, Multiaddr)> =
+            cellswarm_common::config::relay_groups(&config.consortium.relays)
+                .into_iter()
+                .filter(|(id, _)| *id != peer_id)
+                .map(|(id, addrs)| (id, addrs[0].clone()))
+                .collect();
         let status_cfg = config.node.status.clone();
         let engine = Engine::new(EngineParts {
             config,
@@ -371,7 +371,7 @@ async fn redial(
     net: NetClient,
     bootstrap: Vec<Multiaddr>,
     known: Vec<(PeerId, Vec<Multiaddr>)>,
-    relays: Vec<Multiaddr>,
+    relays: Vec<(PeerId, Multiaddr)>,
     cancel: CancellationToken,
 ) {
     for a in bootstrap {
@@ -416,13 +416,8 @@ async fn redial(
                 || (tries < 20 && tries.is_power_of_two())
                 || (tries > 0 && tries % 20 == 0);
             if due {
-                let mut via_relay = std::collections::HashSet::new();
-                for r in &relays {
-                    // One circuit per relay (its first address).
-                    let Some(id) = cellswarm_common::config::relay_peer(r) else {
-                        continue;
-                    };
-                    if id == *peer || !via_relay.insert(id) {
+                for (id, r) in &relays {
+                    if id == peer {
                         continue;
                     }
                     let via = r

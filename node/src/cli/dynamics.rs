@@ -324,9 +324,11 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<()> {
         if tracks.is_some() {
             let objs = objects(&labels, 1);
             for st in &states {
-                let Some(o) = objs.iter().find(|o| o.label == st.label) else {
+                // Both are ascending by label.
+                let Ok(at) = objs.binary_search_by_key(&st.label, |o| o.label) else {
                     continue;
                 };
+                let o = &objs[at];
                 let mut p = [0.0f32; 3];
                 for (d, v) in p.iter_mut().zip(&st.mean) {
                     *d = *v;

@@ -306,13 +306,13 @@ impl Links {
             c(&self.circuits_served),
             c(&self.relay_refused),
         ) + &{
-            let (rin, rout) = self.relayed_bytes();
+            let bandwidth = self.bandwidth_text();
+            let (rin, rout) = relayed_bytes(&bandwidth);
             format!(
                 "# HELP cellswarm_relayed_bytes_total Bytes over relayed connections.\n\
                  # TYPE cellswarm_relayed_bytes_total counter\n\
                  cellswarm_relayed_bytes_total{{direction=\"in\"}} {rin}\n\
-                 cellswarm_relayed_bytes_total{{direction=\"out\"}} {rout}\n{}",
-                self.bandwidth_text()
+                 cellswarm_relayed_bytes_total{{direction=\"out\"}} {rout}\n{bandwidth}"
             )
         }
     }
@@ -476,6 +476,30 @@ impl NetSettings {
     }
 }
 
+/// An allow list of `peers`: any other peer's connection is closed at establishment.
+pub(crate) fn allow_only(
+    peers: impl IntoIterator<Item = PeerId>,
+) -> allow_block_list::Behaviour<allow_block_list::AllowedPeers> {
+    let mut allowlist = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+    for p in peers {
+        allowlist.allow_peer(p);
+    }
+    allowlist
+}
+
+/// identify with cellswarm's protocol name and agent version.
+pub(crate) fn identify_behaviour(key: &libp2p::identity::Keypair) -> identify::Behaviour {
+    identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(AGENT.into()),
+    )
+}
+
+/// ping every 15 s (liveness).
+pub(crate) fn ping_behaviour() -> ping::Behaviour {
+    ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)))
+}
+
 /// Builds the swarm, starts listening, and returns the client, the event stream and the
 /// event loop (to be spawned).
 ///
@@ -494,13 +518,14 @@ pub fn start(
     let codec = SyncCodec::new(net.max_message_bytes, Arc::clone(&traffic));
     let members = settings.members.clone();
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
-    let relay_peers: Vec<PeerId> = settings
-        .relays
-        .iter()
-        .filter_map(cellswarm_common::config::relay_peer)
-        .collect();
     let local_id = keypair.public().to_peer_id();
-    let mut relay_listens = HashMap::new();
+    // The other relays of the consortium (this node may be one of them).
+    let relays: Vec<(PeerId, Vec<Multiaddr>)> =
+        cellswarm_common::config::relay_groups(&settings.relays)
+            .into_iter()
+            .filter(|(id, _)| *id != local_id)
+            .collect();
+    let relay_peers: Vec<PeerId> = relays.iter().map(|(id, _)| *id).collect();
     let mut bandwidth = prometheus_client::registry::Registry::default();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -515,11 +540,7 @@ pub fn start(
         .map_err(|e| setup(&e))?
         .with_bandwidth_metrics(&mut bandwidth)
         .with_behaviour(|key, relay_client| {
-            let mut allowlist =
-                allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
-            for m in members.iter().chain(&relay_peers) {
-                allowlist.allow_peer(*m);
-            }
+            let allowlist = allow_only(members.iter().chain(&relay_peers).copied());
             let limits = connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()
                     .with_max_established(Some(net.max_connections))
@@ -550,19 +571,14 @@ pub fn start(
                     .with_request_timeout(net.request_timeout)
                     .with_max_concurrent_streams(32),
             );
-            let identify = identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                    .with_agent_version(AGENT.into()),
-            );
+            let identify = identify_behaviour(key);
             Ok(CellswarmBehaviour {
                 allowlist,
                 limits,
                 gossipsub,
                 sync,
                 identify,
-                ping: ping::Behaviour::new(
-                    ping::Config::new().with_interval(Duration::from_secs(15)),
-                ),
+                ping: ping_behaviour(),
                 relay_server: Toggle::from(net.relay.then(|| {
                     relay::Behaviour::new(
                         key.public().to_peer_id(),
@@ -602,33 +618,12 @@ pub fn start(
                 message: e.to_string(),
             })?;
     }
-    // A slot on every relay of the consortium but ourselves (one per relay, at its first
-    // address): members that cannot dial us directly reach us through it. Its other
-    // addresses (another transport) are dialled too, so that the relay tells us how we
-    // are seen on each transport: hole punching needs those addresses (QUIC's UDP
-    // mapping is the one most NATs let a punched hole through).
-    let mut reserved = HashSet::new();
-    for addr in &settings.relays {
-        let Some(relay) = cellswarm_common::config::relay_peer(addr) else {
-            continue;
-        };
-        if relay == local_id {
-            continue;
-        }
-        if !reserved.insert(relay) {
-            if let Err(e) = swarm.dial(addr.clone()) {
-                tracing::debug!(relay = %addr, error = %e, "dialling a relay failed");
-            }
-            continue;
-        }
-        let circuit = addr.clone().with(Protocol::P2pCircuit);
-        match swarm.listen_on(circuit.clone()) {
-            Ok(id) => {
-                relay_listens.insert(id, (circuit, RELISTEN));
-            }
-            Err(e) => tracing::warn!(relay = %addr, error = %e, "cannot reserve a slot on a relay"),
-        }
-    }
+    // A slot on every other relay (see `reserve_again`).
+    let now = Instant::now();
+    let relisten = relays
+        .iter()
+        .map(|(_, addrs)| (now, addrs[0].clone(), RELISTEN))
+        .collect();
     let local = *swarm.local_peer_id();
     let links = Arc::new(Links::default());
     let _ = links.bandwidth.set(bandwidth);
@@ -642,26 +637,25 @@ pub fn start(
         slots: Arc::default(),
         links: Arc::clone(&links),
     };
-    Ok((
-        client,
-        ev_rx,
-        EventLoop {
-            swarm,
-            commands: cmd_rx,
-            events: ev_tx,
-            pending: HashMap::new(),
-            connected: HashSet::new(),
-            strikes: HashMap::new(),
-            banned: HashMap::new(),
-            deferred: VecDeque::new(),
-            traffic_for_loop: Arc::clone(&client_traffic),
-            members: members.iter().copied().collect(),
-            links,
-            relay_listens,
-            relisten: Vec::new(),
-            relays: settings.relays.clone(),
-        },
-    ))
+    let mut event_loop = EventLoop {
+        swarm,
+        commands: cmd_rx,
+        events: ev_tx,
+        pending: HashMap::new(),
+        connected: HashSet::new(),
+        strikes: HashMap::new(),
+        banned: HashMap::new(),
+        deferred: VecDeque::new(),
+        traffic_for_loop: Arc::clone(&client_traffic),
+        members: members.iter().copied().collect(),
+        links,
+        relay_listens: HashMap::new(),
+        relisten,
+        relays,
+    };
+    // The slots, asked for before the swarm runs (as the listen addresses are).
+    event_loop.reserve_again();
+    Ok((client, ev_rx, event_loop))
 }
 
 /// Owns the swarm; the only code that touches it.
@@ -681,13 +675,14 @@ pub struct EventLoop {
     /// The consortium's members (relays that are not members are not reported).
     members: HashSet<PeerId>,
     links: Arc<Links>,
-    /// Our slots on relays (circuit listen addresses), by listener.
+    /// Our slots on relays, by listener: the relay's address and the wait before
+    /// reserving again should the slot be lost.
     relay_listens: HashMap<libp2p::core::transport::ListenerId, (Multiaddr, Duration)>,
-    /// Slots to reserve again (the relay went away): when, the circuit address, and the
-    /// wait before the try after it (doubling to [`RELISTEN_MAX`]).
+    /// Slots to reserve (at start, or after the relay went away): when, the relay's
+    /// address, and the wait before the try after it (doubling to [`RELISTEN_MAX`]).
     relisten: Vec<(Instant, Multiaddr, Duration)>,
-    /// The consortium's relays (all their addresses).
-    relays: Vec<Multiaddr>,
+    /// The consortium's other relays, each with all its addresses.
+    relays: Vec<(PeerId, Vec<Multiaddr>)>,
 }
 
 /// How long after losing a relay slot it is reserved again (the first time).
@@ -770,9 +765,11 @@ impl EventLoop {
         );
     }
 
-    /// Reserves again the relay slots whose listener closed, and dials the relay's other
-    /// addresses again (each transport's view of our address is what hole punching
-    /// needs); a failed try waits twice as long before the next, up to [`RELISTEN_MAX`].
+    /// Reserves the relay slots that are due (at start, or after the slot was lost) at
+    /// the relay's first address, and dials its other addresses: each transport's view
+    /// of our address is what hole punching needs (QUIC's UDP mapping is the one most
+    /// NATs let a punched hole through). A failed try waits twice as long before the
+    /// next, up to [`RELISTEN_MAX`].
     fn reserve_again(&mut self) {
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relisten)
@@ -780,33 +777,35 @@ impl EventLoop {
             .partition(|(at, _, _)| *at <= now);
         self.relisten = later;
         for (_, addr, wait) in due {
-            let relay = addr.iter().find_map(|p| match p {
-                Protocol::P2p(id) => Some(id),
-                _ => None,
-            });
-            match self.swarm.listen_on(addr.clone()) {
+            match self
+                .swarm
+                .listen_on(addr.clone().with(Protocol::P2pCircuit))
+            {
                 Ok(id) => {
-                    self.relay_listens.insert(id, (addr, wait));
+                    let relay = cellswarm_common::config::relay_peer(&addr);
                     let others: Vec<Multiaddr> = self
                         .relays
                         .iter()
-                        .filter(|a| {
-                            relay.is_some() && cellswarm_common::config::relay_peer(a) == relay
-                        })
-                        .skip(1)
-                        .cloned()
+                        .filter(|(p, _)| Some(*p) == relay)
+                        .flat_map(|(_, addrs)| addrs[1..].iter().cloned())
                         .collect();
                     for a in others {
                         let _ = self.swarm.dial(a);
                     }
+                    self.relay_listens.insert(id, (addr, wait));
                 }
                 Err(e) => {
-                    tracing::debug!(relay = %addr, error = %e, "reserving a relay slot failed; trying again");
-                    self.relisten
-                        .push((now + wait, addr, (wait * 2).min(RELISTEN_MAX)));
+                    tracing::warn!(relay = %addr, error = %e, "cannot reserve a slot on a relay; trying again");
+                    self.retry_reservation(addr, wait);
                 }
             }
         }
+    }
+
+    /// Schedules another reservation on `addr` after `wait`, and doubles the wait.
+    fn retry_reservation(&mut self, addr: Multiaddr, wait: Duration) {
+        self.relisten
+            .push((Instant::now() + wait, addr, (wait * 2).min(RELISTEN_MAX)));
     }
 
     fn lift_bans(&mut self) {
@@ -984,8 +983,7 @@ impl EventLoop {
                     } else {
                         tracing::debug!(relay = %addr, reason = ?reason, "relay slot lost again");
                     }
-                    self.relisten
-                        .push((Instant::now() + wait, addr, (wait * 2).min(RELISTEN_MAX)));
+                    self.retry_reservation(addr, wait);
                 }
             }
             SwarmEvent::IncomingConnectionError {

@@ -11,14 +11,10 @@ use std::time::Duration;
 
 use libp2p::futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{
-    Multiaddr, PeerId, allow_block_list, autonat, connection_limits, identify, noise, ping, relay,
-    tcp, yamux,
-};
+use libp2p::{Multiaddr, PeerId, autonat, connection_limits, noise, relay, tcp, yamux};
 use tokio_util::sync::CancellationToken;
 
-use super::network::NetError;
-use cellswarm_common::protocol::{AGENT, IDENTIFY_PROTOCOL};
+use super::network::{NetError, allow_only, identify_behaviour, ping_behaviour};
 
 /// The relay process's behaviour (its own module: the derive's event enum carries no docs).
 mod behaviour {
@@ -116,16 +112,11 @@ pub async fn run(
         .map_err(|e| setup(&e))?
         .with_quic()
         .with_behaviour(|key| {
-            let mut allowlist =
-                allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
-            for p in &allowed {
-                allowlist.allow_peer(*p);
-            }
             let mut relay =
                 relay::Behaviour::new(key.public().to_peer_id(), relay_config(allowed.len() + 1));
             relay.set_status(Some(relay::Status::Enable));
             RelayBehaviour {
-                allowlist,
+                allowlist: allow_only(allowed.iter().copied()),
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_established(Some(max))
@@ -134,13 +125,8 @@ pub async fn run(
                         .with_max_pending_outgoing(Some(64)),
                 ),
                 relay,
-                identify: identify::Behaviour::new(
-                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                        .with_agent_version(AGENT.into()),
-                ),
-                ping: ping::Behaviour::new(
-                    ping::Config::new().with_interval(Duration::from_secs(15)),
-                ),
+                identify: identify_behaviour(key),
+                ping: ping_behaviour(),
                 autonat: autonat::v2::server::Behaviour::default(),
             }
         })

@@ -165,11 +165,11 @@ pub fn decode(
     out
 }
 
-/// Index of the largest probability.
-fn most_probable(p: &[f32; 3]) -> usize {
+/// Index of the largest value (the first of equals).
+fn most_probable<T: PartialOrd>(p: &[T]) -> usize {
     let mut best = 0;
-    for (c, &v) in p.iter().enumerate() {
-        if v > p[best] {
+    for (c, v) in p.iter().enumerate() {
+        if *v > p[best] {
             best = c;
         }
     }
@@ -248,24 +248,13 @@ fn viterbi(branch: &[&Observation], daughter: bool, end: End, rules: &StateRules
         }
         End::Open => {}
     }
-    let mut s = most_probable_f64(&score);
+    let mut s = most_probable(&score);
     let mut path = vec![s; branch.len()];
     for k in (1..branch.len()).rev() {
         s = back[k - 1][s];
         path[k - 1] = s;
     }
     path
-}
-
-/// Index of the largest score.
-fn most_probable_f64(p: &[f64; STATES]) -> usize {
-    let mut best = 0;
-    for (c, &v) in p.iter().enumerate() {
-        if v > p[best] {
-            best = c;
-        }
-    }
-    best
 }
 
 #[cfg(test)]
