@@ -1234,8 +1234,8 @@ pub struct TestingConfig {
     /// Extra time this node takes to merge (to interrupt a merger while it merges).
     #[serde(with = "humantime_serde")]
     pub merge_delay: Duration,
-    /// Under secure aggregation, never send our answer to a sealed epoch (stands in for
-    /// a member that drops out right after its masked delta was sealed).
+    /// Under secure aggregation, never send our answer to a sealed epoch nor merge one
+    /// (stands in for a member that drops out right after its masked delta was sealed).
     pub withhold_answer: bool,
     /// Under secure aggregation, wait this long after our view of an epoch is complete
     /// before sealing it as the merger (to let other members restart first in tests).

@@ -1598,7 +1598,9 @@ impl Engine {
             if m.participants.iter().any(|p| !m.reveals.contains_key(p)) {
                 return;
             }
-            if !my_turn || m.refused == Some(epoch) {
+            // (A member that withholds its answer stands in for one that dropped out at
+            // the seal: it does not merge either.)
+            if !my_turn || m.refused == Some(epoch) || self.config.node.testing.withhold_answer {
                 return;
             }
             let seeds: Vec<[u8; 32]> = m.reveals.values().copied().collect();
