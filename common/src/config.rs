@@ -1103,6 +1103,9 @@ pub struct DataConfig {
     pub heldout_frames: Option<FrameRange>,
     /// Generate a synthetic movie instead of reading `movies`.
     pub synthetic: Option<SyntheticConfig>,
+    /// Memory for the training frames, in MiB (default 4096): movies whose annotated
+    /// frames need more are streamed, a few frames held at a time.
+    pub max_resident_mb: Option<u64>,
 }
 
 /// Local training.

@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::data::DataError;
 use crate::data::ctc::Movie;
-use crate::data::dataset::{Annotated, load_annotated};
+use crate::data::dataset::{Annotated, AnnotatedMovie, load_annotated, train_planes};
+use crate::data::stream::{DEFAULT_RESIDENT_MB, TrainingFrames, open_training};
 use crate::model::UNetConfig;
 use crate::store::{BlobKind, DiskStore, Store, StoreError};
 use crate::swarm::engine::{Engine, EngineError, EngineParts};
@@ -98,9 +99,16 @@ pub fn build_trainer(config: &Config) -> Result<Box<dyn LocalTrainer>, DaemonErr
         class_weights: crate::train::agreed_class_weights(spec),
         ..TrainOptions::default()
     };
-    let trainer = UNetTrainer::new(
-        UNetConfig::from_spec(spec),
-        &train,
+    let config_unet = UNetConfig::from_spec(spec);
+    let planes = match train {
+        TrainingFrames::Resident(frames) => {
+            crate::data::patches::PlaneSet::Resident(train_planes(&frames, config_unet.diameter))
+        }
+        TrainingFrames::Streamed(s) => crate::data::patches::PlaneSet::Streamed(s),
+    };
+    let trainer = UNetTrainer::with_planes(
+        config_unet,
+        planes,
         heldout,
         options,
         u64::from(training.steps_per_round),
@@ -110,7 +118,7 @@ pub fn build_trainer(config: &Config) -> Result<Box<dyn LocalTrainer>, DaemonErr
 }
 
 /// The site's training and held-out frames.
-fn site_frames(config: &Config) -> Result<(Vec<Annotated>, Vec<Annotated>), DaemonError> {
+fn site_frames(config: &Config) -> Result<(TrainingFrames, Vec<Annotated>), DaemonError> {
     let data = &config.node.data;
     let mut movies = Vec::new();
     if let Some(s) = &data.synthetic {
@@ -129,7 +137,7 @@ fn site_frames(config: &Config) -> Result<(Vec<Annotated>, Vec<Annotated>), Daem
         movies.push(seq);
     }
     movies.extend(data.movies.iter().cloned());
-    let mut train = Vec::new();
+    let mut listed = Vec::new();
     let mut heldout = Vec::new();
     for path in &movies {
         let movie = Movie::open_channel(path, data.channel.as_deref())?;
@@ -137,14 +145,16 @@ fn site_frames(config: &Config) -> Result<(Vec<Annotated>, Vec<Annotated>), Daem
             Some(r) => load_annotated(&movie, Some(r))?,
             None => Vec::new(),
         };
-        let all = load_annotated(&movie, data.train_frames)?;
-        train.extend(
-            all.into_iter()
-                .filter(|a| data.heldout_frames.is_none_or(|r| !r.contains(a.t))),
-        );
+        listed.push(AnnotatedMovie::open(&movie, data.train_frames)?.without(data.heldout_frames));
         heldout.extend(held);
     }
-    if train.is_empty() {
+    let diameter = UNetConfig::from_spec(&config.consortium.model).diameter;
+    let train = open_training(
+        listed,
+        diameter,
+        data.max_resident_mb.unwrap_or(DEFAULT_RESIDENT_MB),
+    )?;
+    if matches!(&train, TrainingFrames::Resident(t) if t.is_empty()) {
         return Err(DaemonError::Setup(format!(
             "{}: no training frames (set data.movies or data.synthetic)",
             config.node_file.display()
@@ -460,4 +470,48 @@ pub async fn run_until_signal(config: Config) -> Result<(), DaemonError> {
     node.wait().await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use cellswarm_common::config::{ConsortiumConfig, NodeConfig};
+    use cellswarm_common::ids::RoundId;
+
+    use super::*;
+
+    #[test]
+    fn a_site_over_its_memory_budget_streams_its_frames_and_trains() {
+        let dir = tempfile::tempdir().unwrap();
+        let node_file = dir.path().join("site.toml");
+        let site = format!(
+            "[data]\nmax_resident_mb = 0\nheldout_frames = \"4-4\"\n\n[data.synthetic]\nprofile = \"balanced\"\nframes = 5\nseed = 2\n\n\
+             [training]\nsteps_per_round = 6\nbatch_size = 2\npatch_size = 32\n\n[store]\npath = {:?}\n",
+            dir.path().join("store").display().to_string()
+        );
+        let config = Config {
+            node: NodeConfig::from_toml(&site, &node_file).unwrap(),
+            consortium: ConsortiumConfig::from_toml(
+                "name = \"t\"\nmembers = []\n\n[model]\ndepth = 2\nbase_channels = 4\n",
+                &dir.path().join("consortium.toml"),
+            )
+            .unwrap(),
+            node_file,
+        };
+        let (train, heldout) = site_frames(&config).unwrap();
+        match train {
+            TrainingFrames::Streamed(s) => assert_eq!((s.frames(), s.resident()), (4, 2)),
+            TrainingFrames::Resident(_) => panic!("a zero budget streams"),
+        }
+        assert_eq!(heldout.len(), 1);
+        let mut trainer = build_trainer(&config).unwrap();
+        let base = trainer.genesis(1);
+        let round = trainer
+            .train_round(&base, RoundId(1), &AtomicBool::new(false))
+            .unwrap();
+        assert_eq!(round.samples, 12, "6 steps of 2 patches");
+        assert!(round.metrics.train_loss.is_finite());
+        assert_eq!(round.metrics.steps, 6);
+    }
 }

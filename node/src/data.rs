@@ -10,6 +10,7 @@
 //! - [`normalize`]: percentile normalisation and the three pixel classes.
 //! - [`patches`]: seeded, augmented patch sampling.
 //! - [`dataset`]: annotated frames of a movie as training planes.
+//! - [`stream`]: training frames read a few at a time when they exceed the memory budget.
 
 use std::path::PathBuf;
 
@@ -19,6 +20,7 @@ pub mod ngff;
 pub mod normalize;
 pub mod ome;
 pub mod patches;
+pub mod stream;
 pub mod tiff_io;
 pub mod volume;
 

@@ -27,7 +27,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use cellswarm_common::weights::Weights;
 
 use crate::data::normalize::CLASSES;
-use crate::data::patches::{Batch, NO_STATE, PatchSampler, SamplerConfig, TrainPlane};
+use crate::data::patches::{Batch, NO_STATE, PatchSampler, PlaneSet, SamplerConfig, TrainPlane};
 use crate::model::{UNet, UNetConfig};
 use params::{ParamsError, load_weights, to_weights};
 
@@ -62,6 +62,9 @@ pub enum TrainError {
     /// Converting parameters failed.
     #[error(transparent)]
     Params(#[from] ParamsError),
+    /// A streamed movie's first frames could not be read.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 /// Training hyper-parameters.
@@ -248,18 +251,22 @@ impl std::fmt::Debug for Trainer {
 }
 
 impl Trainer {
-    /// A trainer for a new network of `config` (or `init` weights) on `planes`.
+    /// A trainer for a new network of `config` (or `init` weights) on `planes` (a
+    /// `Vec<TrainPlane>`, or a [`PlaneSet::Streamed`] movie; the class and state weights
+    /// of a streamed movie come from the frames it holds first).
     ///
     /// # Errors
-    /// No planes, a patch size the network cannot take, or weights that do not fit.
+    /// No planes, a patch size the network cannot take, weights that do not fit, or a
+    /// streamed movie whose first frames cannot be read.
     pub fn new(
         config: &UNetConfig,
         device: &Device,
-        planes: Vec<TrainPlane>,
+        planes: impl Into<PlaneSet>,
         options: TrainOptions,
         init: Option<&Weights>,
     ) -> Result<Self, TrainError> {
-        if planes.is_empty() {
+        let planes = planes.into();
+        if matches!(&planes, PlaneSet::Resident(p) if p.is_empty()) {
             return Err(TrainError::NoData);
         }
         if let Some(w) = options
@@ -276,9 +283,25 @@ impl Trainer {
                 granule,
             });
         }
+        // The distance head's targets, only for a network that has the head.
+        let sampler = match planes {
+            PlaneSet::Resident(planes) => {
+                let planes = if config.distance {
+                    planes.into_iter().map(TrainPlane::with_distance).collect()
+                } else {
+                    planes
+                };
+                PatchSampler::new(planes, options.sampler, options.seed)
+            }
+            PlaneSet::Streamed(stream) => PatchSampler::streamed(
+                stream.with_distance(config.distance),
+                options.sampler,
+                options.seed,
+            )?,
+        };
         let mut counts = [0u64; CLASSES];
         let mut state_counts = vec![0u64; config.cell_states];
-        for p in &planes {
+        for p in sampler.planes() {
             for (c, n) in counts.iter_mut().zip(p.class_counts()) {
                 *c += n;
             }
@@ -294,13 +317,6 @@ impl Trainer {
         if let Some(w) = init {
             load_weights(&mut model, w)?;
         }
-        // The distance head's targets, only for a network that has the head.
-        let planes = if config.distance {
-            planes.into_iter().map(TrainPlane::with_distance).collect()
-        } else {
-            planes
-        };
-        let sampler = PatchSampler::new(planes, options.sampler, options.seed);
         Ok(Self {
             device,
             model,

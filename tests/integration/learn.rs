@@ -11,6 +11,66 @@ use cellswarm_node::scale::{resample, resample_nearest};
 
 use crate::util::{cellswarm, ok_stdout};
 
+/// A movie over `--max-resident-mb` is streamed, a few frames held at a time, and the
+/// same seed still trains the same model (the frames read ahead on a thread are swapped
+/// in at fixed steps).
+#[test]
+fn training_streams_a_movie_over_its_memory_budget_reproducibly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let _ = ok_stdout(&cellswarm(
+        d,
+        &[
+            "synth", "--out", "movie", "--frames", "6", "--seed", "4", "--size", "64",
+        ],
+    ));
+    // (stdout, stderr) of 8 steps of a tiny network.
+    let train = |out: &str, budget: &str| {
+        let run = cellswarm(
+            d,
+            &[
+                "train",
+                "--data",
+                "movie/01",
+                "--out",
+                out,
+                "--steps",
+                "8",
+                "--patch",
+                "32",
+                "--batch",
+                "2",
+                "--depth",
+                "2",
+                "--width",
+                "4",
+                "--max-resident-mb",
+                budget,
+            ],
+        );
+        let said = ok_stdout(&run);
+        (said, String::from_utf8_lossy(&run.stderr).into_owned())
+    };
+    // The losses it reports (the CPU backend's sums are not bit-exact from run to run,
+    // so the weights' bytes are not compared).
+    let losses = |said: &str| {
+        let at = said.find("mean loss").expect(said);
+        let end = said[at..].find(';').map_or(said.len(), |e| at + e);
+        said[at..end].to_owned()
+    };
+    let (a, err) = train("a", "0");
+    assert!(
+        err.contains("6 annotated frames, streamed 2 at a time"),
+        "{err}"
+    );
+    let (b, _) = train("b", "0");
+    assert_eq!(losses(&a), losses(&b), "the same seed, the same batches");
+    // Within the budget the frames are read at once: other batches.
+    let (c, err) = train("c", "4096");
+    assert!(!err.contains("streamed"), "{err}");
+    assert_ne!(losses(&a), losses(&c));
+}
+
 #[test]
 fn synth_train_segment_eval_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();

@@ -10,8 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::data::ctc::{Movie, TrackRecord, read_tracks};
-use crate::data::dataset::{Annotated, load_annotated, train_planes};
-use crate::data::patches::SamplerConfig;
+use crate::data::dataset::{Annotated, AnnotatedMovie, load_annotated, train_planes};
+use crate::data::patches::{PlaneSet, SamplerConfig};
+use crate::data::stream::{TrainingFrames, open_training};
 use crate::data::tiff_io::{read_labels, write_labels};
 use crate::data::volume::Image;
 use crate::infer::{
@@ -97,6 +98,10 @@ pub struct TrainArgs {
     /// cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Memory for the training frames, in MiB: movies whose annotated frames need more
+    /// are streamed, a few frames held at a time.
+    #[arg(long, default_value_t = crate::data::stream::DEFAULT_RESIDENT_MB)]
+    pub max_resident_mb: u64,
 }
 
 /// Post-processing learned from the training annotations, saved beside the model.
@@ -467,7 +472,14 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
     if let Some(problem) = cellswarm_common::config::ModelSpec::diameter_problem(a.diameter) {
         bail!("--diameter {problem}");
     }
-    let frames = load_frames(&a.data, a.frames, a.channel.as_deref())?;
+    let mut listed = Vec::with_capacity(a.data.len());
+    for d in &a.data {
+        let movie = Movie::open_channel(d, a.channel.as_deref())
+            .with_context(|| format!("opening movie {}", d.display()))?;
+        listed.push(AnnotatedMovie::open(&movie, a.frames)?);
+    }
+    let diameter = (a.diameter > 0).then_some(a.diameter);
+    let training = open_training(listed, diameter, a.max_resident_mb)?;
     let val = match a.val_frames {
         Some(r) => load_frames(&a.data, Some(r), a.channel.as_deref())?,
         None => Vec::new(),
@@ -490,7 +502,11 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         ..TrainOptions::default()
     };
     let training_width = config.diameter.and_then(|_| {
-        let mut widths: Vec<f32> = crate::data::dataset::movie_widths(&frames)
+        let widths = match &training {
+            TrainingFrames::Resident(frames) => crate::data::dataset::movie_widths(frames),
+            TrainingFrames::Streamed(s) => s.widths().clone(),
+        };
+        let mut widths: Vec<f32> = widths
             .into_values()
             .filter(|w| w.is_finite() && *w > 0.0)
             .collect();
@@ -502,7 +518,12 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         min_size: a.min_size,
         training_width,
     };
-    let (touching, objects) = border_objects(&frames.iter().map(|f| &f.labels).collect::<Vec<_>>());
+    let (touching, objects) = match &training {
+        TrainingFrames::Resident(frames) => {
+            border_objects(&frames.iter().map(|f| &f.labels).collect::<Vec<_>>())
+        }
+        TrainingFrames::Streamed(_) => (0, 0),
+    };
     if !a.exclude_border && objects >= 100 && touching * 50 < objects {
         eprintln!(
             "note: only {touching} of {objects} annotated objects touch the frame border; if the annotations \
@@ -510,20 +531,28 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         );
     }
     let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
-    let mut trainer = Trainer::new(
-        &config,
-        &device,
-        train_planes(&frames, config.diameter),
-        options,
-        None,
-    )?;
+    let (described, planes) = match training {
+        TrainingFrames::Resident(frames) => (
+            format!("{} annotated frames", frames.len()),
+            PlaneSet::Resident(train_planes(&frames, config.diameter)),
+        ),
+        TrainingFrames::Streamed(s) => (
+            format!(
+                "{} annotated frames, streamed {} at a time (over --max-resident-mb {})",
+                s.frames(),
+                s.resident(),
+                a.max_resident_mb
+            ),
+            PlaneSet::Streamed(s),
+        ),
+    };
+    let mut trainer = Trainer::new(&config, &device, planes, options, None)?;
     let budget = match (a.minutes, a.steps) {
         (Some(m), _) => Budget::Time(Duration::from_secs_f64(m * 60.0)),
         (None, s) => Budget::Steps(s.unwrap_or(500)),
     };
     eprintln!(
-        "training on {} annotated frames from {} movie(s); class weights {:?}",
-        frames.len(),
+        "training on {described} from {} movie(s); class weights {:?}",
         a.data.len(),
         trainer.class_weight_values()
     );

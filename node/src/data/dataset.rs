@@ -27,49 +27,98 @@ pub struct Annotated {
     pub states: Option<Vec<u8>>,
 }
 
-/// Loads the annotated frames of `movie` within `range` (all annotated frames if `None`).
-///
-/// # Errors
-/// Read errors, or [`DataError::NoMasks`] when no frame in the range has a mask.
-pub fn load_annotated(
-    movie: &Movie,
-    range: Option<FrameRange>,
-) -> Result<Vec<Annotated>, DataError> {
-    let frames: Vec<u32> = movie
-        .annotated_frames()
-        .into_iter()
-        .filter(|t| range.is_none_or(|r| r.contains(*t)))
-        .collect();
-    if frames.is_empty() {
-        return Err(DataError::NoMasks {
-            path: movie.dir().to_owned(),
-            problem: match range {
-                Some(r) => format!("no annotated frame in {r} (masks in NN_GT/SEG or NN_ERR_SEG)"),
-                None => {
-                    "no masks found beside it (NN_GT/SEG/man_segTTT.tif or NN_ERR_SEG/maskTTT.tif)"
-                        .into()
-                }
-            },
+/// A movie's annotated frames within a range, listed but not yet read: each is read
+/// when asked ([`AnnotatedMovie::load`]), so a movie larger than memory can be streamed.
+#[derive(Debug, Clone)]
+pub struct AnnotatedMovie {
+    movie: Movie,
+    name: String,
+    frames: Vec<u32>,
+    /// Explicit states (label to state index) by frame, when the movie has a states file.
+    states: Option<HashMap<u32, HashMap<u32, u8>>>,
+    /// The lineage that implies states where no states file is given.
+    lineage: Option<Vec<TrackRecord>>,
+}
+
+impl AnnotatedMovie {
+    /// Lists the annotated frames of `movie` within `range` (all annotated frames if
+    /// `None`) and reads its states or lineage.
+    ///
+    /// # Errors
+    /// Read errors, or [`DataError::NoMasks`] when no frame in the range has a mask.
+    pub fn open(movie: &Movie, range: Option<FrameRange>) -> Result<Self, DataError> {
+        let frames: Vec<u32> = movie
+            .annotated_frames()
+            .into_iter()
+            .filter(|t| range.is_none_or(|r| r.contains(*t)))
+            .collect();
+        if frames.is_empty() {
+            return Err(DataError::NoMasks {
+                path: movie.dir().to_owned(),
+                problem: match range {
+                    Some(r) => {
+                        format!("no annotated frame in {r} (masks in NN_GT/SEG or NN_ERR_SEG)")
+                    }
+                    None => "no masks found beside it (NN_GT/SEG/man_segTTT.tif or NN_ERR_SEG/maskTTT.tif)"
+                        .into(),
+                },
+            });
+        }
+        // Explicit states win; otherwise a lineage implies some (see `lineage_state`).
+        let rows = read_states(movie.dir())?;
+        let lineage = match rows {
+            Some(_) => None,
+            None => movie.tracks()?,
+        };
+        let states = rows.map(|rows| {
+            let mut by_frame: HashMap<u32, HashMap<u32, u8>> = HashMap::new();
+            for (t, l, s) in rows {
+                by_frame.entry(t).or_default().insert(l, s.index());
+            }
+            by_frame
         });
+        Ok(Self {
+            movie: movie.clone(),
+            name: movie.dir().display().to_string(),
+            frames,
+            states,
+            lineage,
+        })
     }
-    // Explicit states win; otherwise a lineage implies some (see `lineage_state`).
-    let states = read_states(movie.dir())?;
-    let lineage = match states {
-        Some(_) => None,
-        None => movie.tracks()?,
-    };
-    let mut by_frame: HashMap<u32, HashMap<u32, u8>> = HashMap::new();
-    for (t, l, s) in states.iter().flatten() {
-        by_frame.entry(*t).or_default().insert(*l, s.index());
+
+    /// The same frames without those in `range` (held out).
+    #[must_use]
+    pub fn without(mut self, range: Option<FrameRange>) -> Self {
+        if let Some(r) = range {
+            self.frames.retain(|t| !r.contains(*t));
+        }
+        self
     }
-    let name = movie.dir().display().to_string();
-    let mut out = Vec::with_capacity(frames.len());
-    for t in frames {
+
+    /// The annotated frames listed.
+    #[must_use]
+    pub fn frames(&self) -> &[u32] {
+        &self.frames
+    }
+
+    /// The movie's name (its folder or file), as [`Annotated::movie`] has it.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads frame `t`: normalised intensities, its mask and the states it implies;
+    /// `None` when the frame has no mask after all.
+    ///
+    /// # Errors
+    /// Read errors.
+    pub fn load(&self, t: u32) -> Result<Option<Annotated>, DataError> {
+        let movie = &self.movie;
         let raw = movie.frame(t)?;
         let Some(labels) = movie.seg_mask(t, &raw)? else {
-            continue;
+            return Ok(None);
         };
-        let derived = match &lineage {
+        let derived = match &self.lineage {
             Some(tracks) => movie
                 .tra_mask(t, &raw)?
                 .filter(|tra| tra.same_shape(&labels))
@@ -77,7 +126,7 @@ pub fn load_annotated(
             None => None,
         };
         let st = derived.or_else(|| {
-            states.as_ref().map(|_| {
+            self.states.as_ref().map(|by_frame| {
                 let map = by_frame.get(&t);
                 labels
                     .data
@@ -86,13 +135,28 @@ pub fn load_annotated(
                     .collect()
             })
         });
-        out.push(Annotated {
-            movie: name.clone(),
+        Ok(Some(Annotated {
+            movie: self.name.clone(),
             t,
             image: normalize(&raw, LOW_PERCENTILE, HIGH_PERCENTILE),
             labels,
             states: st,
-        });
+        }))
+    }
+}
+
+/// Loads the annotated frames of `movie` within `range` (all annotated frames if `None`).
+///
+/// # Errors
+/// Read errors, or [`DataError::NoMasks`] when no frame in the range has a mask.
+pub fn load_annotated(
+    movie: &Movie,
+    range: Option<FrameRange>,
+) -> Result<Vec<Annotated>, DataError> {
+    let listed = AnnotatedMovie::open(movie, range)?;
+    let mut out = Vec::with_capacity(listed.frames.len());
+    for &t in &listed.frames {
+        out.extend(listed.load(t)?);
     }
     Ok(out)
 }
@@ -240,29 +304,37 @@ pub fn train_planes(frames: &[Annotated], diameter: Option<u32>) -> Vec<TrainPla
     };
     let mut out = Vec::new();
     for a in frames {
-        let s = factors
-            .get(&a.movie)
-            .map_or(1.0, |&s| scale::capped(s, a.labels.height, a.labels.width));
-        let resized;
-        let a = if s == 1.0 {
-            a
-        } else {
-            resized = rescaled(a, s);
-            &resized
-        };
-        let cls = classes(&a.labels);
-        let n = a.labels.plane_len();
-        for z in 0..a.labels.depth {
-            out.push(TrainPlane::new(
+        let s = factors.get(&a.movie).copied().unwrap_or(1.0);
+        out.extend(frame_planes(a, s));
+    }
+    out
+}
+
+/// The 2D training planes of one annotated frame, rescaled by its movie's factor `s`
+/// (from its annotated width to the training width; capped for the frame's size).
+#[must_use]
+pub fn frame_planes(a: &Annotated, s: f32) -> Vec<TrainPlane> {
+    let s = scale::capped(s, a.labels.height, a.labels.width);
+    let resized;
+    let a = if s == 1.0 {
+        a
+    } else {
+        resized = rescaled(a, s);
+        &resized
+    };
+    let cls = classes(&a.labels);
+    let n = a.labels.plane_len();
+    (0..a.labels.depth)
+        .map(|z| {
+            TrainPlane::new(
                 a.labels.height,
                 a.labels.width,
                 a.image.plane(z).to_vec(),
                 cls[z * n..(z + 1) * n].to_vec(),
                 a.states.as_ref().map(|s| s[z * n..(z + 1) * n].to_vec()),
-            ));
-        }
-    }
-    out
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

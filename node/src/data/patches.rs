@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::normalize::BACKGROUND;
+use super::stream::{PlaneStream, Streamer};
 
 /// Label value meaning "no cell-state label here" (ignored by the state loss).
 pub const NO_STATE: u8 = u8::MAX;
@@ -168,10 +169,27 @@ pub struct Batch {
     pub distance: Vec<f32>,
 }
 
+/// The planes a trainer draws from: all in memory, or streamed from their movies.
+#[derive(Debug)]
+pub enum PlaneSet {
+    /// Every plane in memory.
+    Resident(Vec<TrainPlane>),
+    /// Frames read a few at a time ([`super::stream`]).
+    Streamed(PlaneStream),
+}
+
+impl From<Vec<TrainPlane>> for PlaneSet {
+    fn from(planes: Vec<TrainPlane>) -> Self {
+        Self::Resident(planes)
+    }
+}
+
 /// Draws augmented patches from annotated planes.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PatchSampler {
+    /// The planes held (all of them, or a streamed movie's frames held now).
     planes: Vec<TrainPlane>,
+    stream: Option<Streamer>,
     config: SamplerConfig,
     rng: ChaCha8Rng,
 }
@@ -186,12 +204,38 @@ impl PatchSampler {
         assert!(!planes.is_empty(), "a sampler needs at least one plane");
         Self {
             planes,
+            stream: None,
             config,
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
     }
 
-    /// The planes.
+    /// A sampler over a streamed movie: holds its first frames and swaps frames in as
+    /// batches are drawn ([`super::stream`]).
+    ///
+    /// # Errors
+    /// The first frames cannot be read.
+    pub fn streamed(
+        stream: PlaneStream,
+        config: SamplerConfig,
+        seed: u64,
+    ) -> Result<Self, super::DataError> {
+        let (planes, streamer) = stream.start(seed)?;
+        Ok(Self {
+            planes,
+            stream: Some(streamer),
+            config,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })
+    }
+
+    /// Frames swapped in so far when streaming (0 otherwise).
+    #[must_use]
+    pub fn swaps(&self) -> u64 {
+        self.stream.as_ref().map_or(0, Streamer::swaps)
+    }
+
+    /// The planes held now.
     #[must_use]
     pub fn planes(&self) -> &[TrainPlane] {
         &self.planes
@@ -199,6 +243,9 @@ impl PatchSampler {
 
     /// Draws `n` patches.
     pub fn batch(&mut self, n: usize) -> Batch {
+        if let Some(s) = self.stream.as_mut() {
+            s.before_batch(&mut self.planes);
+        }
         let p = self.config.patch;
         let mut b = Batch {
             n,

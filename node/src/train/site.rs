@@ -83,14 +83,23 @@ impl UNetTrainer {
         options: TrainOptions,
         steps: u64,
     ) -> Result<Self, super::TrainError> {
+        let planes = crate::data::dataset::train_planes(train, config.diameter);
+        Self::with_planes(config, planes.into(), heldout, options, steps)
+    }
+
+    /// A trainer over `planes` (in memory or streamed), scoring `heldout` frames.
+    ///
+    /// # Errors
+    /// As [`Trainer::new`].
+    pub fn with_planes(
+        config: UNetConfig,
+        planes: crate::data::patches::PlaneSet,
+        heldout: Vec<Annotated>,
+        options: TrainOptions,
+        steps: u64,
+    ) -> Result<Self, super::TrainError> {
         let device = crate::model::default_device();
-        let trainer = Trainer::new(
-            &config,
-            &device,
-            crate::data::dataset::train_planes(train, config.diameter),
-            options,
-            None,
-        )?;
+        let trainer = Trainer::new(&config, &device, planes, options, None)?;
         Ok(Self {
             config,
             trainer,
