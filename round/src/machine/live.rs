@@ -112,6 +112,9 @@ impl Machine {
         if self.live.as_ref().is_some_and(|l| l.training.is_some()) {
             self.out.push_back(Effect::CancelTraining);
         }
+        if let Some(left) = self.live.as_ref().filter(|l| l.id < self.current()) {
+            self.left_pool = Some((left.id, left.listed()));
+        }
         if self.done() {
             self.live = None;
             return;

@@ -77,6 +77,10 @@ pub struct Machine {
     merged: BTreeSet<DeltaHash>,
     connected: BTreeSet<SignerKey>,
     live: Option<Live>,
+    /// The pool of the round we committed last, as (signer, delta): answered to members
+    /// still collecting that round, so that the two halves of a partition that each pooled
+    /// a part of it can still reach a quorum together.
+    left_pool: Option<(RoundId, Vec<(SignerKey, DeltaHash)>)>,
     sync: Option<Sync>,
     /// Attestations by round and signer (first wins), for rounds near the head.
     atts: BTreeMap<RoundId, BTreeMap<SignerKey, Attestation>>,
@@ -125,6 +129,7 @@ impl Machine {
             merged: restored.merged,
             connected: BTreeSet::new(),
             live: None,
+            left_pool: None,
             sync: None,
             atts: BTreeMap::new(),
             two_faced: BTreeMap::new(),
@@ -253,13 +258,11 @@ impl Machine {
                     .copied()
                     .collect(),
             )),
-            Req::Deltas(r) => Some(Resp::Deltas(
-                self.live
-                    .as_ref()
-                    .filter(|l| l.id == r)
-                    .map(Live::listed)
-                    .unwrap_or_default(),
-            )),
+            Req::Deltas(r) => Some(Resp::Deltas(match (&self.live, &self.left_pool) {
+                (Some(l), _) if l.id == r => l.listed(),
+                (_, Some((id, list))) if *id == r => list.clone(),
+                _ => Vec::new(),
+            })),
             Req::Voted(r) => Some(Resp::Record(self.voted.get(&r).cloned())),
             _ => None,
         }
