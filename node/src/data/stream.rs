@@ -318,7 +318,11 @@ pub fn open_training(
     }
     let budget = budget_mb.saturating_mul(1 << 20);
     let count: usize = movies.iter().map(|m| m.frames().len()).sum();
-    if total <= budget || largest == 0 {
+    // At least two frames are held (one to draw from while the next is read).
+    let resident = usize::try_from(budget / largest.max(1))
+        .unwrap_or(usize::MAX)
+        .max(2);
+    if total <= budget || largest == 0 || resident >= count {
         let mut all = Vec::with_capacity(count);
         for m in &movies {
             for &t in m.frames() {
@@ -327,9 +331,6 @@ pub fn open_training(
         }
         return Ok(TrainingFrames::Resident(all));
     }
-    let resident = usize::try_from(budget / largest)
-        .unwrap_or(usize::MAX)
-        .clamp(2, count);
     let frames: Vec<(usize, u32)> = movies
         .iter()
         .enumerate()
@@ -394,8 +395,15 @@ mod tests {
             TrainingFrames::Streamed(_) => panic!("six small frames fit in 4 GiB"),
         }
         // Held-out frames are left out of what is read.
-        let held = listed.without(Some("0-1".parse().unwrap()));
+        let held = listed.clone().without(Some("0-1".parse().unwrap()));
         assert_eq!(held.frames().len(), all.len() - 2);
+        // Two frames are the fewest a stream holds: two are read at once, whatever the
+        // budget.
+        let two = listed.without(Some("2-5".parse().unwrap()));
+        assert!(matches!(
+            open_training(vec![two], None, 0).unwrap(),
+            TrainingFrames::Resident(f) if f.len() == 2
+        ));
     }
 
     #[test]
