@@ -378,10 +378,6 @@ pub struct Engine {
     head: Option<Head>,
     model: Option<Arc<Weights>>,
     round: Option<RoundState>,
-    /// The plain pool of the round we left last, as (signer, delta): answered to members
-    /// still collecting that round, so that the two sides of a healed partition, each
-    /// holding part of its deltas, can still reach a quorum together.
-    left_pool: Option<(RoundId, Vec<(SignerKey, DeltaHash)>)>,
     phase: Phase,
     connected: HashSet<PeerId>,
     peer_rounds: HashMap<PeerId, (RoundId, ModelHash)>,
@@ -628,7 +624,6 @@ impl Engine {
             head: None,
             model: None,
             round: None,
-            left_pool: None,
             phase: Phase::Syncing,
             connected: HashSet::new(),
             peer_rounds: HashMap::new(),
@@ -827,19 +822,6 @@ impl Engine {
 
     fn current(&self) -> RoundId {
         self.head.map_or(RoundId(1), |h| h.round.next())
-    }
-
-    /// Drops the round we were in, keeping its plain pool to answer members still in it.
-    fn leave_round(&mut self) {
-        if let Some(r) = self.round.take() {
-            let plain: Vec<(SignerKey, DeltaHash)> = r
-                .pool
-                .iter()
-                .filter(|(_, p)| p.masked().is_none())
-                .map(|(s, p)| (*s, p.hash))
-                .collect();
-            self.left_pool = Some((r.id, plain));
-        }
     }
 
     async fn start_round(&mut self) {
@@ -2493,7 +2475,7 @@ impl Engine {
         );
         self.last_record = Some(record);
         self.adopt_head(head, merged.weights);
-        self.leave_round();
+        self.round = None;
         self.ahead_since = None;
         // Score the new model on held-out frames, off the event loop.
         if let (Some(mut t), Some(m)) = (self.trainer_slot().take(), self.model.clone()) {
@@ -3057,7 +3039,7 @@ impl Engine {
         self.last_record = Some(last);
         self.ahead_since = None;
         self.adopt_head(head, o.model);
-        self.leave_round();
+        self.round = None;
         if self.trainer_slot().is_some() {
             self.start_round().await;
         } else {
@@ -3404,7 +3386,6 @@ impl Engine {
             .round
             .as_ref()
             .map(|r| (r.id, r.pool.iter().map(|(s, p)| (*s, p.hash)).collect()));
-        let left = self.left_pool.clone();
         let published = self.published.clone();
         let own = self.round.as_ref().and_then(|r| r.own_env.clone());
         self.tracker.spawn(async move {
@@ -3455,13 +3436,12 @@ impl Engine {
                             Some(h) => record(h.round),
                             None => Ok(SyncResponse::empty(ResponseHeader::NotFound)),
                         },
-                        Request::Deltas(r) => Ok(SyncResponse::empty(ResponseHeader::DeltaList(
-                            match (list, left) {
-                                (Some((round, l)), _) if round == r => l,
-                                (_, Some((round, l))) if round == r => l,
-                                _ => Vec::new(),
-                            },
-                        ))),
+                        Request::Deltas(r) => Ok(match list {
+                            Some((round, l)) if round == r => {
+                                SyncResponse::empty(ResponseHeader::DeltaList(l))
+                            }
+                            _ => SyncResponse::empty(ResponseHeader::DeltaList(Vec::new())),
+                        }),
                         Request::Attestations(r) => Ok(SyncResponse::empty(
                             ResponseHeader::Attestations(store.attestations(r)?),
                         )),
