@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::data::DataError;
 use crate::data::ctc::Movie;
-use crate::data::dataset::{Annotated, AnnotatedMovie, load_annotated, train_planes};
+use crate::data::dataset::{Annotated, AnnotatedMovie, load_annotated};
 use crate::data::stream::{DEFAULT_RESIDENT_MB, TrainingFrames, open_training};
 use crate::model::UNetConfig;
 use crate::store::{BlobKind, DiskStore, Store, StoreError};
@@ -99,15 +99,10 @@ pub fn build_trainer(config: &Config) -> Result<Box<dyn LocalTrainer>, DaemonErr
         class_weights: crate::train::agreed_class_weights(spec),
         ..TrainOptions::default()
     };
-    let config_unet = UNetConfig::from_spec(spec);
-    let planes = match train {
-        TrainingFrames::Resident(frames) => {
-            crate::data::patches::PlaneSet::Resident(train_planes(&frames, config_unet.diameter))
-        }
-        TrainingFrames::Streamed(s) => crate::data::patches::PlaneSet::Streamed(s),
-    };
+    let unet = UNetConfig::from_spec(spec);
+    let planes = train.into_planes(unet.diameter);
     let trainer = UNetTrainer::with_planes(
-        config_unet,
+        unet,
         planes,
         heldout,
         options,

@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::data::ctc::{Movie, TrackRecord, read_tracks};
-use crate::data::dataset::{Annotated, AnnotatedMovie, load_annotated, train_planes};
-use crate::data::patches::{PlaneSet, SamplerConfig};
+use crate::data::dataset::{Annotated, AnnotatedMovie, load_annotated};
+use crate::data::patches::SamplerConfig;
 use crate::data::stream::{TrainingFrames, open_training};
 use crate::data::tiff_io::{read_labels, write_labels};
 use crate::data::volume::Image;
@@ -531,21 +531,16 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
         );
     }
     let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
-    let (described, planes) = match training {
-        TrainingFrames::Resident(frames) => (
-            format!("{} annotated frames", frames.len()),
-            PlaneSet::Resident(train_planes(&frames, config.diameter)),
-        ),
-        TrainingFrames::Streamed(s) => (
-            format!(
-                "{} annotated frames, streamed {} at a time (over --max-resident-mb {})",
-                s.frames(),
-                s.resident(),
-                a.max_resident_mb
-            ),
-            PlaneSet::Streamed(s),
+    let described = match &training {
+        TrainingFrames::Resident(frames) => format!("{} annotated frames", frames.len()),
+        TrainingFrames::Streamed(s) => format!(
+            "{} annotated frames, streamed {} at a time (over --max-resident-mb {})",
+            s.frames(),
+            s.resident(),
+            a.max_resident_mb
         ),
     };
+    let planes = training.into_planes(config.diameter);
     let mut trainer = Trainer::new(&config, &device, planes, options, None)?;
     let budget = match (a.minutes, a.steps) {
         (Some(m), _) => Budget::Time(Duration::from_secs_f64(m * 60.0)),

@@ -21,8 +21,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use super::DataError;
-use super::dataset::{Annotated, AnnotatedMovie, frame_planes, movie_widths};
-use super::patches::TrainPlane;
+use super::dataset::{Annotated, AnnotatedMovie, frame_planes, movie_widths, train_planes};
+use super::patches::{PlaneSet, TrainPlane};
 use crate::scale;
 
 /// Memory budget for training frames when none is set, in MiB.
@@ -44,6 +44,18 @@ pub enum TrainingFrames {
     Resident(Vec<Annotated>),
     /// Too many for the budget: read while training.
     Streamed(PlaneStream),
+}
+
+impl TrainingFrames {
+    /// The training planes: every frame's, rescaled to the training width `diameter`
+    /// ([`super::dataset::train_planes`]), or the stream.
+    #[must_use]
+    pub fn into_planes(self, diameter: Option<u32>) -> PlaneSet {
+        match self {
+            Self::Resident(frames) => PlaneSet::Resident(train_planes(&frames, diameter)),
+            Self::Streamed(s) => PlaneSet::Streamed(s),
+        }
+    }
 }
 
 /// The annotated frames of several movies, read a few at a time while training.
@@ -296,7 +308,10 @@ pub fn open_training(
         }
         probes.push(probe);
     }
-    let widths = movie_widths(&probes.iter().flatten().cloned().collect::<Vec<_>>());
+    let mut widths = BTreeMap::new();
+    for a in probes.iter().flatten() {
+        widths.extend(movie_widths(std::slice::from_ref(a)));
+    }
     let factors: Vec<f32> = movies
         .iter()
         .map(|m| match (diameter, widths.get(m.name())) {
@@ -323,10 +338,14 @@ pub fn open_training(
         .unwrap_or(usize::MAX)
         .max(2);
     if total <= budget || largest == 0 || resident >= count {
+        // Every frame, the probes read above among them (not read again).
         let mut all = Vec::with_capacity(count);
-        for m in &movies {
+        for (m, mut probe) in movies.iter().zip(probes) {
             for &t in m.frames() {
-                all.extend(m.load(t)?);
+                match probe.take_if(|p| p.t == t) {
+                    Some(a) => all.push(a),
+                    None => all.extend(m.load(t)?),
+                }
             }
         }
         return Ok(TrainingFrames::Resident(all));
