@@ -373,7 +373,7 @@ fn the_built_in_model_beats_the_classical_watershed_on_nuclei_from_another_lab()
 
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let out = cellswarm(
+    let _ = ok_stdout(&cellswarm(
         d,
         &[
             "segment",
@@ -382,12 +382,7 @@ fn the_built_in_model_beats_the_classical_watershed_on_nuclei_from_another_lab()
             "--out",
             "seg",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let model = eval_f1(d, "seg", &root.join("01_GT").to_string_lossy());
     let classical = match_instances(
         &gt,
