@@ -481,7 +481,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             metrics,
         } => {
             let path = if metrics { "/metrics" } else { "/status" };
-            let body = crate::status_http::fetch(&endpoint, path).map_err(anyhow::Error::msg)?;
+            let body = crate::status_http::fetch(&endpoint, path)?;
             if json || metrics {
                 print!("{body}");
                 return Ok(());
@@ -634,7 +634,7 @@ fn bench_train(device: &str, warmup: usize, steps: usize, infers: usize) -> anyh
         (1..=10_000).contains(&steps) && (1..=10_000).contains(&infers) && warmup <= 1_000,
         "--steps and --infers must be between 1 and 10000, --warmup at most 1000"
     );
-    let dev = crate::model::device_from_name(device).map_err(anyhow::Error::msg)?;
+    let dev = crate::model::device_from_name(device)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
     println!(
         "reference U-Net 16-32-64 + 128, batch {BATCH} x 1 x {PATCH} x {PATCH}, Adam, on {device} ({threads} threads): {warmup} warm-up, {steps} timed steps, {infers} inference batches"

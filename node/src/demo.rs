@@ -34,7 +34,7 @@ use crate::infer::{InferOptions, classical_segment, segment};
 use crate::metrics::{MatchCounts, Overlaps, match_counts};
 use crate::model::{UNetConfig, default_device, save_model};
 use crate::store::{BlobKind, DiskStore, Store};
-use crate::swarm::local::{LocalTrainer, TrainedRound};
+use crate::swarm::local::{LocalTrainer, RoundError, TrainedRound};
 use crate::train::TrainOptions;
 use crate::train::params::load_weights;
 use crate::train::site::{UNetTrainer, movie_counts};
@@ -250,7 +250,7 @@ impl LocalTrainer for Recording {
         base: &Weights,
         round: RoundId,
         cancel: &AtomicBool,
-    ) -> Result<TrainedRound, String> {
+    ) -> Result<TrainedRound, RoundError> {
         if let Some(m) = &self.models {
             m.send_modify(|map| {
                 map.insert(round.0 - 1, base.clone());
@@ -735,7 +735,7 @@ pub async fn run(o: DemoOptions) -> Result<Report, DaemonError> {
                     match t.train_round(&current, RoundId(r), &AtomicBool::new(false)) {
                         Ok(x) => current = x.weights,
                         Err(e) => {
-                            let _ = tx.send(Err(DaemonError::Setup(e)));
+                            let _ = tx.send(Err(DaemonError::Setup(e.to_string())));
                             return;
                         }
                     }

@@ -333,16 +333,37 @@ pub fn default_device() -> Device {
     Device::flex()
 }
 
+/// Why a device name names no device of this build.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The part after `:` is not a number.
+    #[error("bad device index in {0:?}; expected e.g. cuda:0")]
+    Index(String),
+    /// Not a backend name at all.
+    #[error("unknown device {0:?}; expected cpu, cuda[:N] or wgpu[:N]")]
+    Unknown(String),
+    /// A backend this build was compiled without.
+    #[error(
+        "this build has no {kind} backend (asked for {kind}:{index}); rebuild with `cargo build --release -p cellswarm-node --features {kind}`"
+    )]
+    NotBuilt {
+        /// The backend.
+        kind: &'static str,
+        /// The device index asked for.
+        index: usize,
+    },
+}
+
 /// A device by name: `cpu`, `cuda` / `cuda:N` (built with the `cuda` feature) or `wgpu`
 /// (built with the `wgpu` feature).
 ///
 /// # Errors
 /// An unknown name, or a backend this build was compiled without.
-pub fn device_from_name(name: &str) -> Result<Device, String> {
+pub fn device_from_name(name: &str) -> Result<Device, DeviceError> {
     let (kind, index) = name.split_once(':').unwrap_or((name, "0"));
     let index: usize = index
         .parse()
-        .map_err(|_| format!("bad device index in {name:?}; expected e.g. cuda:0"))?;
+        .map_err(|_| DeviceError::Index(name.to_owned()))?;
     match kind {
         "cpu" => Ok(default_device()),
         #[cfg(feature = "cuda")]
@@ -354,23 +375,21 @@ pub fn device_from_name(name: &str) -> Result<Device, String> {
             Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(index))
         }),
         #[cfg(not(feature = "cuda"))]
-        "cuda" => Err(no_backend(kind, index)),
+        "cuda" => Err(DeviceError::NotBuilt {
+            kind: "cuda",
+            index,
+        }),
         #[cfg(not(feature = "wgpu"))]
-        "wgpu" => Err(no_backend(kind, index)),
-        _ => Err(format!(
-            "unknown device {name:?}; expected cpu, cuda[:N] or wgpu[:N]"
-        )),
+        "wgpu" => Err(DeviceError::NotBuilt {
+            kind: "wgpu",
+            index,
+        }),
+        _ => Err(DeviceError::Unknown(name.to_owned())),
     }
 }
 
 /// The error for a GPU backend this build was compiled without.
 #[cfg(any(not(feature = "cuda"), not(feature = "wgpu")))]
-fn no_backend(kind: &str, _index: usize) -> String {
-    format!(
-        "this build has no {kind} backend; rebuild with `cargo build --release -p cellswarm-node --features {kind}`"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,13 +440,20 @@ mod tests {
         assert!(
             device_from_name("tpu")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown device")
         );
-        assert!(device_from_name("cuda:x").unwrap_err().contains("index"));
+        assert!(
+            device_from_name("cuda:x")
+                .unwrap_err()
+                .to_string()
+                .contains("index")
+        );
         #[cfg(not(feature = "cuda"))]
         assert!(
             device_from_name("cuda:0")
                 .unwrap_err()
+                .to_string()
                 .contains("--features cuda")
         );
     }

@@ -137,36 +137,73 @@ pub async fn serve(
 }
 
 /// Fetches `path` from a status endpoint at `endpoint` (`http://host:port`) with a plain
+/// Why `cellswarm status` got no answer from a node.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The endpoint is not `http://HOST:PORT`.
+    #[error("{0}: expected http://HOST:PORT")]
+    Endpoint(String),
+    /// No connection.
+    #[error("connecting to {endpoint}: {source} (is the node running with [status] enabled?)")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection failed while asking or reading.
+    #[error("talking to {endpoint}: {source}")]
+    Io {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An answer that is not HTTP, or not 200.
+    #[error("{url}: {what}")]
+    Status {
+        /// The endpoint and path.
+        url: String,
+        /// The status line, or what was wrong.
+        what: String,
+    },
+}
+
 /// HTTP/1.0 request, returning the body. Used by `cellswarm status`.
 ///
 /// # Errors
 /// A malformed endpoint, a connection failure, or a non-200 answer.
-pub fn fetch(endpoint: &str, path: &str) -> Result<String, String> {
+pub fn fetch(endpoint: &str, path: &str) -> Result<String, FetchError> {
     use std::io::{Read, Write};
     let hostport = endpoint
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{endpoint}: expected http://HOST:PORT"))?
+        .ok_or_else(|| FetchError::Endpoint(endpoint.to_owned()))?
         .trim_end_matches('/');
-    let mut stream = std::net::TcpStream::connect(hostport).map_err(|e| {
-        format!("connecting to {endpoint}: {e} (is the node running with [status] enabled?)")
-    })?;
+    let mut stream =
+        std::net::TcpStream::connect(hostport).map_err(|source| FetchError::Connect {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+    let io = |source| FetchError::Io {
+        endpoint: endpoint.to_owned(),
+        source,
+    };
     let timeout = Some(std::time::Duration::from_secs(10));
-    stream
-        .set_read_timeout(timeout)
-        .map_err(|e| e.to_string())?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").map_err(|e| e.to_string())?;
+    stream.set_read_timeout(timeout).map_err(io)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").map_err(io)?;
     let mut raw = Vec::new();
-    stream
-        .take(16 << 20)
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("reading from {endpoint}: {e}"))?;
+    stream.take(16 << 20).read_to_end(&mut raw).map_err(io)?;
     let text = String::from_utf8_lossy(&raw);
+    let status = |what: &str| FetchError::Status {
+        url: format!("{endpoint}{path}"),
+        what: what.to_owned(),
+    };
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{endpoint}{path}: not an HTTP response"))?;
+        .ok_or_else(|| status("not an HTTP response"))?;
     let status_line = head.lines().next().unwrap_or_default();
     if !status_line.contains(" 200 ") {
-        return Err(format!("{endpoint}{path}: {status_line}"));
+        return Err(status(status_line));
     }
     Ok(body.to_owned())
 }

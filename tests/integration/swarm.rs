@@ -17,7 +17,7 @@ use cellswarm_common::wire::{
 };
 use cellswarm_node::daemon::Node;
 use cellswarm_node::swarm::codec::SyncResponse;
-use cellswarm_node::swarm::local::{LocalTrainer, TrainedRound, VectorTrainer};
+use cellswarm_node::swarm::local::{LocalTrainer, RoundError, TrainedRound, VectorTrainer};
 use cellswarm_node::swarm::network::{self, NetEvent, NetSettings};
 use cellswarm_node::swarm::status::RejectReason;
 
@@ -123,7 +123,7 @@ impl LocalTrainer for Scaled {
         base: &Weights,
         round: RoundId,
         cancel: &AtomicBool,
-    ) -> Result<TrainedRound, String> {
+    ) -> Result<TrainedRound, RoundError> {
         let mut t = self.inner.train_round(base, round, cancel)?;
         let values = base
             .values()
@@ -131,8 +131,8 @@ impl LocalTrainer for Scaled {
             .zip(t.weights.values())
             .map(|(b, w)| b + self.factor * (w - b))
             .collect();
-        t.weights =
-            Weights::from_flat(Arc::clone(base.layout()), values).map_err(|e| e.to_string())?;
+        t.weights = Weights::from_flat(Arc::clone(base.layout()), values)
+            .map_err(|e| RoundError::Failed(Box::new(e)))?;
         Ok(t)
     }
 

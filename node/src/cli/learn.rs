@@ -181,7 +181,7 @@ pub(crate) struct Segmenter {
 impl Segmenter {
     /// Loads model folder `dir`, or the built-in generalist model if `None`.
     pub(crate) fn load(dir: Option<&Path>, a: &InferArgs) -> anyhow::Result<Self> {
-        let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
+        let device = device_from_name(&a.device)?;
         let ((model, config), post) = match dir {
             Some(dir) => (load_model(dir, &device)?, load_postprocess(dir)?),
             None => {
@@ -530,7 +530,7 @@ pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
              leave cells cut by the border unlabelled, pass --exclude-border"
         );
     }
-    let device = device_from_name(&a.device).map_err(anyhow::Error::msg)?;
+    let device = device_from_name(&a.device)?;
     let described = match &training {
         TrainingFrames::Resident(frames) => format!("{} annotated frames", frames.len()),
         TrainingFrames::Streamed(s) => format!(

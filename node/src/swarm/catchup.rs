@@ -109,6 +109,74 @@ pub(super) struct SyncOutcome {
     pub state: Vec<u8>,
 }
 
+/// Why a catch-up stopped without committing anything.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CatchUpError {
+    /// A request to a peer failed.
+    #[error("request: {0}")]
+    Request(#[from] super::network::NetError),
+    /// A record's envelope did not verify.
+    #[error("record: {0}")]
+    Envelope(String),
+    /// The peer has no record at all.
+    #[error("the peer has no merge record yet")]
+    NoRecord,
+    /// The peer's newest record is older than our position.
+    #[error("the peer is not ahead of us")]
+    NotAhead,
+    /// The peer's record of our head round continues another chain.
+    #[error("the peer's record of round {0} forks earlier than our head")]
+    ForksEarlier(RoundId),
+    /// The peer does not serve a record it claims to be past.
+    #[error("the peer lacks the record of round {0}")]
+    MissingRecord(u64),
+    /// Nothing is left to commit.
+    #[error("nothing to catch up")]
+    Nothing,
+    /// The only record checked is the peer's newest and nothing certifies it.
+    #[error("the peer's newest record has no round on top of it yet; the live round decides it")]
+    Uncertified,
+    /// A record broke the chain's rules, or its merge did not give what it says.
+    #[error(transparent)]
+    Chain(#[from] cellswarm_round::ChainError),
+    /// The aggregator could not be made, restored or run.
+    #[error("aggregator: {0}")]
+    Aggregator(#[from] cellswarm_aggregator::AggregateError),
+    /// The merge of a record failed.
+    #[error("round {round}: the merge fails: {source}")]
+    Merge {
+        /// The record's round.
+        round: RoundId,
+        /// Why.
+        source: cellswarm_aggregator::AggregateError,
+    },
+    /// A record of a plain round names a masked delta.
+    #[error("a masked delta outside secure aggregation")]
+    MaskedDelta,
+    /// No peer served a delta the record names, as the record names it.
+    #[error("round {round}: delta {}: {why}", .delta.short())]
+    Delta {
+        /// The record's round.
+        round: RoundId,
+        /// The delta.
+        delta: DeltaHash,
+        /// What the last peer asked answered.
+        why: String,
+    },
+    /// No peer served a model.
+    #[error("no peer served model {}", .0.short())]
+    Model(ModelHash),
+    /// A served model does not fit our layout.
+    #[error("model: {0}")]
+    Layout(#[from] cellswarm_common::weights::WeightsError),
+    /// No peer served an aggregator state.
+    #[error("no peer served the aggregator state")]
+    State,
+    /// A blocking task panicked or was cancelled.
+    #[error("background task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// The rounds to ask for: from `from` on, at most `limit` of them, up to `latest`.
 pub(super) fn sync_rounds(from: u64, latest: u64, limit: usize) -> std::ops::RangeInclusive<u64> {
     from..=latest.min(from.saturating_add(limit.max(1) as u64 - 1))
@@ -126,21 +194,19 @@ struct Chain {
 }
 
 /// Catches up with `s.peer`: see the module documentation.
-pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
+pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, CatchUpError> {
     let members = s.members.clone();
-    let open = |body: Vec<u8>| verify::record(body, &members, s.digest).map_err(|(_, e)| e);
-    let latest = s
-        .net
-        .request(s.peer, Request::Latest)
-        .await
-        .map_err(|e| e.to_string())?;
+    let open = |body: Vec<u8>| {
+        verify::record(body, &members, s.digest).map_err(|(_, e)| CatchUpError::Envelope(e))
+    };
+    let latest = s.net.request(s.peer, Request::Latest).await?;
     if latest.header != ResponseHeader::Record {
-        return Err("the peer has no merge record yet".into());
+        return Err(CatchUpError::NoRecord);
     }
     let (latest, _, _, _) = open(latest.body.into())?;
     let from = s.check.position().round.0;
     if latest.round.0 < from {
-        return Err("the peer is not ahead of us".into());
+        return Err(CatchUpError::NotAhead);
     }
     let ctx = Ctx {
         net: &s.net,
@@ -157,10 +223,8 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
         store: &s.store,
     };
     let state = stored_state(&ctx, s.state).await?;
-    let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
-    merger
-        .load_state(&state, &s.layout)
-        .map_err(|e| e.to_string())?;
+    let mut merger = Merger::from_config(&s.aggregation)?;
+    merger.load_state(&state, &s.layout)?;
     let mut chain = Chain {
         check: s.check,
         merger,
@@ -185,25 +249,18 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
         let (rec, hash, signer, env) = open(resp.body.into())?;
         if hash != rw.ours && rec.round == rw.before.round {
             if rec.base != rw.before.base || rec.prev != rw.before.prev {
-                return Err(format!(
-                    "the peer's record of round {} forks earlier than our head",
-                    rw.before.round
-                ));
+                return Err(CatchUpError::ForksEarlier(rw.before.round));
             }
             // From our store, else (a catch-up keeps only its last model) from the peers
             // by the hashes our own records name; before round 1, a fresh aggregator's.
             let model = stored_model(&ctx, rw.before.base).await?;
             let state = match rw.state_before {
                 Some(h) => stored_state(&ctx, h).await?,
-                None => Merger::from_config(&s.aggregation)
-                    .map_err(|e| e.to_string())?
-                    .save_state(&s.layout),
+                None => Merger::from_config(&s.aggregation)?.save_state(&s.layout),
             };
             tracing::warn!(round = %rw.before.round, ours = %rw.ours.short(), theirs = %hash.short(), "our last round is not the one the peer committed; checking the peer's record of it");
-            let mut merger = Merger::from_config(&s.aggregation).map_err(|e| e.to_string())?;
-            merger
-                .load_state(&state, &s.layout)
-                .map_err(|e| e.to_string())?;
+            let mut merger = Merger::from_config(&s.aggregation)?;
+            merger.load_state(&state, &s.layout)?;
             for d in &rw.contributions {
                 chain.merged.remove(d);
             }
@@ -226,14 +283,10 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
         );
     }
     for r in rounds {
-        let resp = s
-            .net
-            .request(s.peer, Request::Record(RoundId(r)))
-            .await
-            .map_err(|e| e.to_string())?;
+        let resp = s.net.request(s.peer, Request::Record(RoundId(r))).await?;
         if resp.header != ResponseHeader::Record {
             if records.is_empty() {
-                return Err(format!("the peer lacks the record of round {r}"));
+                return Err(CatchUpError::MissingRecord(r));
             }
             break;
         }
@@ -263,16 +316,13 @@ pub(super) async fn sync_from(s: SyncSetup) -> Result<SyncOutcome, String> {
         (chain.base, chain.state)
     } else {
         if records.pop().is_none() {
-            return Err("nothing to catch up".into());
+            return Err(CatchUpError::Nothing);
         }
         drop(chain.base);
-        chain.before.take().ok_or("nothing to catch up")?
+        chain.before.take().ok_or(CatchUpError::Nothing)?
     };
     if records.is_empty() {
-        return Err(
-            "the peer's newest record has no round on top of it yet; the live round decides it"
-                .into(),
-        );
+        return Err(CatchUpError::Uncertified);
     }
     let model = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
     Ok(SyncOutcome {
@@ -308,12 +358,11 @@ async fn verify_one(
     hash: RecordHash,
     signer: SignerKey,
     envelope: Vec<u8>,
-) -> Result<Confirmed, String> {
+) -> Result<Confirmed, CatchUpError> {
     let merged = &chain.merged;
     let record = chain
         .check
-        .check(record, hash, signer, |d| merged.contains(d))
-        .map_err(|e| e.to_string())?
+        .check(record, hash, signer, |d| merged.contains(d))?
         .clone();
     if ctx.aggregation.secure_aggregation {
         // Masked deltas cannot be summed without the round's revealed seeds, which are
@@ -338,7 +387,7 @@ async fn verify_one(
         match checked {
             Ok(Checked::Plain(u)) => updates.push(u),
             Ok(Checked::Masked { .. }) => {
-                return Err("a masked delta outside secure aggregation".into());
+                return Err(CatchUpError::MaskedDelta);
             }
             Err(e) => {
                 gone = Some(e);
@@ -358,10 +407,7 @@ async fn verify_one(
     }
     // The merge runs off the async threads; the merger and base travel with it.
     let base = Arc::clone(&chain.base);
-    let merger = std::mem::replace(
-        &mut chain.merger,
-        Merger::from_config(ctx.aggregation).map_err(|e| e.to_string())?,
-    );
+    let merger = std::mem::replace(&mut chain.merger, Merger::from_config(ctx.aggregation)?);
     let layout = Arc::clone(ctx.layout);
     let round = record.round;
     let base_hash = record.base;
@@ -374,14 +420,10 @@ async fn verify_one(
         });
         (merger, result)
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     chain.merger = merger;
-    let (merged, state) = result.map_err(|e| format!("round {round}: the merge fails: {e}"))?;
-    chain
-        .check
-        .confirm(merged.hash, sha(&state))
-        .map_err(|e| e.to_string())?;
+    let (merged, state) = result.map_err(|source| CatchUpError::Merge { round, source })?;
+    chain.check.confirm(merged.hash, sha(&state))?;
     chain
         .merged
         .extend(record.contributions.iter().map(|c| c.delta));
@@ -399,17 +441,11 @@ async fn adopt_unrecomputed(
     record: MergeRecord,
     hash: RecordHash,
     envelope: Vec<u8>,
-) -> Result<Confirmed, String> {
-    chain
-        .check
-        .confirm(record.model, record.state)
-        .map_err(|e| e.to_string())?;
+) -> Result<Confirmed, CatchUpError> {
+    chain.check.confirm(record.model, record.state)?;
     let state = fetch_state(ctx, record.state).await?;
     let model = fetch_model(ctx, record.model).await?;
-    chain
-        .merger
-        .load_state(&state, ctx.layout)
-        .map_err(|e| e.to_string())?;
+    chain.merger.load_state(&state, ctx.layout)?;
     let old = std::mem::replace(&mut chain.base, Arc::new(model));
     chain.before = Some((old, std::mem::replace(&mut chain.state, state)));
     chain
@@ -474,7 +510,7 @@ async fn fetch_all(
     ctx: &Ctx<'_>,
     record: &MergeRecord,
     masked: bool,
-) -> Vec<Result<Checked, String>> {
+) -> Vec<Result<Checked, CatchUpError>> {
     futures::future::join_all(
         record
             .contributions
@@ -493,7 +529,7 @@ async fn fetch_checked(
     delta: DeltaHash,
     samples: u64,
     masked: bool,
-) -> Result<Checked, String> {
+) -> Result<Checked, CatchUpError> {
     let none = HashSet::new();
     let check = DeltaCheck {
         members: ctx.members,
@@ -507,7 +543,7 @@ async fn fetch_checked(
         merged: &none,
         secure_aggregation: masked,
     };
-    let mut last = format!("no peer served delta {}", delta.short());
+    let mut last = "no peer served it".to_owned();
     for p in sources(ctx, Some(signer)) {
         let Ok(resp) = ctx.net.request(p, Request::Delta(delta)).await else {
             continue;
@@ -523,21 +559,20 @@ async fn fetch_checked(
                 return Ok(m);
             }
             Ok(_) => {
-                last = format!(
-                    "round {}: delta {} is not {}'s with {samples} samples",
-                    record.round,
-                    delta.short(),
-                    signer.short()
-                );
+                last = format!("not {}'s with {samples} samples", signer.short());
             }
-            Err((_, e)) => last = format!("round {}: delta {}: {e}", record.round, delta.short()),
+            Err((_, e)) => last = e,
         }
     }
-    Err(last)
+    Err(CatchUpError::Delta {
+        round: record.round,
+        delta,
+        why: last,
+    })
 }
 
 /// A model from our store, else from the peers.
-async fn stored_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, String> {
+async fn stored_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, CatchUpError> {
     let (store, layout, limits) = (
         Arc::clone(ctx.store),
         Arc::clone(ctx.layout),
@@ -552,7 +587,7 @@ async fn stored_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, String>
 }
 
 /// Aggregator state bytes from our store, else from the peers.
-async fn stored_state(ctx: &Ctx<'_>, hash: [u8; 32]) -> Result<Vec<u8>, String> {
+async fn stored_state(ctx: &Ctx<'_>, hash: [u8; 32]) -> Result<Vec<u8>, CatchUpError> {
     let store = Arc::clone(ctx.store);
     let stored = tokio::task::spawn_blocking(move || store.blob(BlobKind::State, &hash)).await;
     match stored {
@@ -561,7 +596,7 @@ async fn stored_state(ctx: &Ctx<'_>, hash: [u8; 32]) -> Result<Vec<u8>, String> 
     }
 }
 
-async fn fetch_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, String> {
+async fn fetch_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, CatchUpError> {
     let limits = ctx.limits.layout;
     for p in sources(ctx, None) {
         if let Ok(r) = ctx.net.request(p, Request::Model(hash)).await
@@ -570,14 +605,13 @@ async fn fetch_model(ctx: &Ctx<'_>, hash: ModelHash) -> Result<Weights, String> 
             && let Ok(w) = Weights::from_bytes(&r.body, &limits)
             && ctx.layout.ensure_same(w.layout()).is_ok()
         {
-            return Weights::from_flat(Arc::clone(ctx.layout), w.into_values())
-                .map_err(|e| e.to_string());
+            return Ok(Weights::from_flat(Arc::clone(ctx.layout), w.into_values())?);
         }
     }
-    Err(format!("no peer served model {}", hash.short()))
+    Err(CatchUpError::Model(hash))
 }
 
-async fn fetch_state(ctx: &Ctx<'_>, hash: [u8; 32]) -> Result<Vec<u8>, String> {
+async fn fetch_state(ctx: &Ctx<'_>, hash: [u8; 32]) -> Result<Vec<u8>, CatchUpError> {
     for p in sources(ctx, None) {
         if let Ok(r) = ctx.net.request(p, Request::State(hash)).await
             && r.header == ResponseHeader::State
@@ -586,7 +620,7 @@ async fn fetch_state(ctx: &Ctx<'_>, hash: [u8; 32]) -> Result<Vec<u8>, String> {
             return Ok(r.body.into());
         }
     }
-    Err("no peer served the aggregator state".into())
+    Err(CatchUpError::State)
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ use tokio_util::task::TaskTracker;
 
 use super::catchup::{self, Rewind, SyncOutcome, SyncSetup};
 use super::codec::SyncResponse;
-use super::local::{LocalTrainer, TrainedRound};
+use super::local::{LocalTrainer, RoundError, TrainedRound};
 use super::network::{NetClient, NetError, NetEvent};
 use super::secagg::{self, EpochKeys};
 use super::status::{Metrics, RejectReason, Status};
@@ -82,6 +82,9 @@ pub enum EngineError {
     /// The aggregator could not be configured or restored.
     #[error("aggregator: {0}")]
     Aggregator(#[from] AggregateError),
+    /// Secure aggregation cannot run with the consortium's settings.
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] secagg::SecAggError),
 }
 
 /// Where a node is in its round.
@@ -282,7 +285,7 @@ enum Internal {
     Trained {
         round: RoundId,
         trainer: Box<dyn LocalTrainer>,
-        result: Result<TrainedRound, String>,
+        result: Result<TrainedRound, RoundError>,
     },
     Fetched {
         round: RoundId,
@@ -317,7 +320,7 @@ enum Internal {
         /// The base model, when the merge did not write over it.
         base: Option<Arc<Weights>>,
     },
-    Synced(Result<SyncOutcome, String>),
+    Synced(Result<SyncOutcome, catchup::CatchUpError>),
     GenesisFetched(Result<(Weights, Option<Vec<u8>>), String>),
     Evaluated(Option<f32>),
 }
@@ -454,30 +457,28 @@ fn privatize_delta(delta: Delta, clip: f64, noise_multiplier: f64) -> Result<Del
 /// The mean of a complete epoch's masked deltas as one update for the merger (signed
 /// by the first participant, named by the hash of the contributions).
 /// Why a masked round's sum gave no update to merge.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum MaskedError {
-    /// The masks did not cancel (or the inputs were not masked deltas).
-    Cancel(String),
+    /// A plain delta among the masked ones.
+    #[error("an unmasked delta in a masked round")]
+    Unmasked,
+    /// Nothing to sum.
+    #[error("no masked deltas")]
+    Empty,
+    /// The masks did not cancel.
+    #[error(transparent)]
+    Cancel(#[from] secagg::SecAggError),
     /// The unmasked mean is longer than `clip_norm` allows: a participant sent an update
     /// it had not clipped (which no one can tell from its masked words).
+    #[error(
+        "the unmasked mean's L2 norm is {norm:.6}, over clip_norm {clip}: a participant sent an update it had not clipped"
+    )]
     Norm {
         /// The mean's L2 norm.
         norm: f64,
         /// `aggregation.clip_norm`.
         clip: f64,
     },
-}
-
-impl std::fmt::Display for MaskedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Cancel(e) => f.write_str(e),
-            Self::Norm { norm, clip } => write!(
-                f,
-                "the unmasked mean's L2 norm is {norm:.6}, over clip_norm {clip}: a participant sent an update it had not clipped"
-            ),
-        }
-    }
 }
 
 /// The mean of a masked round's deltas, unmasked with every self-mask seed. Each member
@@ -498,19 +499,13 @@ fn masked_update(
     let mut ids = Vec::new();
     let mut samples = 0u64;
     for (_, p) in entries {
-        let (w, _, n) = p
-            .masked()
-            .ok_or_else(|| MaskedError::Cancel("an unmasked delta in a masked round".to_owned()))?;
+        let (w, _, n) = p.masked().ok_or(MaskedError::Unmasked)?;
         words.push(w);
         ids.extend_from_slice(p.hash.as_bytes());
         samples = samples.saturating_add(n);
     }
-    let first = entries
-        .first()
-        .map(|(s, _)| *s)
-        .ok_or_else(|| MaskedError::Cancel("no masked deltas".to_owned()))?;
-    let mean = secagg::unmask_mean(fp, &words, self_seeds, round, epoch, layout)
-        .map_err(MaskedError::Cancel)?;
+    let first = entries.first().map(|(s, _)| *s).ok_or(MaskedError::Empty)?;
+    let mean = secagg::unmask_mean(fp, &words, self_seeds, round, epoch, layout)?;
     if let Some(clip) = clip_norm {
         let v = mean.values();
         let norm = v
@@ -577,10 +572,10 @@ impl Engine {
         }
         let members = MemberKeys::new(peer_of.keys().copied());
         let fixed_point = if p.config.consortium.aggregation.secure_aggregation {
-            Some(
-                secagg::fixed_point(&p.config.consortium.aggregation, peer_of.len())
-                    .map_err(|e| EngineError::Aggregator(AggregateError::InvalidConfig(e)))?,
-            )
+            Some(secagg::fixed_point(
+                &p.config.consortium.aggregation,
+                peer_of.len(),
+            )?)
         } else {
             None
         };
@@ -1831,7 +1826,7 @@ impl Engine {
         }
     }
 
-    async fn on_trained(&mut self, round: RoundId, result: Result<TrainedRound, String>) {
+    async fn on_trained(&mut self, round: RoundId, result: Result<TrainedRound, RoundError>) {
         let Some(rs) = self.round.as_ref() else {
             return;
         };
@@ -2486,7 +2481,8 @@ impl Engine {
                 let _ = tx.blocking_send(Internal::Trained {
                     round: RoundId(0),
                     trainer: t,
-                    result: Err("returned".into()),
+                    // Round 0 is no round: this only hands the trainer back.
+                    result: Err(RoundError::Cancelled),
                 });
             });
         }
@@ -2989,7 +2985,10 @@ impl Engine {
         });
     }
 
-    async fn on_synced(&mut self, outcome: Result<SyncOutcome, String>) -> Result<(), EngineError> {
+    async fn on_synced(
+        &mut self,
+        outcome: Result<SyncOutcome, catchup::CatchUpError>,
+    ) -> Result<(), EngineError> {
         self.syncing = false;
         let began = self.sync_head.take();
         let o = match outcome {

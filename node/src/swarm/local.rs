@@ -27,6 +27,17 @@ pub struct TrainedRound {
     pub metrics: LocalMetrics,
 }
 
+/// Why a round of local training gave no update.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// The round ended (or the node stops) before training finished.
+    #[error("cancelled")]
+    Cancelled,
+    /// Training failed: it diverged, or the weights do not fit the model.
+    #[error("training failed: {0}")]
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Turns the round's model into an updated model on this site's data.
 pub trait LocalTrainer: Send + 'static {
     /// The model's initial weights (the genesis model), from `seed`.
@@ -35,13 +46,13 @@ pub trait LocalTrainer: Send + 'static {
     /// One round of training from `base`; stops early when `cancel` is set.
     ///
     /// # Errors
-    /// A message when training fails (diverges, weights do not fit).
+    /// Training was cancelled, or failed (diverged, weights do not fit).
     fn train_round(
         &mut self,
         base: &Weights,
         round: RoundId,
         cancel: &AtomicBool,
-    ) -> Result<TrainedRound, String>;
+    ) -> Result<TrainedRound, RoundError>;
 
     /// F1 at IoU 0.5 of `model` on this site's held-out frames, if it has any.
     fn evaluate(&mut self, model: &Weights) -> Option<f32>;
@@ -129,11 +140,11 @@ impl LocalTrainer for VectorTrainer {
         base: &Weights,
         _round: RoundId,
         cancel: &AtomicBool,
-    ) -> Result<TrainedRound, String> {
+    ) -> Result<TrainedRound, RoundError> {
         let start = Instant::now();
         while start.elapsed() < self.delay {
             if cancel.load(Ordering::Relaxed) {
-                return Err("cancelled".into());
+                return Err(RoundError::Cancelled);
             }
             std::thread::sleep(Duration::from_millis(10).min(self.delay));
         }
@@ -151,8 +162,8 @@ impl LocalTrainer for VectorTrainer {
             }
         }
         let loss = lanes.iter().sum::<f32>() / base_v.len().max(1) as f32;
-        let weights =
-            Weights::from_flat(Arc::clone(base.layout()), values).map_err(|e| e.to_string())?;
+        let weights = Weights::from_flat(Arc::clone(base.layout()), values)
+            .map_err(|e| RoundError::Failed(Box::new(e)))?;
         Ok(TrainedRound {
             weights,
             samples: self.samples,

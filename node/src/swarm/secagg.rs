@@ -19,6 +19,72 @@ use cellswarm_common::ids::{ModelHash, RoundId, SignerKey};
 use cellswarm_common::weights::Layout;
 use ring::agreement::{EphemeralPrivateKey, UnparsedPublicKey, X25519, agree_ephemeral};
 
+/// What went wrong in a secure-aggregation step.
+#[derive(Debug, thiserror::Error)]
+pub enum SecAggError {
+    /// The operating system's random generator failed.
+    #[error("the operating system's random generator failed")]
+    Random,
+    /// A seed cannot be shared with this threshold among these participants.
+    #[error("no threshold {threshold} of {participants} participants (2 to 255)")]
+    Threshold {
+        /// The threshold asked for.
+        threshold: usize,
+        /// The participants.
+        participants: usize,
+    },
+    /// No pair secret was agreed with a participant.
+    #[error("no pair secret with {0}")]
+    NoPairSecret(SignerKey),
+    /// Sealing a share failed.
+    #[error("could not seal a share for {0}")]
+    Seal(SignerKey),
+    /// A sealed share does not open with the pair secret, recipient and place.
+    #[error("the seed share from {0} does not open")]
+    Open(SignerKey),
+    /// The consortium's bound on values cannot be encoded in 32-bit sums.
+    #[error(
+        "secure aggregation cannot encode values up to {bound} for {members} members in 32 \
+         bits; set aggregation.clip_norm"
+    )]
+    Encoding {
+        /// The per-coordinate bound.
+        bound: f32,
+        /// The members.
+        members: usize,
+    },
+    /// A masked delta's body has the wrong length.
+    #[error("masked delta of {bytes} bytes, the model needs {} ({params} parameters)", 4 * *.params as u64)]
+    Length {
+        /// Its length.
+        bytes: usize,
+        /// The model's parameters.
+        params: usize,
+    },
+    /// The masked inputs could not be summed (none, or of different lengths).
+    #[error("masked sum: {0}")]
+    Sum(#[from] cellswarm_aggregator::AggregateError),
+    /// The unmasked sum is beyond what the participants can send.
+    #[error(
+        "the masks did not cancel (coordinate {coordinate} sums to {value:.3e}, beyond what \
+         {participants} participants can send)"
+    )]
+    NotCancelled {
+        /// The first coordinate out of range.
+        coordinate: usize,
+        /// Its value.
+        value: f64,
+        /// The participants.
+        participants: usize,
+    },
+    /// The mean does not fit the model's layout.
+    #[error("unmasked mean: {0}")]
+    Layout(#[from] cellswarm_common::delta::DeltaError),
+    /// An X25519 key could not be made.
+    #[error("could not generate an X25519 key pair")]
+    KeyGeneration,
+}
+
 /// Domain string of the pair-secret derivation.
 pub const PAIR_DOMAIN: &[u8] = b"cellswarm/secagg-pair/v1\0";
 
@@ -29,12 +95,12 @@ pub const SELF_DOMAIN: &[u8] = b"cellswarm/secagg-self/v1\0";
 ///
 /// # Errors
 /// The generator failed.
-pub fn self_seed() -> Result<[u8; 32], String> {
+pub fn self_seed() -> Result<[u8; 32], SecAggError> {
     use ring::rand::SecureRandom as _;
     let mut seed = [0u8; 32];
     ring::rand::SystemRandom::new()
         .fill(&mut seed)
-        .map_err(|_| "the operating system's random generator failed".to_owned())?;
+        .map_err(|_| SecAggError::Random)?;
     Ok(seed)
 }
 
@@ -135,19 +201,20 @@ pub fn deal_seed(
     me: &SignerKey,
     participants: &BTreeSet<SignerKey>,
     secrets: &[(SignerKey, [u8; 32])],
-) -> Result<Vec<SealedShare>, String> {
+) -> Result<Vec<SealedShare>, SecAggError> {
     use rand_core::SeedableRng as _;
     let t = u8::try_from(threshold)
         .ok()
         .filter(|t| *t >= 2 && usize::from(*t) <= participants.len())
-        .ok_or_else(|| {
-            format!(
-                "no threshold {threshold} of {} participants",
-                participants.len()
-            )
+        .ok_or(SecAggError::Threshold {
+            threshold,
+            participants: participants.len(),
         })?;
     if participants.len() > 255 {
-        return Err("more than 255 participants".into());
+        return Err(SecAggError::Threshold {
+            threshold,
+            participants: participants.len(),
+        });
     }
     let mut rng = rand_chacha::ChaCha20Rng::from_seed(self_seed()?);
     let shares: Vec<blahaj::Share> = blahaj::Sharks(t)
@@ -163,7 +230,7 @@ pub fn deal_seed(
             .iter()
             .find(|(q, _)| q == p)
             .map(|(_, s)| s)
-            .ok_or_else(|| format!("no pair secret with {p}"))?;
+            .ok_or(SecAggError::NoPairSecret(*p))?;
         let bytes = Vec::from(share);
         let mut y = [0u8; 32];
         y.copy_from_slice(&bytes[1..]);
@@ -173,7 +240,7 @@ pub fn deal_seed(
                 ring::aead::Aad::from(&bytes[..1]),
                 &mut y,
             )
-            .map_err(|_| "could not seal a share".to_owned())?;
+            .map_err(|_| SecAggError::Seal(*p))?;
         let mut t16 = [0u8; 16];
         t16.copy_from_slice(tag.as_ref());
         out.push((*p, y, t16));
@@ -192,7 +259,7 @@ pub fn open_share(
     pair_secret: &[u8; 32],
     from: &SignerKey,
     to: &SignerKey,
-) -> Result<[u8; 32], String> {
+) -> Result<[u8; 32], SecAggError> {
     let mut buf = [0u8; 48];
     buf[..32].copy_from_slice(sealed);
     buf[32..].copy_from_slice(tag);
@@ -202,7 +269,7 @@ pub fn open_share(
             ring::aead::Aad::from([x]),
             &mut buf,
         )
-        .map_err(|_| format!("the seed share from {from} does not open"))?;
+        .map_err(|_| SecAggError::Open(*from))?;
     let mut y = [0u8; 32];
     y.copy_from_slice(plain);
     Ok(y)
@@ -271,17 +338,12 @@ pub fn value_bound(cfg: &AggregationConfig) -> f32 {
 ///
 /// # Errors
 /// A bound so large that even integer resolution would overflow.
-pub fn fixed_point(cfg: &AggregationConfig, members: usize) -> Result<FixedPoint, String> {
+pub fn fixed_point(cfg: &AggregationConfig, members: usize) -> Result<FixedPoint, SecAggError> {
     let bound = value_bound(cfg);
     (0..=MAX_FRAC_BITS)
         .rev()
         .find_map(|f| FixedPoint::new(f, bound, members.max(1)).ok())
-        .ok_or_else(|| {
-            format!(
-                "secure aggregation cannot encode values up to {bound} for {members} members in 32 \
-                 bits; set aggregation.clip_norm"
-            )
-        })
+        .ok_or(SecAggError::Encoding { bound, members })
 }
 
 /// This member's keys of one masking epoch.
@@ -297,16 +359,16 @@ impl EpochKeys {
     ///
     /// # Errors
     /// The operating system's random generator failed.
-    pub fn generate(others: impl IntoIterator<Item = SignerKey>) -> Result<Self, String> {
+    pub fn generate(others: impl IntoIterator<Item = SignerKey>) -> Result<Self, SecAggError> {
         let rng = ring::rand::SystemRandom::new();
         let mut privates = HashMap::new();
         let mut public = Vec::new();
         for peer in others {
             let key = EphemeralPrivateKey::generate(&X25519, &rng)
-                .map_err(|_| "could not generate an X25519 key".to_owned())?;
+                .map_err(|_| SecAggError::KeyGeneration)?;
             let pk = key
                 .compute_public_key()
-                .map_err(|_| "could not compute an X25519 public key".to_owned())?;
+                .map_err(|_| SecAggError::KeyGeneration)?;
             let mut bytes = [0u8; 32];
             bytes.copy_from_slice(pk.as_ref());
             public.push((peer, bytes));
@@ -379,14 +441,12 @@ pub fn words_to_bytes(words: &[u32]) -> Vec<u8> {
 ///
 /// # Errors
 /// A body that is not exactly `4 * params` bytes.
-pub fn words_from_bytes(body: &[u8], params: usize) -> Result<Vec<u32>, String> {
+pub fn words_from_bytes(body: &[u8], params: usize) -> Result<Vec<u32>, SecAggError> {
     if body.len() as u64 != 4 * params as u64 {
-        return Err(format!(
-            "masked delta of {} bytes, the model needs {} ({} parameters)",
-            body.len(),
-            4 * params as u64,
-            params
-        ));
+        return Err(SecAggError::Length {
+            bytes: body.len(),
+            params,
+        });
     }
     Ok(body
         .chunks_exact(4)
@@ -405,7 +465,7 @@ pub fn masked_mean(
     fp: &FixedPoint,
     inputs: &[&[u32]],
     layout: &Arc<Layout>,
-) -> Result<Delta, String> {
+) -> Result<Delta, SecAggError> {
     unmask_mean(fp, inputs, &[], RoundId(0), 0, layout)
 }
 
@@ -421,8 +481,8 @@ pub fn unmask_mean(
     round: RoundId,
     epoch: u32,
     layout: &Arc<Layout>,
-) -> Result<Delta, String> {
-    let mut total = sum(inputs).map_err(|e| e.to_string())?;
+) -> Result<Delta, SecAggError> {
+    let mut total = sum(inputs)?;
     for seed in self_seeds {
         self_mask(&mut total, seed, round, epoch, true);
     }
@@ -433,14 +493,15 @@ pub fn unmask_mean(
     for (i, q) in total.iter().enumerate() {
         let v = f64::from(q.cast_signed()) / s;
         if v.abs() > bound {
-            return Err(format!(
-                "the masks did not cancel (coordinate {i} sums to {v:.3e}, beyond what {k} \
-                 participants can send)"
-            ));
+            return Err(SecAggError::NotCancelled {
+                coordinate: i,
+                value: v,
+                participants: inputs.len(),
+            });
         }
         values.push((v / k) as f32);
     }
-    Delta::from_flat(Arc::clone(layout), values).map_err(|e| e.to_string())
+    Ok(Delta::from_flat(Arc::clone(layout), values)?)
 }
 
 #[cfg(test)]
@@ -577,7 +638,7 @@ mod tests {
         assert_eq!(mean.values(), unmasked.values(), "masking changes nothing");
         // Two of three: the masks do not cancel, and it is noticed.
         let err = masked_mean(&fp, &refs[..2], &layout).unwrap_err();
-        assert!(err.contains("did not cancel"), "{err}");
+        assert!(matches!(err, SecAggError::NotCancelled { .. }), "{err}");
 
         // Double masking: with self-masks added, even the complete set's sum stays masked
         // until every participant's seed is revealed; then it is the same mean.
@@ -593,9 +654,9 @@ mod tests {
             .collect();
         let drefs: Vec<&[u32]> = doubled.iter().map(Vec::as_slice).collect();
         let err = masked_mean(&fp, &drefs, &layout).unwrap_err();
-        assert!(err.contains("did not cancel"), "{err}");
+        assert!(matches!(err, SecAggError::NotCancelled { .. }), "{err}");
         let err = unmask_mean(&fp, &drefs, &seeds[..2], RoundId(4), 0, &layout).unwrap_err();
-        assert!(err.contains("did not cancel"), "{err}");
+        assert!(matches!(err, SecAggError::NotCancelled { .. }), "{err}");
         let mean2 = unmask_mean(&fp, &drefs, &seeds, RoundId(4), 0, &layout).unwrap();
         assert_eq!(mean2.values(), unmasked.values());
     }

@@ -144,7 +144,7 @@ impl DeltaCheck<'_> {
         }
         if header.masked {
             let words = super::secagg::words_from_bytes(body, self.layout.total())
-                .map_err(|e| (RejectReason::WrongShape, e))?;
+                .map_err(|e| (RejectReason::WrongShape, e.to_string()))?;
             return Ok((
                 v.signer(),
                 Checked::Masked {

@@ -17,7 +17,7 @@ use crate::metrics::{MatchCounts, Overlaps, match_counts};
 use burn::prelude::Device;
 
 use crate::model::{UNet, UNetConfig};
-use crate::swarm::local::{LocalTrainer, TrainedRound};
+use crate::swarm::local::{LocalTrainer, RoundError, TrainedRound};
 
 /// Object matches at IoU 0.5 of `net` on `frames`, the frames of one movie, segmented at
 /// one cell width estimated on the movie's middle frame (as `cellswarm segment` does), so
@@ -133,8 +133,9 @@ impl LocalTrainer for UNetTrainer {
         base: &Weights,
         round: RoundId,
         cancel: &AtomicBool,
-    ) -> Result<TrainedRound, String> {
-        self.trainer.load(base).map_err(|e| e.to_string())?;
+    ) -> Result<TrainedRound, RoundError> {
+        let failed = |e: crate::train::TrainError| RoundError::Failed(Box::new(e));
+        self.trainer.load(base).map_err(failed)?;
         self.trainer.set_anchor();
         if let Some(total) = self.cosine_rounds {
             let done = round.0.saturating_sub(1).min(total) * self.steps;
@@ -143,12 +144,12 @@ impl LocalTrainer for UNetTrainer {
         let report = self
             .trainer
             .train(Budget::Steps(self.steps), cancel, |_, _| {})
-            .map_err(|e| e.to_string())?;
+            .map_err(failed)?;
         if report.cancelled {
-            return Err("cancelled".into());
+            return Err(RoundError::Cancelled);
         }
         Ok(TrainedRound {
-            weights: self.trainer.weights().map_err(|e| e.to_string())?,
+            weights: self.trainer.weights().map_err(failed)?,
             samples: report.samples,
             metrics: LocalMetrics {
                 train_loss: report.mean_loss,
