@@ -6,7 +6,9 @@ use cellswarm_common::config::FrameRange;
 
 use super::DataError;
 use super::ctc::{Movie, TrackRecord};
-use super::normalize::{HIGH_PERCENTILE, LOW_PERCENTILE, classes, normalize};
+use super::normalize::{
+    HIGH_PERCENTILE, LOW_PERCENTILE, TRAINING_SMOOTHING_RADIUS, classes, normalize_smoothed,
+};
 use super::patches::{NO_STATE, TrainPlane};
 use super::volume::{Image, Labels};
 use crate::scale;
@@ -138,7 +140,12 @@ impl AnnotatedMovie {
         Ok(Some(Annotated {
             movie: self.name.clone(),
             t,
-            image: normalize(&raw, LOW_PERCENTILE, HIGH_PERCENTILE),
+            image: normalize_smoothed(
+                &raw,
+                LOW_PERCENTILE,
+                HIGH_PERCENTILE,
+                TRAINING_SMOOTHING_RADIUS,
+            ),
             labels,
             states: st,
         }))

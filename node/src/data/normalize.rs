@@ -27,6 +27,11 @@ pub fn percentiles(values: &[f32], lo: f32, hi: f32) -> (f32, f32) {
 /// pixel noise fivefold, so a noisy frame's percentiles sit where a clean frame's do.
 pub const SMOOTHING_RADIUS: usize = 2;
 
+/// Radius of the box mean whose percentiles normalise training frames: 0, the raw
+/// pixels (docs/training.md, "Normalisation": smoothed percentiles read unseen images
+/// better, raw ones train better models).
+pub const TRAINING_SMOOTHING_RADIUS: usize = 0;
+
 /// Mean of each pixel's `(2r+1)`-square neighbourhood, clipped at the plane's edges,
 /// taken as a separable filter: the mean along each row's window, then the mean of
 /// those along each column's window. Non-finite pixels (NaN, infinities) are left out
@@ -84,10 +89,24 @@ pub fn box_mean(plane: &[f32], height: usize, width: usize, r: usize) -> Vec<f32
 /// (docs/training.md, "Normalisation").
 #[must_use]
 pub fn normalize(img: &Image, lo: f32, hi: f32) -> Image {
+    normalize_smoothed(img, lo, hi, SMOOTHING_RADIUS)
+}
+
+/// [`normalize`] with the percentiles taken of each plane's box mean of `radius`
+/// (0: of the raw pixels).
+#[must_use]
+pub fn normalize_smoothed(img: &Image, lo: f32, hi: f32, radius: usize) -> Image {
     let mut out = img.clone();
     for z in 0..img.depth {
-        let smooth = box_mean(img.plane(z), img.height, img.width, SMOOTHING_RADIUS);
-        let (a, b) = percentiles(&smooth, lo, hi);
+        let (a, b) = if radius == 0 {
+            percentiles(img.plane(z), lo, hi)
+        } else {
+            percentiles(
+                &box_mean(img.plane(z), img.height, img.width, radius),
+                lo,
+                hi,
+            )
+        };
         let scale = if b > a { 1.0 / (b - a) } else { 1.0 };
         for v in out.plane_mut(z) {
             *v = (*v - a) * scale;
@@ -218,8 +237,13 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let noise = Normal::new(0.0f32, 30.0).expect("a normal distribution");
         let noisy: Vec<f32> = clean.iter().map(|&v| v + noise.sample(&mut rng)).collect();
-        let bg = |img: Vec<f32>| {
-            let n = normalize(&Volume::from_2d(h, w, img), LOW_PERCENTILE, HIGH_PERCENTILE);
+        let bg_at = |img: Vec<f32>, radius: usize| {
+            let n = normalize_smoothed(
+                &Volume::from_2d(h, w, img),
+                LOW_PERCENTILE,
+                HIGH_PERCENTILE,
+                radius,
+            );
             let vals: Vec<f32> = n
                 .data
                 .iter()
@@ -229,6 +253,14 @@ mod tests {
                 .collect();
             vals.iter().sum::<f32>() / vals.len() as f32
         };
+        let bg = |img: Vec<f32>| bg_at(img, SMOOTHING_RADIUS);
+        // Training frames keep the raw percentiles: there the noise lifts the
+        // background, and the network learns that a background may sit there.
+        let raw = bg_at(noisy.clone(), TRAINING_SMOOTHING_RADIUS);
+        assert!(
+            raw > 0.08,
+            "raw-percentile background of the noisy copy at {raw}"
+        );
         let (b_clean, b_noisy) = (bg(clean.clone()), bg(noisy));
         assert!(b_clean.abs() < 0.01, "clean background at {b_clean}");
         // Percentiles of the raw pixels put it 2.33 sd above 0 (about 0.11 here); of
