@@ -388,8 +388,6 @@ pub fn device_from_name(name: &str) -> Result<Device, DeviceError> {
     }
 }
 
-/// The error for a GPU backend this build was compiled without.
-#[cfg(any(not(feature = "cuda"), not(feature = "wgpu")))]
 #[cfg(test)]
 mod tests {
     use super::*;

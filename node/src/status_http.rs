@@ -136,7 +136,6 @@ pub async fn serve(
     })
 }
 
-/// Fetches `path` from a status endpoint at `endpoint` (`http://host:port`) with a plain
 /// Why `cellswarm status` got no answer from a node.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -144,20 +143,20 @@ pub enum FetchError {
     #[error("{0}: expected http://HOST:PORT")]
     Endpoint(String),
     /// No connection.
-    #[error("connecting to {endpoint}: {source} (is the node running with [status] enabled?)")]
+    #[error("connecting to {endpoint}: {error} (is the node running with [status] enabled?)")]
     Connect {
         /// The endpoint.
         endpoint: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The connection failed while asking or reading.
-    #[error("talking to {endpoint}: {source}")]
+    #[error("talking to {endpoint}: {error}")]
     Io {
         /// The endpoint.
         endpoint: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An answer that is not HTTP, or not 200.
     #[error("{url}: {what}")]
@@ -169,6 +168,7 @@ pub enum FetchError {
     },
 }
 
+/// Fetches `path` from a status endpoint at `endpoint` (`http://host:port`) with a plain
 /// HTTP/1.0 request, returning the body. Used by `cellswarm status`.
 ///
 /// # Errors
@@ -180,13 +180,13 @@ pub fn fetch(endpoint: &str, path: &str) -> Result<String, FetchError> {
         .ok_or_else(|| FetchError::Endpoint(endpoint.to_owned()))?
         .trim_end_matches('/');
     let mut stream =
-        std::net::TcpStream::connect(hostport).map_err(|source| FetchError::Connect {
+        std::net::TcpStream::connect(hostport).map_err(|error| FetchError::Connect {
             endpoint: endpoint.to_owned(),
-            source,
+            error,
         })?;
-    let io = |source| FetchError::Io {
+    let io = |error| FetchError::Io {
         endpoint: endpoint.to_owned(),
-        source,
+        error,
     };
     let timeout = Some(std::time::Duration::from_secs(10));
     stream.set_read_timeout(timeout).map_err(io)?;

@@ -83,7 +83,7 @@ pub enum EngineError {
     #[error("aggregator: {0}")]
     Aggregator(#[from] AggregateError),
     /// Secure aggregation cannot run with the consortium's settings.
-    #[error("secure aggregation: {0}")]
+    #[error(transparent)]
     SecAgg(#[from] secagg::SecAggError),
 }
 
@@ -454,8 +454,6 @@ fn privatize_delta(delta: Delta, clip: f64, noise_multiplier: f64) -> Result<Del
     Delta::from_flat(layout, values).map_err(|e| e.to_string())
 }
 
-/// The mean of a complete epoch's masked deltas as one update for the merger (signed
-/// by the first participant, named by the hash of the contributions).
 /// Why a masked round's sum gave no update to merge.
 #[derive(Debug, thiserror::Error)]
 enum MaskedError {
@@ -465,7 +463,8 @@ enum MaskedError {
     /// Nothing to sum.
     #[error("no masked deltas")]
     Empty,
-    /// The masks did not cancel.
+    /// Summing or unmasking failed: mostly masks that did not cancel (see
+    /// [`secagg::unmask_mean`]).
     #[error(transparent)]
     Cancel(#[from] secagg::SecAggError),
     /// The unmasked mean is longer than `clip_norm` allows: a participant sent an update

@@ -26,13 +26,18 @@ pub enum SecAggError {
     #[error("the operating system's random generator failed")]
     Random,
     /// A seed cannot be shared with this threshold among these participants.
-    #[error("no threshold {threshold} of {participants} participants (2 to 255)")]
+    #[error(
+        "no threshold {threshold} of {participants} participants (it lies between 2 and the participants)"
+    )]
     Threshold {
         /// The threshold asked for.
         threshold: usize,
         /// The participants.
         participants: usize,
     },
+    /// More participants than Shamir shares over GF(256) can serve.
+    #[error("{0} participants; secure aggregation serves at most 255")]
+    TooMany(usize),
     /// No pair secret was agreed with a participant.
     #[error("no pair secret with {0}")]
     NoPairSecret(SignerKey),
@@ -80,9 +85,12 @@ pub enum SecAggError {
     /// The mean does not fit the model's layout.
     #[error("unmasked mean: {0}")]
     Layout(#[from] cellswarm_common::delta::DeltaError),
-    /// An X25519 key could not be made.
-    #[error("could not generate an X25519 key pair")]
+    /// An X25519 private key could not be made.
+    #[error("could not generate an X25519 key")]
     KeyGeneration,
+    /// The public half of an X25519 key could not be computed.
+    #[error("could not compute an X25519 public key")]
+    PublicKey,
 }
 
 /// Domain string of the pair-secret derivation.
@@ -211,10 +219,7 @@ pub fn deal_seed(
             participants: participants.len(),
         })?;
     if participants.len() > 255 {
-        return Err(SecAggError::Threshold {
-            threshold,
-            participants: participants.len(),
-        });
+        return Err(SecAggError::TooMany(participants.len()));
     }
     let mut rng = rand_chacha::ChaCha20Rng::from_seed(self_seed()?);
     let shares: Vec<blahaj::Share> = blahaj::Sharks(t)
@@ -368,7 +373,7 @@ impl EpochKeys {
                 .map_err(|_| SecAggError::KeyGeneration)?;
             let pk = key
                 .compute_public_key()
-                .map_err(|_| SecAggError::KeyGeneration)?;
+                .map_err(|_| SecAggError::PublicKey)?;
             let mut bytes = [0u8; 32];
             bytes.copy_from_slice(pk.as_ref());
             public.push((peer, bytes));
