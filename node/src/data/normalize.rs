@@ -98,15 +98,10 @@ pub fn normalize(img: &Image, lo: f32, hi: f32) -> Image {
 pub fn normalize_smoothed(img: &Image, lo: f32, hi: f32, radius: usize) -> Image {
     let mut out = img.clone();
     for z in 0..img.depth {
-        let (a, b) = if radius == 0 {
-            percentiles(img.plane(z), lo, hi)
-        } else {
-            percentiles(
-                &box_mean(img.plane(z), img.height, img.width, radius),
-                lo,
-                hi,
-            )
-        };
+        // At radius 0 the box mean is the plane with its non-finite pixels as NaN, which
+        // the percentiles leave out.
+        let smooth = box_mean(img.plane(z), img.height, img.width, radius);
+        let (a, b) = percentiles(&smooth, lo, hi);
         let scale = if b > a { 1.0 / (b - a) } else { 1.0 };
         for v in out.plane_mut(z) {
             *v = (*v - a) * scale;
@@ -216,6 +211,16 @@ mod tests {
         let img = Volume::from_2d(5, 5, p);
         let n = normalize(&img, 1.0, 99.8);
         assert!(n.data.iter().filter(|v| v.is_finite()).all(|&v| v == 0.0));
+        // Training frames too: an infinite pixel is not taken for the high percentile.
+        let mut ramp: Vec<f32> = (0..25).map(|i| i as f32).collect();
+        ramp[24] = f32::INFINITY;
+        let n = normalize_smoothed(
+            &Volume::from_2d(5, 5, ramp),
+            1.0,
+            99.8,
+            TRAINING_SMOOTHING_RADIUS,
+        );
+        assert_eq!((n.data[0], n.data[23]), (0.0, 1.0));
     }
 
     #[test]
